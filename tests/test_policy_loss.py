@@ -1,0 +1,247 @@
+"""fused_policy_loss and fused_logprobs against the float64 reference, on CPU (C++) and Triton.
+
+The Triton launchers run under TRITON_INTERPRET=1 on CPU tensors (set in conftest), so shapes for
+them stay small; the C++ op runs natively on the larger ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from capo_fast.kernels import aggregation_weights, fused_logprobs, fused_policy_loss, reference
+from capo_fast.kernels.policy_loss import logprobs_fwd, policy_loss_fwd
+
+OPTION_SETS = {
+    "plain": {},
+    "capo_credit": {"credit": True, "penalty": 0.7},
+    "clip_higher_dual": {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": 3.0},
+    "kl_entropy_temp": {"ref": True, "kl_coef": 0.05, "entropy_coef": 0.01, "temperature": 0.7},
+    "everything": {"credit": True, "penalty": 1.3, "ref": True, "kl_coef": 0.1, "entropy_coef": 0.02,
+                   "temperature": 1.3, "eps_high": 0.28, "dual_clip": 2.0},
+}
+
+
+def make_case(n, v, dtype=torch.float32, seed=0, credit=False, penalty=None, ref=False, mask_rows=(),
+              neg_inf_cols=0, logit_scale=3.0, adv_scale=1.0, **options):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, v, generator=g) * logit_scale).to(dtype)
+    if neg_inf_cols:
+        logits[:, -neg_inf_cols:] = float("-inf")
+    labels = torch.randint(0, v - neg_inf_cols, (n,), generator=g)
+    for r in mask_rows:
+        labels[r] = -100
+    ref_lp = reference.token_logprobs_and_entropy(logits.double(), labels)[0]
+    # old log-probs near the current ones so ratios straddle the clip range
+    old = (ref_lp + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)).float()
+    adv = (torch.randn(n, generator=g) * adv_scale).float()
+    seq_ids = torch.arange(n) * 3 // max(n, 1)
+    mask = (labels >= 0).float()
+    kwargs = dict(loss_weights=aggregation_weights(mask, seq_ids, "seq-mean-token-mean"), **options)
+    if credit:
+        kwargs["credit"] = torch.rand(n, generator=g).round()
+        kwargs["penalty"] = torch.full((n,), penalty)
+    if ref:
+        kwargs["ref_logprobs"] = (ref_lp + 0.2 * torch.randn(n, generator=g, dtype=torch.float64)).float()
+    return logits, labels, old, adv, kwargs
+
+
+def run_reference(logits, labels, old, adv, kwargs):
+    """Loss, outputs and logits gradient from the reference in float64."""
+    x = logits.detach().double().requires_grad_(True)
+    kw = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kwargs.items()}
+    loss, logp, ent, clip = reference.policy_loss(x, labels, old.double(), adv.double(), **kw)
+    loss.backward()
+    return loss.detach(), logp, ent, clip, x.grad
+
+
+def run_fused(logits, labels, old, adv, kwargs, inplace=False):
+    x = logits.clone().requires_grad_(True)
+    out = fused_policy_loss(x, labels, old, adv, inplace_backward=inplace, **kwargs)
+    out.loss.backward()
+    return out, x.grad
+
+
+def assert_close(actual, expected, atol, rtol, what):
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+
+
+def check_against_reference(logits, labels, old, adv, kwargs, inplace=False, tol=1e-5):
+    loss_ref, logp_ref, ent_ref, clip_ref, grad_ref = run_reference(logits, labels, old, adv, kwargs)
+    out, grad = run_fused(logits, labels, old, adv, kwargs, inplace=inplace)
+    assert torch.isfinite(out.loss)
+    assert_close(out.loss, loss_ref, tol, tol, "loss")
+    valid = labels >= 0
+    assert_close(out.logprobs[valid], logp_ref[valid], tol * 10, tol, "logprobs")
+    assert_close(out.entropy, ent_ref, tol * 10, tol, "entropy")
+    assert torch.equal(out.clipped, clip_ref)
+    assert torch.isfinite(grad).all()
+    grad_scale = grad_ref.abs().max().item() + 1e-30
+    assert_close(grad, grad_ref, tol * grad_scale, tol, "grad_logits")
+
+
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_cpu_op_matches_reference_odd_shape(options):
+    logits, labels, old, adv, kwargs = make_case(37, 1009, seed=1, **options)
+    check_against_reference(logits, labels, old, adv, kwargs)
+
+
+def test_cpu_op_large_vocab_masked_rows_and_neg_inf():
+    logits, labels, old, adv, kwargs = make_case(
+        9, 70_001, seed=2, mask_rows=(0, 4), neg_inf_cols=1000, credit=True, penalty=0.5, ref=True, kl_coef=0.1,
+        entropy_coef=0.01)
+    check_against_reference(logits, labels, old, adv, kwargs)
+
+
+def test_fully_masked_batch_gives_zero_loss_and_gradient():
+    logits, labels, old, adv, kwargs = make_case(5, 300, seed=3, mask_rows=range(5))
+    kwargs["loss_weights"] = torch.zeros(5)
+    out, grad = run_fused(logits, labels, old, adv, kwargs)
+    assert out.loss.item() == 0.0
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_extreme_advantages_and_logits_stay_finite():
+    logits, labels, old, adv, kwargs = make_case(16, 513, seed=4, logit_scale=200.0, adv_scale=1e6, dual_clip=3.0)
+    check_against_reference(logits, labels, old, adv, kwargs, tol=1e-4)
+
+
+def test_inplace_backward_writes_gradient_into_logits():
+    logits, labels, old, adv, kwargs = make_case(23, 777, seed=5, credit=True, penalty=1.0)
+    _, _, _, _, grad_ref = run_reference(logits, labels, old, adv, kwargs)
+    x = logits.clone().requires_grad_(True)
+    out = fused_policy_loss(x, labels, old, adv, inplace_backward=True, **kwargs)
+    (2.0 * out.loss).backward()
+    assert_close(x.grad, 2.0 * grad_ref, 1e-5 * grad_ref.abs().max().item(), 1e-5, "grad")
+    assert x.grad.data_ptr() == x.data_ptr(), "the gradient should live in the logits buffer"
+
+
+def test_capo_form_equals_direct_per_token_advantages():
+    logits, labels, old, adv, kwargs = make_case(31, 401, seed=6, credit=True, penalty=0.9)
+    direct = dict(kwargs)
+    credit, penalty = direct.pop("credit"), direct.pop("penalty")
+    a = run_fused(logits, labels, old, adv, kwargs)
+    b = run_fused(logits, labels, old, adv - penalty * credit, direct)
+    assert_close(a[0].loss, b[0].loss, 1e-6, 1e-6, "loss")
+    assert_close(a[1], b[1], 1e-7, 1e-6, "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_no_worse_than_torch(dtype):
+    logits, labels, old, adv, kwargs = make_case(64, 4099, dtype=dtype, seed=7, ref=True, kl_coef=0.05,
+                                                 entropy_coef=0.01)
+    loss64, logp64, ent64, _, grad64 = run_reference(logits, labels, old, adv, kwargs)
+    # PyTorch's own answer in the low-precision dtype (its kernels upcast internally the same way)
+    x = logits.clone().requires_grad_(True)
+    loss_t, logp_t, _, _ = reference.policy_loss(x, labels, old.to(dtype), adv.to(dtype), **{
+        k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kwargs.items()})
+    loss_t.backward()
+    out, grad = run_fused(logits, labels, old, adv, kwargs)
+    for name, ours, theirs, exact in (("loss", out.loss, loss_t, loss64), ("logprobs", out.logprobs, logp_t, logp64),
+                                      ("grad", grad, x.grad, grad64)):
+        err_ours = (ours.double() - exact).abs().max().item()
+        err_torch = (theirs.double() - exact).abs().max().item()
+        margin = 1e-3 * exact.abs().max().item() + 1e-6
+        assert err_ours <= err_torch + margin, f"{name}: kernel error {err_ours} vs torch {err_torch}"
+
+
+def test_loss_is_independent_of_how_the_batch_is_split():
+    """Two data-parallel halves with global normalisers sum to the loss of the whole batch."""
+    logits, labels, old, adv, _ = make_case(40, 257, seed=8)
+    seq_ids = torch.arange(40) // 7
+    mask = torch.ones(40)
+    full = fused_policy_loss(logits, labels, old, adv,
+                             loss_weights=aggregation_weights(mask, seq_ids, "seq-mean-token-mean")).loss
+    halves = [slice(0, 21), slice(21, 40)]  # sequence 3 (rows 21..27) sits wholly in the second half
+    num_seqs = float(seq_ids.max() + 1)
+    parts = []
+    for rows in (slice(0, 21), slice(21, 40)):
+        ids = seq_ids[rows] - seq_ids[rows].min()
+        w = aggregation_weights(mask[rows], ids, "seq-mean-token-mean", global_num_seqs=num_seqs)
+        parts.append(fused_policy_loss(logits[rows], labels[rows], old[rows], adv[rows], loss_weights=w).loss)
+    assert len(halves) == 2
+    assert_close(parts[0] + parts[1], full, 1e-6, 1e-6, "split loss")
+
+
+def test_logprobs_op_matches_reference_with_temperature():
+    logits, labels, *_ = make_case(29, 3001, seed=9, neg_inf_cols=7)
+    lp, ent = fused_logprobs(logits, labels, temperature=0.6, with_entropy=True)
+    lp_ref, ent_ref = reference.logprobs(logits.double(), labels, temperature=0.6)
+    assert_close(lp, lp_ref, 1e-4, 1e-5, "logprobs")
+    assert_close(ent, ent_ref, 1e-4, 1e-5, "entropy")
+    assert fused_logprobs(logits, labels)[1] is None
+
+
+def test_hand_computed_single_token():
+    """An independent statement of the loss: one token, V = 2, every term worked out by hand."""
+    logits = torch.tensor([[math.log(3.0), 0.0]])  # p = (0.75, 0.25)
+    labels = torch.tensor([0])
+    old = torch.tensor([math.log(0.5)])  # ratio = 1.5, beyond 1 + 0.2
+    out = fused_policy_loss(logits, labels, old, torch.tensor([2.0]), credit=torch.tensor([1.0]),
+                            penalty=torch.tensor([0.5]), ref_logprobs=torch.tensor([math.log(0.75)]), kl_coef=0.1)
+    # A = 2 - 0.5 * 1 = 1.5 > 0, ratio clipped at 1.2: pg = -1.5 * 1.2; KL k3 = 0 at ref == logp
+    assert out.loss.item() == pytest.approx(-1.8, abs=1e-6)
+    assert out.clipped.tolist() == [2]
+    entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert out.entropy.item() == pytest.approx(entropy, abs=1e-6)
+
+
+# ---- Triton kernels under the interpreter ------------------------------------------------------------
+
+
+def triton_forward(logits, labels, old, adv, kwargs, with_grad=True):
+    opts = dict(temperature=1.0, eps_low=0.2, eps_high=0.2, dual_clip=0.0, kl_coef=0.0, entropy_coef=0.0)
+    opts.update({k: kwargs[k] for k in opts if k in kwargs})
+    penalty = kwargs.get("penalty")
+    grad = torch.full_like(logits, float("nan")) if with_grad else None  # poisoned: every entry must be written
+    outs = policy_loss_fwd(logits, labels, old, adv, kwargs.get("credit"), penalty, kwargs.get("ref_logprobs"),
+                           kwargs["loss_weights"], grad_out=grad, **opts)
+    return (*outs, grad)
+
+
+@pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
+def test_triton_kernel_matches_reference(options):
+    logits, labels, old, adv, kwargs = make_case(13, 1009, seed=10, mask_rows=(3,), neg_inf_cols=5, **options)
+    loss_ref, logp_ref, ent_ref, clip_ref, grad_ref = run_reference(logits, labels, old, adv, kwargs)
+    loss, logp, ent, clip, grad = triton_forward(logits, labels, old, adv, kwargs)
+    assert_close(loss, loss_ref, 1e-5, 1e-5, "loss")
+    assert_close(logp, logp_ref, 1e-4, 1e-5, "logprobs")
+    assert_close(ent, ent_ref, 1e-4, 1e-5, "entropy")
+    assert torch.equal(clip, clip_ref)
+    assert_close(grad, grad_ref, 1e-5 * grad_ref.abs().max().item(), 1e-5, "grad")
+
+
+def test_triton_kernel_large_vocab_bf16_inplace():
+    logits, labels, old, adv, kwargs = make_case(3, 65_600, dtype=torch.bfloat16, seed=11, credit=True, penalty=1.0)
+    loss_ref, logp_ref, _, _, grad_ref = run_reference(logits, labels, old, adv, kwargs)
+    buf = logits.clone()
+    opts = dict(temperature=1.0, eps_low=0.2, eps_high=0.2, dual_clip=0.0, kl_coef=0.0, entropy_coef=0.0)
+    loss, logp, _, _ = policy_loss_fwd(buf, labels, old, adv, kwargs["credit"], kwargs["penalty"], None,
+                                       kwargs["loss_weights"], grad_out=buf, **opts)
+    assert_close(loss, loss_ref, 1e-4, 1e-4, "loss")
+    assert_close(logp, logp_ref, 2e-2, 1e-3, "logprobs")  # bf16 inputs: the reference sees the same rounded values
+    assert_close(buf, grad_ref, 1e-2 * grad_ref.abs().max().item(), 1e-2, "grad")
+
+
+def test_triton_logprobs_kernel():
+    logits, labels, *_ = make_case(11, 2049, seed=12, neg_inf_cols=3, mask_rows=(2,))
+    lp, ent = logprobs_fwd(logits, labels, 1.7, True)
+    lp_ref, ent_ref = reference.logprobs(logits.double(), labels, temperature=1.7)
+    assert_close(lp, lp_ref, 1e-4, 1e-5, "logprobs")
+    assert_close(ent, ent_ref, 1e-4, 1e-5, "entropy")
+
+
+def test_triton_and_cpp_agree_on_fully_neg_inf_row():
+    logits = torch.randn(2, 100)
+    logits[1] = float("-inf")
+    labels = torch.tensor([5, -100])
+    w = torch.tensor([1.0, 0.0])
+    zeros = torch.zeros(2)
+    cpp, cpp_grad = run_fused(logits, labels, zeros, zeros + 1, {"loss_weights": w})
+    tri = triton_forward(logits, labels, zeros, zeros + 1, {"loss_weights": w})
+    assert torch.isfinite(cpp.loss) and torch.isfinite(tri[0])
+    assert_close(cpp.loss, tri[0], 1e-6, 1e-6, "loss")
+    assert_close(cpp_grad, tri[4], 1e-7, 1e-6, "grad")
+    assert torch.count_nonzero(tri[4][1]) == 0
