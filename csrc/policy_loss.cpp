@@ -158,11 +158,15 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& labels) {
               "capo: labels must be [N] with N = logits.size(0)");
 }
 
-at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+// Per-token inputs as contiguous fp32 [N]; a wrong length would read past the end, so it is an error.
+at::Tensor as_f32(const at::Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "capo: ", name, " must have shape [", n, "], got ", t.sizes());
+  return t.to(at::kFloat).contiguous();
+}
 
-std::optional<at::Tensor> as_f32(const std::optional<at::Tensor>& t) {
+std::optional<at::Tensor> as_f32(const std::optional<at::Tensor>& t, int64_t n, const char* name) {
   if (!t.has_value()) return std::nullopt;
-  return as_f32(*t);
+  return as_f32(*t, n, name);
 }
 
 // Shared by the functional op and the in-place one: grad_out may alias logits.
@@ -177,12 +181,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_impl(
   const int64_t N = logits.size(0);
   const int64_t V = logits.size(1);
   const auto labels = labels_in.to(at::kLong).contiguous();
-  const auto old_lp = as_f32(old_in);
-  const auto adv = as_f32(adv_in);
-  const auto credit = as_f32(credit_in);
-  const auto penalty = as_f32(penalty_in);
-  const auto ref = as_f32(ref_in);
-  const auto weights = as_f32(weights_in);
+  const auto old_lp = as_f32(old_in, N, "old_logprobs");
+  const auto adv = as_f32(adv_in, N, "advantages");
+  const auto credit = as_f32(credit_in, N, "credit");
+  const auto penalty = as_f32(penalty_in, N, "penalty");
+  const auto ref = as_f32(ref_in, N, "ref_logprobs");
+  const auto weights = as_f32(weights_in, N, "loss_weights");
   auto f32 = logits.options().dtype(at::kFloat);
   auto token_losses = at::empty({N}, f32);
   auto logprobs = at::empty({N}, f32);

@@ -31,10 +31,23 @@ def _take(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
 
 @torch.library.custom_op("capo::linear_policy_loss", mutates_args=())
 def _linear_policy_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor,
-    advantages: torch.Tensor, credit: torch.Tensor | None, penalty: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None, loss_weights: torch.Tensor, temperature: float, eps_low: float,
-    eps_high: float, dual_clip: float, kl_coef: float, entropy_coef: float, chunk_size: int, compute_grad: bool,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    credit: torch.Tensor | None,
+    penalty: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    loss_weights: torch.Tensor,
+    temperature: float,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float,
+    kl_coef: float,
+    entropy_coef: float,
+    chunk_size: int,
+    compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n = hidden.shape[0]
     f32 = dict(device=hidden.device, dtype=torch.float32)
@@ -46,8 +59,19 @@ def _linear_policy_loss(
     for rows in _chunks(n, chunk_size):
         logits = hidden[rows] @ weight.T
         chunk = torch.ops.capo.policy_loss_(
-            logits, labels[rows], old_logprobs[rows], advantages[rows], _take(credit, rows), _take(penalty, rows),
-            _take(ref_logprobs, rows), loss_weights[rows], temperature, eps_low, eps_high, dual_clip, kl_coef,
+            logits,
+            labels[rows],
+            old_logprobs[rows],
+            advantages[rows],
+            _take(credit, rows),
+            _take(penalty, rows),
+            _take(ref_logprobs, rows),
+            loss_weights[rows],
+            temperature,
+            eps_low,
+            eps_high,
+            dual_clip,
+            kl_coef,
             entropy_coef,
         )
         loss += chunk[0]
@@ -63,8 +87,10 @@ def _(hidden, weight, labels, *args):
     n = hidden.shape[0]
     compute_grad = args[-1]
     return (
-        hidden.new_empty((), dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32),
-        hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.int8),
+        hidden.new_empty((), dtype=torch.float32),
+        hidden.new_empty(n, dtype=torch.float32),
+        hidden.new_empty(n, dtype=torch.float32),
+        hidden.new_empty(n, dtype=torch.int8),
         torch.empty_like(hidden) if compute_grad else hidden.new_empty(0),
         torch.empty_like(weight) if compute_grad else weight.new_empty(0),
     )
@@ -87,7 +113,11 @@ _linear_policy_loss.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("capo::linear_logprobs", mutates_args=())
 def _linear_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n = hidden.shape[0]
@@ -138,16 +168,31 @@ def fused_linear_policy_loss(
         PolicyLossOutput; gradients flow to `hidden` and `weight`.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     if loss_weights is None:
         valid = (labels >= 0).float()
         loss_weights = valid / valid.sum().clamp_min(1.0)
     compute_grad = hidden.requires_grad or weight.requires_grad
     loss, logprobs, entropy, clip, _, _ = torch.ops.capo.linear_policy_loss(
-        hidden, weight, labels, old_logprobs, advantages, credit, _per_token(penalty, hidden), ref_logprobs,
-        loss_weights, float(temperature), float(eps_low), float(eps_high), float(dual_clip), float(kl_coef),
-        float(entropy_coef), chunk_tokens(weight.shape[0], hidden.dtype, chunk_budget_bytes), compute_grad,
+        hidden,
+        weight,
+        labels,
+        old_logprobs,
+        advantages,
+        credit,
+        _per_token(penalty, hidden),
+        ref_logprobs,
+        loss_weights,
+        float(temperature),
+        float(eps_low),
+        float(eps_high),
+        float(dual_clip),
+        float(kl_coef),
+        float(entropy_coef),
+        chunk_tokens(weight.shape[0], hidden.dtype, chunk_budget_bytes),
+        compute_grad,
     )
     return PolicyLossOutput(loss, logprobs, entropy, clip)
 
@@ -163,7 +208,11 @@ def fused_linear_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropy) of `labels` under `hidden @ weight.T`, chunked, no gradient."""
     logprobs, entropy = torch.ops.capo.linear_logprobs(
-        hidden.detach(), weight.detach(), labels, float(temperature), with_entropy,
+        hidden.detach(),
+        weight.detach(),
+        labels,
+        float(temperature),
+        with_entropy,
         chunk_tokens(weight.shape[0], hidden.dtype, chunk_budget_bytes),
     )
     return logprobs, (entropy if with_entropy else None)

@@ -164,13 +164,13 @@ def _block_v(V: int) -> int:
     return min(triton.next_power_of_2(V), 4096)
 
 
-def _check_rows(logits: torch.Tensor, labels: torch.Tensor, *per_token: torch.Tensor | None) -> None:
+def _check_rows(logits: torch.Tensor, **per_token: torch.Tensor | None) -> None:
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"logits must be [N, V] with contiguous rows, got shape {tuple(logits.shape)}")
     n = logits.shape[0]
-    for name, t in zip(("labels", *(f"per-token input {i}" for i in range(len(per_token)))), (labels, *per_token)):
+    for name, t in per_token.items():
         if t is not None and t.shape != (n,):
-            raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have shape ({n},) to match logits, got {tuple(t.shape)}")
 
 
 def policy_loss_fwd(
@@ -195,7 +195,16 @@ def policy_loss_fwd(
     Works on any device Triton runs on, CPU tensors included under TRITON_INTERPRET=1.
     Returns (loss, logprobs, entropy, clip_code).
     """
-    _check_rows(logits, labels, old_logprobs, advantages, credit, penalty, ref_logprobs, loss_weights)
+    _check_rows(
+        logits,
+        labels=labels,
+        old_logprobs=old_logprobs,
+        advantages=advantages,
+        credit=credit,
+        penalty=penalty,
+        ref_logprobs=ref_logprobs,
+        loss_weights=loss_weights,
+    )
     if (credit is None) != (penalty is None):
         raise ValueError("credit and penalty must be given together")
     n, v = logits.shape
@@ -242,7 +251,7 @@ def logprobs_fwd(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the Triton log-prob kernel. Returns (logprobs [N], entropy [N] or empty)."""
-    _check_rows(logits, labels)
+    _check_rows(logits, labels=labels)
     n, v = logits.shape
     logprobs = torch.empty(n, device=logits.device, dtype=torch.float32)
     entropy = torch.empty(n if with_entropy else 0, device=logits.device, dtype=torch.float32)
@@ -266,20 +275,78 @@ def logprobs_fwd(
 
 
 @torch.library.register_kernel("capo::policy_loss", "cuda")
-def _policy_loss_cuda(logits, labels, old_logprobs, advantages, credit, penalty, ref_logprobs, loss_weights,
-                      temperature, eps_low, eps_high, dual_clip, kl_coef, entropy_coef, compute_grad):
+def _policy_loss_cuda(
+    logits,
+    labels,
+    old_logprobs,
+    advantages,
+    credit,
+    penalty,
+    ref_logprobs,
+    loss_weights,
+    temperature,
+    eps_low,
+    eps_high,
+    dual_clip,
+    kl_coef,
+    entropy_coef,
+    compute_grad,
+):
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
-    outs = policy_loss_fwd(logits, labels, old_logprobs, advantages, credit, penalty, ref_logprobs, loss_weights,
-                           temperature, eps_low, eps_high, dual_clip, kl_coef, entropy_coef,
-                           grad if compute_grad else None)
+    outs = policy_loss_fwd(
+        logits,
+        labels,
+        old_logprobs,
+        advantages,
+        credit,
+        penalty,
+        ref_logprobs,
+        loss_weights,
+        temperature,
+        eps_low,
+        eps_high,
+        dual_clip,
+        kl_coef,
+        entropy_coef,
+        grad if compute_grad else None,
+    )
     return (*outs, grad)
 
 
 @torch.library.register_kernel("capo::policy_loss_", "cuda")
-def _policy_loss_inplace_cuda(logits, labels, old_logprobs, advantages, credit, penalty, ref_logprobs,
-                              loss_weights, temperature, eps_low, eps_high, dual_clip, kl_coef, entropy_coef):
-    return policy_loss_fwd(logits, labels, old_logprobs, advantages, credit, penalty, ref_logprobs, loss_weights,
-                           temperature, eps_low, eps_high, dual_clip, kl_coef, entropy_coef, logits)
+def _policy_loss_inplace_cuda(
+    logits,
+    labels,
+    old_logprobs,
+    advantages,
+    credit,
+    penalty,
+    ref_logprobs,
+    loss_weights,
+    temperature,
+    eps_low,
+    eps_high,
+    dual_clip,
+    kl_coef,
+    entropy_coef,
+):
+    return policy_loss_fwd(
+        logits,
+        labels,
+        old_logprobs,
+        advantages,
+        credit,
+        penalty,
+        ref_logprobs,
+        loss_weights,
+        temperature,
+        eps_low,
+        eps_high,
+        dual_clip,
+        kl_coef,
+        entropy_coef,
+        logits,
+    )
 
 
 @torch.library.register_kernel("capo::logprobs", "cuda")
@@ -290,13 +357,32 @@ def _logprobs_cuda(logits, labels, temperature, with_entropy):
 def _token_outputs_like(logits: torch.Tensor):
     n = logits.shape[0]
     f32 = dict(device=logits.device, dtype=torch.float32)
-    return (logits.new_empty((), dtype=torch.float32), logits.new_empty(n, **f32), logits.new_empty(n, **f32),
-            logits.new_empty(n, dtype=torch.int8))
+    return (
+        logits.new_empty((), dtype=torch.float32),
+        logits.new_empty(n, **f32),
+        logits.new_empty(n, **f32),
+        logits.new_empty(n, dtype=torch.int8),
+    )
 
 
 @torch.library.register_fake("capo::policy_loss")
-def _policy_loss_fake(logits, labels, old_logprobs, advantages, credit, penalty, ref_logprobs, loss_weights,
-                      temperature, eps_low, eps_high, dual_clip, kl_coef, entropy_coef, compute_grad):
+def _policy_loss_fake(
+    logits,
+    labels,
+    old_logprobs,
+    advantages,
+    credit,
+    penalty,
+    ref_logprobs,
+    loss_weights,
+    temperature,
+    eps_low,
+    eps_high,
+    dual_clip,
+    kl_coef,
+    entropy_coef,
+    compute_grad,
+):
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else logits.new_empty(0)
     return (*_token_outputs_like(logits), grad)
 
@@ -325,9 +411,7 @@ def _policy_loss_backward(ctx, grad_loss, *unused_grads):
     return (grad_logits,) + (None,) * 14
 
 
-torch.library.register_autograd(
-    "capo::policy_loss", _policy_loss_backward, setup_context=_policy_loss_setup_context
-)
+torch.library.register_autograd("capo::policy_loss", _policy_loss_backward, setup_context=_policy_loss_setup_context)
 
 
 class _InplacePolicyLoss(torch.autograd.Function):
@@ -414,9 +498,21 @@ def fused_policy_loss(
     if loss_weights is None:
         valid = (labels >= 0).float()
         loss_weights = valid / valid.sum().clamp_min(1.0)
-    args = (labels, old_logprobs, advantages, credit, _per_token(penalty, logits), ref_logprobs, loss_weights,
-            float(temperature), float(eps_low), float(eps_high), float(dual_clip), float(kl_coef),
-            float(entropy_coef))
+    args = (
+        labels,
+        old_logprobs,
+        advantages,
+        credit,
+        _per_token(penalty, logits),
+        ref_logprobs,
+        loss_weights,
+        float(temperature),
+        float(eps_low),
+        float(eps_high),
+        float(dual_clip),
+        float(kl_coef),
+        float(entropy_coef),
+    )
     if inplace_backward and logits.requires_grad:
         return PolicyLossOutput(*_InplacePolicyLoss.apply(logits, *args))
     loss, logprobs, entropy, clip, _ = torch.ops.capo.policy_loss(logits, *args, logits.requires_grad)

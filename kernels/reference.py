@@ -77,16 +77,18 @@ def policy_loss(
 
 
 def linear_policy_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor,
-    advantages: torch.Tensor, **kwargs
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference of `fused_linear_policy_loss`: full logits = hidden @ weight.T, then `policy_loss`."""
     return policy_loss(hidden @ weight.T, labels, old_logprobs, advantages, **kwargs)
 
 
-def logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of `fused_logprobs`: (logprobs, entropy) without gradient."""
     with torch.no_grad():
         return token_logprobs_and_entropy(logits, labels, temperature)

@@ -17,8 +17,9 @@ def grpo_case(seed=0):
     mask[0, 5:] = 0
     mask[2, 3:] = 0
     with torch.no_grad():
-        logp = reference.token_logprobs_and_entropy((hidden @ weight.T).reshape(-1, V) / 1.0, ids.reshape(-1),
-                                                    TEMPERATURE)[0].reshape(B, L)
+        logp = reference.token_logprobs_and_entropy(
+            (hidden @ weight.T).reshape(-1, V) / 1.0, ids.reshape(-1), TEMPERATURE
+        )[0].reshape(B, L)
     old = logp + 0.3 * torch.randn(B, L, generator=g)
     ref = logp + 0.2 * torch.randn(B, L, generator=g)
     adv = torch.randn(B, generator=g)
@@ -28,9 +29,19 @@ def grpo_case(seed=0):
 def capo_inputs(ids, mask, adv, old, ref):
     seq_ids = torch.arange(B).repeat_interleave(L)
     weights = aggregation_weights(mask.reshape(-1), seq_ids, "seq-mean-token-mean")
-    return ids.reshape(-1), old.reshape(-1), adv.repeat_interleave(L), dict(
-        ref_logprobs=ref.reshape(-1), loss_weights=weights, kl_coef=BETA, eps_low=EPS_LOW, eps_high=EPS_HIGH,
-        temperature=TEMPERATURE)
+    return (
+        ids.reshape(-1),
+        old.reshape(-1),
+        adv.repeat_interleave(L),
+        dict(
+            ref_logprobs=ref.reshape(-1),
+            loss_weights=weights,
+            kl_coef=BETA,
+            eps_low=EPS_LOW,
+            eps_high=EPS_HIGH,
+            temperature=TEMPERATURE,
+        ),
+    )
 
 
 def test_fused_linear_matches_liger_fused_linear_grpo():
@@ -38,8 +49,15 @@ def test_fused_linear_matches_liger_fused_linear_grpo():
 
     hidden, weight, ids, mask, adv, old, ref = grpo_case()
     h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    liger = LigerFusedLinearGRPOLoss(beta=BETA, compiled=False, use_ref_model=True, loss_type="grpo",
-                                     epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, temperature=TEMPERATURE)
+    liger = LigerFusedLinearGRPOLoss(
+        beta=BETA,
+        compiled=False,
+        use_ref_model=True,
+        loss_type="grpo",
+        epsilon_low=EPS_LOW,
+        epsilon_high=EPS_HIGH,
+        temperature=TEMPERATURE,
+    )
     liger_loss = liger(h1, w1, ids, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)[0]
     liger_loss.backward()
 
@@ -58,8 +76,21 @@ def test_fused_matches_liger_triton_grpo_loss():
     hidden, weight, ids, mask, adv, old, ref = grpo_case(seed=1)
     logits = (hidden @ weight.T).detach()
     padded = torch.cat([logits, torch.zeros(B, 1, V)], dim=1).requires_grad_(True)  # liger drops the last position
-    liger_loss = triton_grpo_loss(padded, old, ref, ids, adv, mask, temperature=TEMPERATURE, beta=BETA,
-                                  eps_low=EPS_LOW, eps_high=EPS_HIGH, inplace=False, loss_type="grpo", reduce=True)[0]
+    liger_loss = triton_grpo_loss(
+        padded,
+        old,
+        ref,
+        ids,
+        adv,
+        mask,
+        temperature=TEMPERATURE,
+        beta=BETA,
+        eps_low=EPS_LOW,
+        eps_high=EPS_HIGH,
+        inplace=False,
+        loss_type="grpo",
+        reduce=True,
+    )[0]
     liger_loss.backward()
 
     x = logits.reshape(-1, V).clone().requires_grad_(True)

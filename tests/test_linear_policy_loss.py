@@ -20,8 +20,17 @@ def make_case(n=45, h=24, v=1009, dtype=torch.float32, seed=0):
     adv = torch.randn(n, generator=g)
     seq_ids = torch.arange(n) // 10
     weights = aggregation_weights((labels >= 0).float(), seq_ids, "seq-mean-token-mean")
-    kwargs = dict(credit=torch.rand(n, generator=g), penalty=0.8, ref_logprobs=ref, loss_weights=weights,
-                  kl_coef=0.05, entropy_coef=0.01, temperature=0.9, eps_high=0.28, dual_clip=3.0)
+    kwargs = dict(
+        credit=torch.rand(n, generator=g),
+        penalty=0.8,
+        ref_logprobs=ref,
+        loss_weights=weights,
+        kl_coef=0.05,
+        entropy_coef=0.01,
+        temperature=0.9,
+        eps_high=0.28,
+        dual_clip=3.0,
+    )
     return hidden, weight, labels, old, adv, kwargs
 
 
@@ -63,8 +72,9 @@ def test_bf16_error_no_worse_than_torch():
 
 def test_linear_logprobs_match_reference():
     hidden, weight, labels, *_ = make_case(seed=2)
-    lp, ent = fused_linear_logprobs(hidden, weight, labels, temperature=0.7, with_entropy=True,
-                                    chunk_budget_bytes=5 * 1009 * 4)
+    lp, ent = fused_linear_logprobs(
+        hidden, weight, labels, temperature=0.7, with_entropy=True, chunk_budget_bytes=5 * 1009 * 4
+    )
     lp_ref, ent_ref = reference.logprobs(hidden.double() @ weight.double().T, labels, temperature=0.7)
     torch.testing.assert_close(lp.double(), lp_ref, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(ent.double(), ent_ref, atol=1e-4, rtol=1e-5)

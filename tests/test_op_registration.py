@@ -12,8 +12,23 @@ def policy_loss_args(n=6, v=33, compute_grad=True, seed=0):
     logits = torch.randn(n, v, generator=g, requires_grad=compute_grad)
     labels = torch.randint(0, v, (n,), generator=g)
     vec = lambda: torch.randn(n, generator=g) * 0.1 - 3.0  # noqa: E731
-    return (logits, labels, vec(), torch.randn(n, generator=g), torch.rand(n, generator=g), torch.full((n,), 0.5),
-            vec(), torch.full((n,), 1.0 / n), 0.9, 0.2, 0.28, 3.0, 0.05, 0.01, compute_grad)
+    return (
+        logits,
+        labels,
+        vec(),
+        torch.randn(n, generator=g),
+        torch.rand(n, generator=g),
+        torch.full((n,), 0.5),
+        vec(),
+        torch.full((n,), 1.0 / n),
+        0.9,
+        0.2,
+        0.28,
+        3.0,
+        0.05,
+        0.01,
+        compute_grad,
+    )
 
 
 @pytest.mark.parametrize("compute_grad", [True, False])
@@ -41,8 +56,9 @@ def test_opcheck_linear_ops(compute_grad):
     weight = torch.randn(v, h, generator=g, requires_grad=compute_grad)
     rest = policy_loss_args(n=n, v=v, seed=3)[1:-1]
     torch.library.opcheck(torch.ops.capo.linear_policy_loss.default, (hidden, weight, *rest, 3, compute_grad))
-    torch.library.opcheck(torch.ops.capo.linear_logprobs.default,
-                          (hidden.detach(), weight.detach(), rest[0], 1.0, True, 4))
+    torch.library.opcheck(
+        torch.ops.capo.linear_logprobs.default, (hidden.detach(), weight.detach(), rest[0], 1.0, True, 4)
+    )
 
 
 def test_compiles_without_graph_breaks():

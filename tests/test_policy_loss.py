@@ -19,13 +19,33 @@ OPTION_SETS = {
     "capo_credit": {"credit": True, "penalty": 0.7},
     "clip_higher_dual": {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": 3.0},
     "kl_entropy_temp": {"ref": True, "kl_coef": 0.05, "entropy_coef": 0.01, "temperature": 0.7},
-    "everything": {"credit": True, "penalty": 1.3, "ref": True, "kl_coef": 0.1, "entropy_coef": 0.02,
-                   "temperature": 1.3, "eps_high": 0.28, "dual_clip": 2.0},
+    "everything": {
+        "credit": True,
+        "penalty": 1.3,
+        "ref": True,
+        "kl_coef": 0.1,
+        "entropy_coef": 0.02,
+        "temperature": 1.3,
+        "eps_high": 0.28,
+        "dual_clip": 2.0,
+    },
 }
 
 
-def make_case(n, v, dtype=torch.float32, seed=0, credit=False, penalty=None, ref=False, mask_rows=(),
-              neg_inf_cols=0, logit_scale=3.0, adv_scale=1.0, **options):
+def make_case(
+    n,
+    v,
+    dtype=torch.float32,
+    seed=0,
+    credit=False,
+    penalty=None,
+    ref=False,
+    mask_rows=(),
+    neg_inf_cols=0,
+    logit_scale=3.0,
+    adv_scale=1.0,
+    **options,
+):
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(n, v, generator=g) * logit_scale).to(dtype)
     if neg_inf_cols:
@@ -90,8 +110,17 @@ def test_cpu_op_matches_reference_odd_shape(options):
 
 def test_cpu_op_large_vocab_masked_rows_and_neg_inf():
     logits, labels, old, adv, kwargs = make_case(
-        9, 70_001, seed=2, mask_rows=(0, 4), neg_inf_cols=1000, credit=True, penalty=0.5, ref=True, kl_coef=0.1,
-        entropy_coef=0.01)
+        9,
+        70_001,
+        seed=2,
+        mask_rows=(0, 4),
+        neg_inf_cols=1000,
+        credit=True,
+        penalty=0.5,
+        ref=True,
+        kl_coef=0.1,
+        entropy_coef=0.01,
+    )
     check_against_reference(logits, labels, old, adv, kwargs)
 
 
@@ -130,17 +159,26 @@ def test_capo_form_equals_direct_per_token_advantages():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_error_no_worse_than_torch(dtype):
-    logits, labels, old, adv, kwargs = make_case(64, 4099, dtype=dtype, seed=7, ref=True, kl_coef=0.05,
-                                                 entropy_coef=0.01)
+    logits, labels, old, adv, kwargs = make_case(
+        64, 4099, dtype=dtype, seed=7, ref=True, kl_coef=0.05, entropy_coef=0.01
+    )
     loss64, logp64, ent64, _, grad64 = run_reference(logits, labels, old, adv, kwargs)
     # PyTorch's own answer in the low-precision dtype (its kernels upcast internally the same way)
     x = logits.clone().requires_grad_(True)
-    loss_t, logp_t, _, _ = reference.policy_loss(x, labels, old.to(dtype), adv.to(dtype), **{
-        k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kwargs.items()})
+    loss_t, logp_t, _, _ = reference.policy_loss(
+        x,
+        labels,
+        old.to(dtype),
+        adv.to(dtype),
+        **{k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kwargs.items()},
+    )
     loss_t.backward()
     out, grad = run_fused(logits, labels, old, adv, kwargs)
-    for name, ours, theirs, exact in (("loss", out.loss, loss_t, loss64), ("logprobs", out.logprobs, logp_t, logp64),
-                                      ("grad", grad, x.grad, grad64)):
+    for name, ours, theirs, exact in (
+        ("loss", out.loss, loss_t, loss64),
+        ("logprobs", out.logprobs, logp_t, logp64),
+        ("grad", grad, x.grad, grad64),
+    ):
         err_ours = (ours.double() - exact).abs().max().item()
         err_torch = (theirs.double() - exact).abs().max().item()
         margin = 1e-3 * exact.abs().max().item() + 1e-6
@@ -152,8 +190,9 @@ def test_loss_is_independent_of_how_the_batch_is_split():
     logits, labels, old, adv, _ = make_case(40, 257, seed=8)
     seq_ids = torch.arange(40) // 7
     mask = torch.ones(40)
-    full = fused_policy_loss(logits, labels, old, adv,
-                             loss_weights=aggregation_weights(mask, seq_ids, "seq-mean-token-mean")).loss
+    full = fused_policy_loss(
+        logits, labels, old, adv, loss_weights=aggregation_weights(mask, seq_ids, "seq-mean-token-mean")
+    ).loss
     halves = [slice(0, 21), slice(21, 40)]  # sequence 3 (rows 21..27) sits wholly in the second half
     num_seqs = float(seq_ids.max() + 1)
     parts = []
@@ -179,8 +218,16 @@ def test_hand_computed_single_token():
     logits = torch.tensor([[math.log(3.0), 0.0]])  # p = (0.75, 0.25)
     labels = torch.tensor([0])
     old = torch.tensor([math.log(0.5)])  # ratio = 1.5, beyond 1 + 0.2
-    out = fused_policy_loss(logits, labels, old, torch.tensor([2.0]), credit=torch.tensor([1.0]),
-                            penalty=torch.tensor([0.5]), ref_logprobs=torch.tensor([math.log(0.75)]), kl_coef=0.1)
+    out = fused_policy_loss(
+        logits,
+        labels,
+        old,
+        torch.tensor([2.0]),
+        credit=torch.tensor([1.0]),
+        penalty=torch.tensor([0.5]),
+        ref_logprobs=torch.tensor([math.log(0.75)]),
+        kl_coef=0.1,
+    )
     # A = 2 - 0.5 * 1 = 1.5 > 0, ratio clipped at 1.2: pg = -1.5 * 1.2; KL k3 = 0 at ref == logp
     assert out.loss.item() == pytest.approx(-1.8, abs=1e-6)
     assert out.clipped.tolist() == [2]
@@ -196,8 +243,18 @@ def triton_forward(logits, labels, old, adv, kwargs, with_grad=True):
     opts.update({k: kwargs[k] for k in opts if k in kwargs})
     penalty = kwargs.get("penalty")
     grad = torch.full_like(logits, float("nan")) if with_grad else None  # poisoned: every entry must be written
-    outs = policy_loss_fwd(logits, labels, old, adv, kwargs.get("credit"), penalty, kwargs.get("ref_logprobs"),
-                           kwargs["loss_weights"], grad_out=grad, **opts)
+    outs = policy_loss_fwd(
+        logits,
+        labels,
+        old,
+        adv,
+        kwargs.get("credit"),
+        penalty,
+        kwargs.get("ref_logprobs"),
+        kwargs["loss_weights"],
+        grad_out=grad,
+        **opts,
+    )
     return (*outs, grad)
 
 
@@ -218,8 +275,9 @@ def test_triton_kernel_large_vocab_bf16_inplace():
     loss_ref, logp_ref, _, _, grad_ref = run_reference(logits, labels, old, adv, kwargs)
     buf = logits.clone()
     opts = dict(temperature=1.0, eps_low=0.2, eps_high=0.2, dual_clip=0.0, kl_coef=0.0, entropy_coef=0.0)
-    loss, logp, _, _ = policy_loss_fwd(buf, labels, old, adv, kwargs["credit"], kwargs["penalty"], None,
-                                       kwargs["loss_weights"], grad_out=buf, **opts)
+    loss, logp, _, _ = policy_loss_fwd(
+        buf, labels, old, adv, kwargs["credit"], kwargs["penalty"], None, kwargs["loss_weights"], grad_out=buf, **opts
+    )
     assert_close(loss, loss_ref, 1e-4, 1e-4, "loss")
     assert_close(logp, logp_ref, 2e-2, 1e-3, "logprobs")  # bf16 inputs: the reference sees the same rounded values
     assert_close(buf, grad_ref, 1e-2 * grad_ref.abs().max().item(), 1e-2, "grad")
