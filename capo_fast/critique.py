@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 _BLANK_LINE = re.compile(r"\n[ \t\r]*\n\s*")
 _BLOCK = re.compile(r"<incorrect_steps>(.*?)</incorrect_steps>", re.DOTALL | re.IGNORECASE)
-_INDEX = re.compile(r"\d+")
+_INDEX = re.compile(r"(?<![-\d])\d+")  # negative numbers are not step indices
 _JUDGMENT = re.compile(r"judge?ment\s*[:：]?[^\n]*?\b(yes|no)\b", re.IGNORECASE)
 
 

@@ -1,0 +1,206 @@
+"""Token credit: step votes to token weights, token rewards (Eq. 1) and group advantages (Eq. 2).
+
+R_t = C * r_v + w_f * r_f - P * e_t, and A_t = (R_t - mean_g) / (std_g + eps) with mean and
+(population) std pooled over every response token of the prompt's group. Because R_t is constant
+within a rollout up to the credit term, A_t = a_i - p_g * e_t: the factored form the fused kernel
+consumes (per-rollout a_i, per-token e_t, per-group p_g = P / (std_g + eps)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from capo_fast.critique import Step
+
+# ---- step spans to token credit ----------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """Inverse of the byte-to-printable-character table of byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_SP_BYTE = {f"<0x{b:02X}>": bytes([b]) for b in range(256)}
+
+
+def _token_bytes(tokenizer, token_ids: Sequence[int]) -> list[bytes] | None:
+    """The bytes each token contributes to the decoded text, or None if the vocabulary is not byte-mapped."""
+    special = set(tokenizer.all_special_ids)
+    decoder = _byte_level_decoder()
+    pieces = []
+    for tid, tok in zip(token_ids, tokenizer.convert_ids_to_tokens(list(token_ids)), strict=True):
+        if tid in special or tok is None:
+            pieces.append(b"")
+        elif tok in _SP_BYTE:  # SentencePiece byte fallback
+            pieces.append(_SP_BYTE[tok])
+        elif all(c in decoder for c in tok):
+            pieces.append(bytes(decoder[c] for c in tok))
+        elif "▁" in tok:
+            pieces.append(tok.replace("▁", " ").encode("utf-8"))
+        else:
+            return None
+    return pieces
+
+
+def token_char_spans(tokenizer, token_ids: Sequence[int], text: str) -> list[tuple[int, int]]:
+    """Character span [start, end) of `text` covered by each of the policy's own tokens.
+
+    Works from the tokens' bytes, so a token holding part of a multi-byte character covers that whole
+    character. Special tokens (EOS) get empty spans. Falls back to decoding prefixes for vocabularies
+    whose tokens do not map to bytes.
+    """
+    pieces = _token_bytes(tokenizer, token_ids)
+    encoded = text.encode("utf-8")
+    if pieces is None or b"".join(pieces) != encoded:
+        return _spans_by_prefix_decoding(tokenizer, token_ids, len(text))
+    char_of_byte = []  # char index of each byte, plus one entry for the end
+    for ci, ch in enumerate(text):
+        char_of_byte.extend([ci] * len(ch.encode("utf-8")))
+    char_of_byte.append(len(text))
+    spans, pos = [], 0
+    for piece in pieces:
+        start, end = pos, pos + len(piece)
+        spans.append((char_of_byte[start], char_of_byte[end - 1] + 1) if end > start else (char_of_byte[start],) * 2)
+        pos = end
+    return spans
+
+
+def _spans_by_prefix_decoding(tokenizer, token_ids: Sequence[int], text_len: int) -> list[tuple[int, int]]:
+    spans, prev = [], 0
+    for k in range(1, len(token_ids) + 1):
+        decoded = tokenizer.decode(list(token_ids[:k]), skip_special_tokens=True)
+        end = min(len(decoded.rstrip("\ufffd")), text_len)  # an incomplete character is not there yet
+        spans.append((prev, max(prev, end)))
+        prev = max(prev, end)
+    return spans
+
+
+def token_credit(
+    steps: Sequence[Step], step_weights: Sequence[float], spans: Sequence[tuple[int, int]]
+) -> torch.Tensor:
+    """e_t per token: the largest vote weight among the steps the token's characters touch.
+
+    A token straddling a step boundary is penalised if either step is; empty spans get 0.
+    """
+    credit = torch.zeros(len(spans), dtype=torch.float32)
+    flagged = [(s.start, s.end, w) for s, w in zip(steps, step_weights, strict=True) if w > 0]
+    for t, (a, b) in enumerate(spans):
+        if b > a:
+            credit[t] = max((w for s, e, w in flagged if a < e and s < b), default=0.0)
+    return credit
+
+
+# ---- rewards and advantages --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CreditConfig:
+    """Eq. 1 and 2 constants. `reward_mode` picks a rollout score from REWARD_MODES."""
+
+    correct_reward: float = 2.0  # C
+    penalty: float = 1.0  # P
+    format_weight: float = 0.0  # w_f
+    eps: float = 1e-6
+    reward_mode: str = "capo"
+    genorm_alpha: float = 1.0
+    genorm_beta: float = 1.0
+
+    def __post_init__(self):
+        if self.reward_mode not in REWARD_MODES:
+            raise ValueError(f"reward_mode {self.reward_mode!r} is not one of {sorted(REWARD_MODES)}")
+        if self.penalty < 0 or self.eps <= 0:
+            raise ValueError("penalty must be >= 0 and eps > 0")
+
+
+@dataclass(frozen=True)
+class RolloutSignals:
+    """What one rollout brings to credit assignment."""
+
+    correct: float  # r_v
+    formatted: float  # r_f
+    credit: torch.Tensor  # e_t per response token
+    judge_score: float = 0.0  # r_m for GenORM: mean over valid critiques of +1 (judged correct) / -1
+
+
+def _capo_score(sig: RolloutSignals, cfg: CreditConfig) -> float:
+    return cfg.correct_reward * sig.correct + cfg.format_weight * sig.formatted
+
+
+def _genorm_score(sig: RolloutSignals, cfg: CreditConfig) -> float:
+    return 1.0 / (1.0 + math.exp(-cfg.genorm_alpha * sig.judge_score)) + cfg.genorm_beta * sig.correct - 1.0
+
+
+# Per-rollout outcome score and whether the token penalty applies, for each reward mode.
+REWARD_MODES: dict[str, tuple[Callable[[RolloutSignals, CreditConfig], float], bool]] = {
+    "capo": (_capo_score, True),  # Eq. 1
+    "outcome": (_capo_score, False),  # P = 0: GRPO with the rule verifier
+    "genorm": (_genorm_score, False),  # the paper's GenORM baseline
+}
+
+
+def token_rewards(sig: RolloutSignals, cfg: CreditConfig) -> torch.Tensor:
+    """R_t of Eq. 1 for every response token of one rollout."""
+    score_fn, penalised = REWARD_MODES[cfg.reward_mode]
+    rewards = torch.full_like(sig.credit, score_fn(sig, cfg), dtype=torch.float64)
+    return rewards - cfg.penalty * sig.credit.double() if penalised else rewards
+
+
+def _pooled_stats(rewards: Sequence[torch.Tensor], eps: float) -> tuple[float, float]:
+    """Mean and std + eps over every token of the group (population std; a constant group gives A = 0)."""
+    pooled = torch.cat([r.double() for r in rewards]) if rewards else torch.zeros(0, dtype=torch.float64)
+    if pooled.numel() == 0:
+        return 0.0, 1.0
+    return pooled.mean().item(), pooled.std(unbiased=False).item() + eps
+
+
+def group_advantages(rewards: Sequence[torch.Tensor], eps: float = 1e-6) -> list[torch.Tensor]:
+    """Eq. 2 in the direct form: normalise token rewards by the group's pooled mean and std."""
+    mean, scale = _pooled_stats(rewards, eps)
+    return [(r.double() - mean) / scale for r in rewards]
+
+
+@dataclass(frozen=True)
+class FactoredAdvantages:
+    """A_t = rollout_advantages[i] - group_penalty * credit_i[t]."""
+
+    rollout_advantages: torch.Tensor  # [n] a_i
+    group_penalty: float  # p_g
+    credits: list[torch.Tensor]  # e_t per rollout
+
+
+def factored_advantages(group: Sequence[RolloutSignals], cfg: CreditConfig) -> FactoredAdvantages:
+    """Eq. 2 in the form the fused kernel consumes; equals `group_advantages` of `token_rewards`."""
+    mean, scale = _pooled_stats([token_rewards(sig, cfg) for sig in group], cfg.eps)
+    score_fn, penalised = REWARD_MODES[cfg.reward_mode]
+    scores = torch.tensor([score_fn(sig, cfg) for sig in group], dtype=torch.float64)
+    penalty = cfg.penalty if penalised else 0.0
+    return FactoredAdvantages(((scores - mean) / scale).float(), float(penalty / scale), [s.credit for s in group])
+
+
+def credit_metrics(
+    step_weights: Sequence[Sequence[float]], valid_critiques: Sequence[int], num_critiques: int
+) -> dict[str, float]:
+    """Flagged-step rate (over all steps) and failed-critique rate for a batch of rollouts."""
+    steps = sum(len(w) for w in step_weights)
+    flagged = sum(sum(1 for x in w if x > 0) for w in step_weights)
+    asked = num_critiques * len(valid_critiques)
+    return {
+        "credit/flagged_step_rate": flagged / steps if steps else 0.0,
+        "credit/failed_critique_rate": 1.0 - sum(valid_critiques) / asked if asked else 0.0,
+        "credit/rollouts_without_critique": float(sum(v == 0 for v in valid_critiques)),
+    }

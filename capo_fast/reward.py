@@ -1,0 +1,149 @@
+"""Outcome rewards: math-verify on the final answer, plus a format reward.
+
+math-verify (sympy underneath) can hang on pathological answers and relies on signals that only
+work on a main thread, so it runs on the main thread of worker processes; a worker that overruns
+its per-item budget is killed and replaced. A timeout or a parser error scores 0 and is counted,
+never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import re
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Literal
+
+Status = Literal["ok", "timeout", "error"]
+_BOXED = re.compile(r"\\boxed\s*\{")
+
+
+@dataclass(frozen=True)
+class OutcomeScore:
+    correct: float  # r_v in {0, 1}
+    formatted: float  # r_f in {0, 1}: the response puts its answer in a non-empty \boxed{}
+    status: Status
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last balanced `\\boxed{...}`, or None."""
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    for start in reversed(starts):
+        depth = 1
+        for i in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[start:i]
+    return None
+
+
+def format_reward(response: str) -> float:
+    content = last_boxed(response)
+    return float(content is not None and content.strip() != "")
+
+
+def _gold_for_parsing(gold: str) -> str:
+    gold = gold.strip()
+    return gold if "$" in gold or "\\boxed" in gold else f"${gold}$"
+
+
+def verify_answer(response: str, gold: str) -> float:
+    """1.0 when math-verify finds the response's final answer equal to `gold` (no time limit here)."""
+    from math_verify import parse, verify
+
+    gold_parsed = parse(_gold_for_parsing(gold), parsing_timeout=None)
+    answer = parse(response, parsing_timeout=None)
+    return float(bool(gold_parsed) and bool(answer) and verify(gold_parsed, answer, timeout_seconds=None))
+
+
+def _worker_loop(conn: Connection) -> None:
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call with no timeout set
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        index, response, gold = job
+        try:
+            conn.send((index, verify_answer(response, gold), "ok"))
+        except Exception:  # a parser failure is a wrong answer, reported as an error status
+            conn.send((index, 0.0, "error"))
+
+
+class _Worker:
+    def __init__(self, ctx):
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_loop, args=(child,), daemon=True)
+        self.process.start()
+        child.close()
+        self.job: int | None = None
+        self.started = 0.0
+
+    def submit(self, index: int, response: str, gold: str) -> None:
+        self.conn.send((index, response, gold))
+        self.job, self.started = index, time.monotonic()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join()
+        self.conn.close()
+
+
+class OutcomeVerifier:
+    """Scores batches of (response, gold answer) in worker processes, keeping the input order.
+
+    Args:
+        num_workers: processes running math-verify.
+        timeout_s: budget per item; past it the item scores 0 with status "timeout".
+    """
+
+    def __init__(self, num_workers: int = 2, timeout_s: float = 5.0):
+        if num_workers < 1 or timeout_s <= 0:
+            raise ValueError("num_workers must be >= 1 and timeout_s > 0")
+        self.num_workers, self.timeout_s = num_workers, timeout_s
+        self._ctx = mp.get_context("spawn")  # no fork of a process holding threads or devices
+        self._workers: list[_Worker] = []
+
+    def __enter__(self) -> OutcomeVerifier:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for w in self._workers:
+            w.kill()
+        self._workers = []
+
+    def score(self, responses: list[str], golds: list[str]) -> list[OutcomeScore]:
+        if len(responses) != len(golds):
+            raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
+        while len(self._workers) < self.num_workers:
+            self._workers.append(_Worker(self._ctx))
+        correct: list[tuple[float, Status] | None] = [None] * len(responses)
+        pending = list(range(len(responses)))[::-1]
+        while pending or any(w.job is not None for w in self._workers):
+            for w in self._workers:
+                if w.job is None and pending:
+                    i = pending.pop()
+                    w.submit(i, responses[i], golds[i])
+            busy = [w for w in self._workers if w.job is not None]
+            deadline = min(w.started for w in busy) + self.timeout_s
+            ready = wait([w.conn for w in busy], timeout=max(0.0, deadline - time.monotonic()))
+            for w in busy:
+                if w.conn in ready:
+                    try:
+                        index, value, status = w.conn.recv()
+                        correct[index], w.job = (value, status), None
+                        continue
+                    except EOFError:  # the worker died (out of memory, say): its item is an error
+                        outcome: tuple[float, Status] = (0.0, "error")
+                elif time.monotonic() - w.started >= self.timeout_s:
+                    outcome = (0.0, "timeout")
+                else:
+                    continue
+                correct[w.job] = outcome
+                w.kill()
+                self._workers[self._workers.index(w)] = _Worker(self._ctx)
+        return [OutcomeScore(c[0], format_reward(r), c[1]) for c, r in zip(correct, responses, strict=True)]

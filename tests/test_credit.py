@@ -1,0 +1,142 @@
+"""Token credit, Eq. 1 rewards and Eq. 2 advantages against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from capo_fast.credit import (
+    CreditConfig,
+    RolloutSignals,
+    credit_metrics,
+    factored_advantages,
+    group_advantages,
+    token_char_spans,
+    token_credit,
+    token_rewards,
+)
+from capo_fast.critique import split_steps
+
+CFG = CreditConfig(correct_reward=2.0, penalty=1.0, format_weight=0.0)
+
+
+def hand_group():
+    # three rollouts of 3, 4 and 2 tokens; r_v = 1, 0, 1; flagged tokens marked by e_t = 1
+    return [
+        RolloutSignals(1.0, 1.0, torch.tensor([0.0, 0.0, 0.0])),
+        RolloutSignals(0.0, 1.0, torch.tensor([0.0, 1.0, 1.0, 0.0])),
+        RolloutSignals(1.0, 0.0, torch.tensor([1.0, 0.0])),
+    ]
+
+
+def test_whole_group_by_hand():
+    group = hand_group()
+    rewards = [token_rewards(s, CFG) for s in group]
+    assert [r.tolist() for r in rewards] == [[2, 2, 2], [0, -1, -1, 0], [1, 2]]
+    # pooled over 9 tokens: mean 7/9, E[R^2] = 19/9, so std = sqrt(122)/9
+    std = math.sqrt(122) / 9
+    expected = [[(r - 7 / 9) / (std + CFG.eps) for r in row] for row in ([2, 2, 2], [0, -1, -1, 0], [1, 2])]
+    for got, want in zip(group_advantages(rewards, CFG.eps), expected, strict=True):
+        assert got.tolist() == pytest.approx(want, abs=1e-9)
+    assert group_advantages(rewards)[0][0].item() == pytest.approx(11 / math.sqrt(122), abs=1e-5)
+
+
+def test_format_weight_and_modes():
+    sig = RolloutSignals(0.0, 1.0, torch.tensor([1.0, 0.5]), judge_score=1.0)
+    assert token_rewards(sig, CreditConfig(format_weight=0.2)).tolist() == pytest.approx([-0.8, -0.3])
+    assert token_rewards(sig, CreditConfig(reward_mode="outcome", format_weight=0.2)).tolist() == pytest.approx(
+        [0.2, 0.2]
+    )
+    genorm = 1 / (1 + math.exp(-1.0)) + 0.0 - 1.0
+    assert token_rewards(sig, CreditConfig(reward_mode="genorm")).tolist() == pytest.approx([genorm, genorm])
+    with pytest.raises(ValueError, match="reward_mode"):
+        CreditConfig(reward_mode="nope")
+
+
+def test_constant_group_gives_zero_advantage():
+    group = [RolloutSignals(1.0, 0.0, torch.zeros(3)), RolloutSignals(1.0, 0.0, torch.zeros(5))]
+    f = factored_advantages(group, CFG)
+    assert f.rollout_advantages.tolist() == [0.0, 0.0]
+    assert all((a == 0).all() for a in group_advantages([token_rewards(s, CFG) for s in group]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.booleans(), st.booleans(), st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0]), min_size=1, max_size=12)
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.floats(0, 3),
+    st.floats(0, 1),
+    st.sampled_from(["capo", "outcome"]),
+)
+def test_factored_equals_direct(rollouts, penalty, format_weight, mode):
+    cfg = CreditConfig(penalty=penalty, format_weight=format_weight, reward_mode=mode)
+    group = [RolloutSignals(float(c), float(f), torch.tensor(e)) for c, f, e in rollouts]
+    direct = group_advantages([token_rewards(s, cfg) for s in group], cfg.eps)
+    f = factored_advantages(group, cfg)
+    for i, d in enumerate(direct):
+        assert torch.allclose(
+            (f.rollout_advantages[i].double() - f.group_penalty * f.credits[i].double()), d, atol=1e-6
+        )
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer(smollm2_dir):
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def test_token_credit_aligns_with_the_policy_tokens(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "First 12 + 30 = 42.\n\nThen 42 * 2 = 85.\n\nSo the answer is \\boxed{85}."
+    ids = tok(text)["input_ids"] + [tok.eos_token_id]
+    spans = token_char_spans(tok, ids, text)
+    assert len(spans) == len(ids) and spans[-1][0] == spans[-1][1]  # EOS covers no text
+    assert "".join(text[a:b] for a, b in spans) == text
+    steps = split_steps(text)
+    credit = token_credit(steps, [0.0, 1.0, 0.0], spans)
+    flagged_text = "".join(text[a:b] for (a, b), e in zip(spans, credit, strict=True) if e > 0)
+    assert flagged_text.strip() == "Then 42 * 2 = 85." or flagged_text.strip().startswith("\n\nThen 42")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.sampled_from(list("ab1+= \n") + ["é", "€", "😀", "\n\n", "\\boxed{"]), max_size=50).map("".join), st.data()
+)
+def test_token_credit_is_always_aligned(tiny_model_dir, text, data):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok(text)["input_ids"]
+    spans = token_char_spans(tok, ids, text)
+    steps = split_steps(text)
+    weights = data.draw(st.lists(st.floats(0, 1), min_size=len(steps), max_size=len(steps)))
+    credit = token_credit(steps, weights, spans)
+    assert len(spans) == len(ids) == credit.numel()
+    assert all(0 <= a <= b <= len(text) for a, b in spans)
+    assert all(0.0 <= e <= 1.0 for e in credit.tolist())
+
+
+@pytest.mark.slow
+def test_straddling_byte_level_pieces_with_smollm2(smol_tokenizer):
+    text = "Compute 3€ + 4€.\n\n😀 7€ 😀\n\nSo \\boxed{7}"
+    ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"]
+    spans = token_char_spans(smol_tokenizer, ids, text)
+    pieces = smol_tokenizer.convert_ids_to_tokens(ids)
+    assert len(ids) > len(text.split())  # multi-byte characters are split into several byte pieces
+    assert all(0 <= a <= b <= len(text) for a, b in spans) and spans[-1][1] == len(text)
+    steps = split_steps(text)
+    credit = token_credit(steps, [0.0, 1.0, 0.0], spans)
+    middle = [i for i, (a, b) in enumerate(spans) if a >= steps[1].start and b <= steps[1].end and b > a]
+    assert credit[middle].min() == 1.0 and credit[: middle[0] - 1].max() == 0.0, pieces
+
+
+def test_metrics():
+    m = credit_metrics([[0, 1, 0.5], [0, 0]], valid_critiques=[4, 0], num_critiques=4)
+    assert m["credit/flagged_step_rate"] == pytest.approx(2 / 5)
+    assert m["credit/failed_critique_rate"] == pytest.approx(0.5)
+    assert m["credit/rollouts_without_critique"] == 1.0

@@ -1,0 +1,112 @@
+"""Step splitting, critique parsing and voting: hand-checked cases and hypothesis properties."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from capo_fast.critique import (
+    FAILED,
+    VOTING,
+    Critique,
+    critique_agreement,
+    critique_messages,
+    parse_critique,
+    split_steps,
+    vote,
+)
+
+FOUR = [Critique(True, frozenset(s)) for s in ([1, 3], [1, 2, 3], [1, 3], [2, 3])]
+
+
+def test_vote_of_four_critiques_in_every_mode():
+    expected = {
+        "greedy": [0, 1, 0, 1],
+        "intersection": [0, 0, 0, 1],
+        "majority": [0, 1, 0, 1],  # counts 3, 2, 4 of 4: strictly more than half flags steps 1 and 3
+        "union": [0, 1, 1, 1],
+        "average": [0, 0.75, 0.5, 1.0],
+    }
+    assert set(expected) == set(VOTING)
+    for mode, weights in expected.items():
+        assert vote(FOUR, 4, mode).weights == weights, mode
+    assert vote(FOUR, 4, "majority", threshold=0.4).weights == [0, 1, 1, 1]
+
+
+def test_failed_critiques_abstain():
+    assert vote([FAILED, FOUR[0], FAILED], 4, "majority").weights == [0, 1, 0, 1]
+    none = vote([FAILED, FAILED], 4, "majority")
+    assert none.weights == [0, 0, 0, 0] and none.num_valid == 0
+
+
+def test_split_keeps_spans_and_attaches_blank_lines_to_the_previous_step():
+    text = "\n\nFirst, 2 + 2 = 4.\n\n\n  \nThen 4 * 3 = 12.\n\nSo \\boxed{12}"
+    steps = split_steps(text)
+    assert [s.text.strip() for s in steps] == ["First, 2 + 2 = 4.", "Then 4 * 3 = 12.", "So \\boxed{12}"]
+    assert steps[0].start == 0 and steps[-1].end == len(text)
+    assert all(a.end == b.start for a, b in zip(steps, steps[1:], strict=False))
+    assert steps[0].text.endswith("\n\n\n  \n")
+    assert split_steps("   \n\n ") == []
+
+
+def test_parser_forms():
+    assert parse_critique("Judgment: No\n<incorrect_steps>1, 3</incorrect_steps>", 5) == Critique(
+        True, frozenset({1, 3}), False
+    )
+    assert parse_critique("<incorrect_steps><step_0>,<step_2></incorrect_steps> Judgement: yes", 3).incorrect == {0, 2}
+    text = "<incorrect_steps>0</incorrect_steps> on reflection <incorrect_steps>2, 2, 9, -1</incorrect_steps>"
+    assert parse_critique(text, 4).incorrect == {2}  # last block wins, out-of-range and repeats dropped
+    assert parse_critique("<incorrect_steps></incorrect_steps>", 4) == Critique(True, frozenset(), None)
+    assert parse_critique("Judgment: Yes, all good.", 4) == Critique(False, frozenset(), True)
+
+
+def test_prompt_tags_steps_from_zero_and_includes_the_reference():
+    steps = split_steps("a = 1\n\nb = 2")
+    content = critique_messages("Find b.", steps, reference_solution="b is 2")[0]["content"]
+    assert "<step_0>a = 1</step_0>\n<step_1>b = 2</step_1>" in content
+    assert "Reference solution:\nb is 2" in content and "<incorrect_steps>" in content
+    assert "Reference" not in critique_messages("Find b.", steps)[0]["content"]
+
+
+def test_agreement():
+    assert critique_agreement(FOUR[:2], 4) == 2 / 3
+    assert critique_agreement([FOUR[0]], 4) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(list("ab \n\t\r<>é€") + ["\n\n"]), max_size=120).map("".join))
+def test_split_properties(text):
+    steps = split_steps(text)
+    assert "".join(s.text for s in steps) == (text if steps else "")
+    assert all(s.text == text[s.start : s.end] and s.text.strip() for s in steps)
+    assert [s.index for s in steps] == list(range(len(steps)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(max_size=300)
+    | st.lists(
+        st.sampled_from(
+            ["<incorrect_steps>", "</incorrect_steps>", "<step_", ">", "12", ",", "Judgment:", "Yes", "No", "x", "-3"]
+        ),
+        max_size=30,
+    ).map("".join),
+    st.integers(0, 20),
+)
+def test_parser_never_raises_and_stays_in_range(text, num_steps):
+    c = parse_critique(text, num_steps)
+    assert all(0 <= i < num_steps for i in c.incorrect)
+    assert c.valid or not c.incorrect
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.builds(Critique, st.booleans(), st.frozensets(st.integers(0, 9))), max_size=6),
+    st.integers(0, 10),
+    st.sampled_from(sorted(VOTING)),
+    st.floats(0, 1),
+)
+def test_voting_properties(critiques, num_steps, mode, threshold):
+    critiques = [Critique(c.valid, frozenset(i for i in c.incorrect if i < num_steps)) for c in critiques]
+    result = vote(critiques, num_steps, mode, threshold)
+    assert len(result.weights) == num_steps
+    assert all(0.0 <= w <= 1.0 for w in result.weights)
+    assert result.num_valid == sum(c.valid for c in critiques)

@@ -1,0 +1,51 @@
+"""Outcome reward with math-verify in worker processes, and the format reward."""
+
+import time
+
+import pytest
+
+from capo_fast.reward import OutcomeVerifier, format_reward, last_boxed
+
+
+def test_last_boxed_and_format():
+    assert last_boxed(r"a \boxed{1} b \boxed{\frac{3}{4}}") == r"\frac{3}{4}"
+    assert last_boxed(r"\boxed{unclosed") is None
+    assert format_reward(r"so \boxed{12}") == 1.0 and format_reward(r"\boxed{ }") == 0.0
+    assert format_reward("12") == 0.0
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    with OutcomeVerifier(num_workers=2, timeout_s=3.0) as v:
+        yield v
+
+
+def test_equivalent_forms_score_one(verifier):
+    cases = [
+        (r"The answer is \boxed{\frac{3}{4}}", "0.75"),
+        (r"\boxed{0.5}", r"\frac{1}{2}"),
+        (r"So we get \boxed{3/4}.", r"\frac{3}{4}"),
+        (r"\boxed{12}", "12"),
+        (r"\boxed{13}", "12"),
+        ("no answer at all", "12"),
+    ]
+    scores = verifier.score([c[0] for c in cases], [c[1] for c in cases])
+    assert [s.correct for s in scores] == [1, 1, 1, 1, 0, 0]
+    assert [s.formatted for s in scores] == [1, 1, 1, 1, 1, 0]
+    assert all(s.status == "ok" for s in scores)
+
+
+def test_a_hanging_answer_is_cut_off_and_the_batch_goes_on(verifier):
+    hang = r"\boxed{9^{9^{9^{99}}}}"  # sympy tries to evaluate this forever
+    start = time.monotonic()
+    scores = verifier.score([r"\boxed{2}", hang, r"\boxed{4}", r"\boxed{5}"], ["2", "1", "4", "6"])
+    elapsed = time.monotonic() - start
+    assert [s.status for s in scores] == ["ok", "timeout", "ok", "ok"]
+    assert [s.correct for s in scores] == [1, 0, 1, 0]
+    assert elapsed < 3.0 * 4, "the stuck worker must be killed at its timeout"
+    assert verifier.score([r"\boxed{7}"], ["7"])[0].correct == 1.0  # the replacement worker serves
+
+
+def test_mismatched_lengths_are_an_error(verifier):
+    with pytest.raises(ValueError, match="2 responses but 1 gold"):
+        verifier.score(["a", "b"], ["1"])
