@@ -107,7 +107,8 @@ def test_token_credit_aligns_with_the_policy_tokens(tiny_model_dir):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    st.lists(st.sampled_from(list("ab1+= \n") + ["é", "€", "😀", "\n\n", "\\boxed{"]), max_size=50).map("".join), st.data()
+    st.lists(st.sampled_from([*"ab1+= \n", "é", "€", "😀", "\n\n", "\\boxed{"]), max_size=50).map("".join),
+    st.data(),
 )
 def test_token_credit_is_always_aligned(tiny_model_dir, text, data):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
