@@ -147,3 +147,14 @@ class OutcomeVerifier:
                 w.kill()
                 self._workers[self._workers.index(w)] = _Worker(self._ctx)
         return [OutcomeScore(c[0], format_reward(r), c[1]) for c, r in zip(correct, responses, strict=True)]
+
+
+def outcome_metrics(scores: list[OutcomeScore]) -> dict[str, float]:
+    """Accuracy, format rate and how many items timed out or failed to parse, for one batch."""
+    n = max(len(scores), 1)
+    return {
+        "reward/accuracy": sum(s.correct for s in scores) / n,
+        "reward/format_rate": sum(s.formatted for s in scores) / n,
+        "reward/verifier_timeouts": float(sum(s.status == "timeout" for s in scores)),
+        "reward/verifier_errors": float(sum(s.status == "error" for s in scores)),
+    }

@@ -274,79 +274,20 @@ def logprobs_fwd(
 # ---- op registration: CUDA kernels, fake kernels, autograd -------------------------------------------
 
 
+# The op arguments after `logits` are passed through in schema order (see csrc/policy_loss.cpp).
+
+
 @torch.library.register_kernel("capo::policy_loss", "cuda")
-def _policy_loss_cuda(
-    logits,
-    labels,
-    old_logprobs,
-    advantages,
-    credit,
-    penalty,
-    ref_logprobs,
-    loss_weights,
-    temperature,
-    eps_low,
-    eps_high,
-    dual_clip,
-    kl_coef,
-    entropy_coef,
-    compute_grad,
-):
-    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
-    outs = policy_loss_fwd(
-        logits,
-        labels,
-        old_logprobs,
-        advantages,
-        credit,
-        penalty,
-        ref_logprobs,
-        loss_weights,
-        temperature,
-        eps_low,
-        eps_high,
-        dual_clip,
-        kl_coef,
-        entropy_coef,
-        grad if compute_grad else None,
-    )
-    return (*outs, grad)
+def _policy_loss_cuda(logits, *args):
+    compute_grad = args[-1]
+    grad = torch.empty_like(logits) if compute_grad else None
+    outs = policy_loss_fwd(logits, *args[:-1], grad_out=grad)
+    return (*outs, grad if compute_grad else logits.new_empty(0))
 
 
 @torch.library.register_kernel("capo::policy_loss_", "cuda")
-def _policy_loss_inplace_cuda(
-    logits,
-    labels,
-    old_logprobs,
-    advantages,
-    credit,
-    penalty,
-    ref_logprobs,
-    loss_weights,
-    temperature,
-    eps_low,
-    eps_high,
-    dual_clip,
-    kl_coef,
-    entropy_coef,
-):
-    return policy_loss_fwd(
-        logits,
-        labels,
-        old_logprobs,
-        advantages,
-        credit,
-        penalty,
-        ref_logprobs,
-        loss_weights,
-        temperature,
-        eps_low,
-        eps_high,
-        dual_clip,
-        kl_coef,
-        entropy_coef,
-        logits,
-    )
+def _policy_loss_inplace_cuda(logits, *args):
+    return policy_loss_fwd(logits, *args, grad_out=logits)
 
 
 @torch.library.register_kernel("capo::logprobs", "cuda")
@@ -366,23 +307,8 @@ def _token_outputs_like(logits: torch.Tensor):
 
 
 @torch.library.register_fake("capo::policy_loss")
-def _policy_loss_fake(
-    logits,
-    labels,
-    old_logprobs,
-    advantages,
-    credit,
-    penalty,
-    ref_logprobs,
-    loss_weights,
-    temperature,
-    eps_low,
-    eps_high,
-    dual_clip,
-    kl_coef,
-    entropy_coef,
-    compute_grad,
-):
+def _policy_loss_fake(logits, *args):
+    compute_grad = args[-1]
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else logits.new_empty(0)
     return (*_token_outputs_like(logits), grad)
 

@@ -10,6 +10,7 @@ from capo_fast.critique import (
     critique_agreement,
     critique_messages,
     parse_critique,
+    render_critique_prompt,
     split_steps,
     vote,
 )
@@ -110,3 +111,12 @@ def test_voting_properties(critiques, num_steps, mode, threshold):
     assert len(result.weights) == num_steps
     assert all(0.0 <= w <= 1.0 for w in result.weights)
     assert result.num_valid == sum(c.valid for c in critiques)
+
+
+def test_prompt_goes_through_the_judge_chat_template(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = render_critique_prompt(tokenizer, "Find b.", split_steps("a = 1\n\nb = 2"))
+    assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
+    assert "<step_1>b = 2</step_1>" in prompt
