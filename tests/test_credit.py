@@ -102,7 +102,9 @@ def test_token_credit_aligns_with_the_policy_tokens(tiny_model_dir):
     steps = split_steps(text)
     credit = token_credit(steps, [0.0, 1.0, 0.0], spans)
     flagged_text = "".join(text[a:b] for (a, b), e in zip(spans, credit, strict=True) if e > 0)
-    assert flagged_text.strip() == "Then 42 * 2 = 85." or flagged_text.strip().startswith("\n\nThen 42")
+    # tokens touching step 1 only; a token straddling the boundary may bring its neighbour's characters
+    assert "Then 42 * 2 = 85." in flagged_text
+    assert "First" not in flagged_text and "answer" not in flagged_text
 
 
 @settings(max_examples=60, deadline=None)
