@@ -178,7 +178,7 @@ def group_advantages(rewards: Sequence[torch.Tensor], eps: float = 1e-6) -> list
 class FactoredAdvantages:
     """A_t = rollout_advantages[i] - group_penalty * credit_i[t]."""
 
-    rollout_advantages: torch.Tensor  # [n] a_i
+    rollout_advantages: torch.Tensor  # [n] a_i, float64: a_i and p_g * e_t can be large and nearly cancel
     group_penalty: float  # p_g
     credits: list[torch.Tensor]  # e_t per rollout
 
@@ -189,7 +189,7 @@ def factored_advantages(group: Sequence[RolloutSignals], cfg: CreditConfig) -> F
     score_fn, penalised = REWARD_MODES[cfg.reward_mode]
     scores = torch.tensor([score_fn(sig, cfg) for sig in group], dtype=torch.float64)
     penalty = cfg.penalty if penalised else 0.0
-    return FactoredAdvantages(((scores - mean) / scale).float(), float(penalty / scale), [s.credit for s in group])
+    return FactoredAdvantages((scores - mean) / scale, float(penalty / scale), [s.credit for s in group])
 
 
 def credit_metrics(

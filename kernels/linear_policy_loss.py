@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from capo_fast.kernels.policy_loss import PolicyLossOutput, _per_token
+from capo_fast.kernels.policy_loss import PolicyLossOutput, _per_token, _token_mean_weights
 
 DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
 
@@ -172,8 +172,7 @@ def fused_linear_policy_loss(
             f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
     if loss_weights is None:
-        valid = (labels >= 0).float()
-        loss_weights = valid / valid.sum().clamp_min(1.0)
+        loss_weights = _token_mean_weights(labels)
     compute_grad = hidden.requires_grad or weight.requires_grad
     loss, logprobs, entropy, clip, _, _ = torch.ops.capo.linear_policy_loss(
         hidden,

@@ -371,6 +371,12 @@ class PolicyLossOutput(NamedTuple):
     clipped: torch.Tensor
 
 
+def _token_mean_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Default aggregation: mean over the tokens whose label is valid."""
+    valid = (labels >= 0).float()
+    return valid / valid.sum().clamp_min(1.0)
+
+
 def _per_token(value: torch.Tensor | float | None, like: torch.Tensor) -> torch.Tensor | None:
     if value is None or isinstance(value, torch.Tensor):
         return value
@@ -422,8 +428,7 @@ def fused_policy_loss(
         see `capo_fast.kernels.reference.policy_loss`.
     """
     if loss_weights is None:
-        valid = (labels >= 0).float()
-        loss_weights = valid / valid.sum().clamp_min(1.0)
+        loss_weights = _token_mean_weights(labels)
     args = (
         labels,
         old_logprobs,
