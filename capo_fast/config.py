@@ -1,0 +1,329 @@
+"""Run configuration: typed sections, YAML loading, `--section.key=value` overrides, validation.
+
+Every invalid value raises `ConfigError` naming the key (and the YAML file and line when it came
+from one). The defaults are the embedded default run: SmolLM2-135M-Instruct as policy and judge on
+offline arithmetic, sized for a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Aggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
+Voting = Literal["greedy", "intersection", "majority", "union", "average"]
+RewardMode = Literal["capo", "outcome", "genorm"]
+CriticBackend = Literal["vllm", "remote"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key and where it was set."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class SamplingConfig:
+    """Generation settings of one engine."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+
+    def validate(self, key: str) -> None:
+        _check(self.temperature >= 0, f"{key}.temperature", "must be >= 0")
+        _check(0 < self.top_p <= 1, f"{key}.top_p", "must be in (0, 1]")
+        _check(self.max_tokens >= 1, f"{key}.max_tokens", "must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    """`path` is an HF model folder, or `smollm2` / `tiny` for the models that ship offline."""
+
+    path: str = "smollm2"
+    dtype: Dtype = "float32"
+    gradient_checkpointing: bool = False
+    liger_patches: bool = True  # RMSNorm, SwiGLU, RoPE kernels on CUDA; the loss stays capo-fast's
+
+
+@dataclass
+class DataConfig:
+    """`train` / `eval`: a .jsonl or .parquet file, a saved HF dataset folder, or `gym:<task>[+<task>]`."""
+
+    train: str = "gym:basic_arithmetic+gsm_symbolic"
+    eval: str = ""  # empty: a held-out split generated with another seed (gym) or none (files)
+    num_train: int = 2000  # size of generated task sets
+    num_eval: int = 64
+    system_prompt: str = (
+        "Solve the problem step by step. Separate steps with a blank line. Put the final answer in \\boxed{}."
+    )
+    max_prompt_tokens: int = 256
+    seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    n: int = 4  # rollouts per prompt
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=192))
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.35
+    max_model_len: int = 1024
+    sleep_mode: bool = True  # used only where the platform supports it
+    enforce_eager: bool = False
+
+
+@dataclass
+class CriticConfig:
+    """The GenPRM. `model` empty: the policy's starting weights, frozen."""
+
+    backend: CriticBackend = "vllm"
+    model: str = ""
+    num_critiques: int = 2  # N
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=256))
+    include_reference: bool = False
+    gpu_memory_utilization: float = 0.35
+    max_model_len: int = 2048
+    url: str = ""  # remote: base URL of an OpenAI-compatible server, e.g. http://host:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = 16
+    retries: int = 2
+    timeout_s: float = 120.0
+
+
+@dataclass
+class AlgorithmConfig:
+    correct_reward: float = 2.0  # C
+    penalty: float = 1.0  # P; 0 is GRPO with the rule verifier
+    format_weight: float = 0.0
+    reward_mode: RewardMode = "capo"
+    voting: Voting = "majority"
+    vote_threshold: float = 0.5
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float = 0.0  # 0: off; otherwise the dual-clip constant c > 1
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+    aggregation: Aggregation = "seq-mean-token-mean"
+    mini_epochs: int = 1
+    verifier_timeout_s: float = 5.0
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 12
+    prompts_per_step: int = 8  # global, over all ranks
+    mini_batches: int = 1  # optimizer steps per mini-epoch
+    micro_batch_tokens: int = 4096
+    lr: float = 2e-6
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    seed: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = "runs/default"
+    tensorboard: bool = True
+    wandb_project: str = ""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 4  # steps; 0 turns periodic checkpoints off
+    keep: int = 2
+    resume: bool = True  # continue from the newest checkpoint in output_dir
+    export: bool = True  # HF model folder at the end
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps; 0: only before and after training
+    max_tokens: int = 192
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> Config:
+        r, c, a, t = self.rollout, self.critic, self.algorithm, self.trainer
+        r.sampling.validate("rollout.sampling")
+        c.sampling.validate("critic.sampling")
+        _check(r.n >= 2, "rollout.n", "group normalisation needs at least 2 rollouts per prompt")
+        _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
+        for key, value in [("rollout", r.gpu_memory_utilization), ("critic", c.gpu_memory_utilization)]:
+            _check(0 < value <= 1, f"{key}.gpu_memory_utilization", "must be in (0, 1]")
+        _check(c.num_critiques >= 1, "critic.num_critiques", "must be >= 1")
+        _check(c.backend != "remote" or c.url.startswith("http"), "critic.url", "remote critic needs an http(s) URL")
+        _check(a.voting != "greedy" or c.num_critiques == 1, "algorithm.voting", "greedy needs critic.num_critiques=1")
+        _check(0 <= a.vote_threshold < 1, "algorithm.vote_threshold", "must be in [0, 1)")
+        _check(a.penalty >= 0, "algorithm.penalty", "must be >= 0")
+        _check(a.eps_low >= 0 and a.eps_high >= 0, "algorithm.eps_low", "clip ranges must be >= 0")
+        _check(a.dual_clip == 0 or a.dual_clip > 1, "algorithm.dual_clip", "must be 0 (off) or > 1")
+        _check(a.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
+        _check(a.mini_epochs >= 1, "algorithm.mini_epochs", "must be >= 1")
+        _check(t.steps >= 1, "trainer.steps", "must be >= 1")
+        _check(t.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1")
+        _check(t.mini_batches >= 1, "trainer.mini_batches", "must be >= 1")
+        _check(t.micro_batch_tokens >= 64, "trainer.micro_batch_tokens", "must be >= 64")
+        _check(t.lr > 0 and math.isfinite(t.lr), "trainer.lr", "must be a positive number")
+        _check(0 <= t.min_lr_ratio <= 1, "trainer.min_lr_ratio", "must be in [0, 1]")
+        _check(t.zero_stage in (0, 1, 2, 3), "trainer.zero_stage", "must be 0, 1, 2 or 3")
+        _check(self.data.num_eval >= 0, "data.num_eval", "must be >= 0")
+        _check(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+        return self
+
+
+# ---- loading --------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Converts a YAML or command-line value to the field's type, or raises naming the key."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [value] if value else []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        try:
+            number = hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}") from None
+        if isinstance(value, bool) or (hint is int and isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+        return number
+    if hint is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _assign(obj: Any, path: list[str], value: Any, where: str) -> None:
+    key = ".".join(path)
+    hints = typing.get_type_hints(type(obj))
+    name = path[0]
+    if name not in hints:
+        known = ", ".join(f.name for f in dataclasses.fields(obj))
+        raise ConfigError(f"{where}{key}: unknown key {name!r} (known here: {known})")
+    current = getattr(obj, name)
+    if dataclasses.is_dataclass(current):
+        if len(path) == 1:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key}: expected a mapping of keys, got {value!r}")
+            for sub, subvalue in value.items():
+                _assign(current, [sub], subvalue, f"{where}{name}.")
+            return
+        _assign(current, path[1:], value, f"{where}{name}.")
+        return
+    if len(path) > 1:
+        raise ConfigError(f"{where}{key}: {name!r} is a value, not a section")
+    try:
+        setattr(obj, name, _coerce(value, hints[name], f"{where}{name}"))
+    except ConfigError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _yaml_lines(text: str) -> dict[str, int]:
+    """Dotted key -> 1-based line in the YAML text, so errors can point at the line."""
+    import yaml
+
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                dotted = f"{prefix}{key_node.value}"
+                lines[dotted] = key_node.start_mark.line + 1
+                walk(value_node, dotted + ".")
+
+    walk(yaml.compose(text), "")
+    return lines
+
+
+def parse_override(arg: str) -> tuple[str, str]:
+    """`--section.key=value` -> ("section.key", "value")."""
+    body = arg[2:] if arg.startswith("--") else arg
+    if "=" not in body:
+        raise ConfigError(f"override {arg!r}: expected --section.key=value")
+    key, value = body.split("=", 1)
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """The defaults, updated by the YAML file at `path`, then by `--section.key=value` overrides."""
+    import yaml
+
+    config = Config()
+    lines: dict[str, int] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        lines = _yaml_lines(text)
+        for section, values in data.items():
+            try:
+                _assign(config, [section], values, "")
+            except ConfigError as err:
+                key = str(err).split(":", 1)[0]
+                line = lines.get(key) or lines.get(section)
+                raise ConfigError(f"{path}:{line}: {err}") from None
+    for arg in overrides:
+        key, value = parse_override(arg)
+        parsed = yaml.safe_load(value) if value else ""
+        try:
+            _assign(config, key.split("."), parsed, "")
+        except ConfigError as err:
+            raise ConfigError(f"command line {arg!r}: {err}") from None
+    try:
+        return config.validate()
+    except ConfigError as err:
+        key = str(err).split(":", 1)[0]
+        if key in lines:
+            raise ConfigError(f"{path}:{lines[key]}: {err}") from None
+        raise ConfigError(f"{path or 'config'}: {err}") from None
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

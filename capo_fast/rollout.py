@@ -1,0 +1,343 @@
+"""Generation engines: vLLM policy rollouts and GenPRM critiques, sleep mode, weight sync.
+
+Engines live inside the training processes. A single process runs vLLM's uniprocess executor; ranks
+started by the deepspeed launcher use `external_launcher`, so every rank owns one engine and
+generates for its own prompts. Both keep the model in this process, which is what lets a weight sync
+hand vLLM's loader the training tensors themselves (no pickling, no copy through a file).
+
+Sleep mode frees accelerator memory for training between generations. It needs CUDA; elsewhere
+(vLLM's CPU build) the same calls run with sleep off, said once in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from capo_fast.config import CriticConfig, SamplingConfig
+from capo_fast.critique import FAILED, Critique, Step, critique_messages, parse_critique
+from capo_fast.data import chat_token_ids
+
+logger = logging.getLogger(__name__)
+_sleep_notice_given = False
+
+
+def sleep_mode_supported() -> bool:
+    """vLLM's sleep mode (CuMemAllocator) exists on CUDA only."""
+    if not torch.cuda.is_available():
+        return False
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_sleep_mode_available())
+
+
+def _executor_backend(tensor_parallel_size: int) -> str:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        if world_size % tensor_parallel_size:
+            raise ValueError(f"rollout.tensor_parallel_size={tensor_parallel_size} does not divide {world_size} ranks")
+        return "external_launcher"
+    if tensor_parallel_size > 1:
+        raise ValueError(
+            f"rollout.tensor_parallel_size={tensor_parallel_size} needs that many ranks: "
+            f"deepspeed --num_gpus {tensor_parallel_size} capo_fast/train.py ..."
+        )
+    return "uni"
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled answer: token ids, per-token log-probs (vLLM's raw log-probs), text, finish reason."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+class VLLMEngine:
+    """A vLLM `LLM` in this process, with sleep/wake and in-place weight reloads.
+
+    Args:
+        model: HF model folder.
+        sleep_level: 2 for the policy (weights are re-synced every step), 1 for a frozen critic.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "float32",
+        seed: int = 0,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.35,
+        max_model_len: int = 1024,
+        enforce_eager: bool = False,
+        sleep_level: int = 2,
+        sleep_mode: bool = True,
+    ):
+        global _sleep_notice_given
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model must live in this process
+        on_cuda = torch.cuda.is_available()
+        if not on_cuda:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm import LLM
+
+        self.sleep_enabled = sleep_mode and sleep_mode_supported()
+        if sleep_mode and not self.sleep_enabled and not _sleep_notice_given:
+            logger.warning("vLLM sleep mode needs CUDA; engines stay awake on this machine")
+            _sleep_notice_given = True
+        self.sleep_level = sleep_level
+        self.asleep = False
+        threads = torch.get_num_threads()
+        self.llm = LLM(
+            model=str(model),
+            dtype=dtype,
+            seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
+            distributed_executor_backend=_executor_backend(tensor_parallel_size),
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager or not on_cuda,
+            enable_sleep_mode=self.sleep_enabled,
+            enable_prefix_caching=True,
+        )
+        torch.set_num_threads(threads)  # vLLM's CPU worker lowers it for serving; training needs it back
+        self.tokenizer = self.llm.get_tokenizer()
+
+    # ---- sleep ------------------------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        if self.sleep_enabled and not self.asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self.asleep = True
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Wakes the given parts ("weights", "kv_cache"), or everything."""
+        if not (self.sleep_enabled and self.asleep):
+            return
+        torch.cuda.empty_cache()  # give the allocator's cached blocks back before vLLM maps its own
+        self.llm.wake_up(tags)
+        if tags is None or "kv_cache" in tags:
+            self.asleep = False
+
+    # ---- weights ----------------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> float:
+        """Reloads the engine's weights in place from HF-named tensors; returns seconds taken.
+
+        Wake order with sleep mode: weights, then the reload, then the KV cache, then a prefix-cache
+        reset so no block computed by the old weights is reused.
+        """
+        start = time.perf_counter()
+        self.wake_up(["weights"])
+        self.llm.collective_rpc(_reload_weights, args=(iter(weights),))
+        self.wake_up(["kv_cache"])
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - start
+
+    # ---- generation -------------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: Sequence[list[int]], sampling: SamplingConfig, *, n: int, seeds: Sequence[int]
+    ) -> list[list[Completion]]:
+        """n completions per prompt (token ids in, token ids out); one seed per prompt makes a sample
+        independent of batch composition, so a resumed run draws what an uninterrupted one drew."""
+        from vllm import SamplingParams
+
+        self.wake_up()
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                stop=list(sampling.stop) or None,
+                seed=seed,
+                logprobs=0,
+            )
+            for seed in seeds
+        ]
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        return [
+            [
+                Completion(
+                    token_ids=list(c.token_ids),
+                    logprobs=[lp[t].logprob for lp, t in zip(c.logprobs or [], c.token_ids, strict=False)],
+                    text=c.text,
+                    finish_reason="length" if c.finish_reason == "length" else "stop",
+                )
+                for c in out.outputs
+            ]
+            for out in outputs
+        ]
+
+    def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        """log p(token_ids[t] | token_ids[:t]) for t >= 1, as the engine computes them."""
+        from vllm import SamplingParams
+
+        self.wake_up()
+        out = self.llm.generate(
+            [{"prompt_token_ids": token_ids}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False
+        )[0]
+        return torch.tensor([out.prompt_logprobs[t][token_ids[t]].logprob for t in range(1, len(token_ids))])
+
+
+def _reload_weights(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Runs inside the vLLM worker: vLLM's own loader maps HF names (tied embeddings included)."""
+    worker.reload_weights(weights_iterator=weights)
+
+
+# ---- weights out of the training model ------------------------------------------------------------
+
+
+def model_weights(model: torch.nn.Module, *, bucket_bytes: int = 256 << 20) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named full tensors of a (possibly ZeRO-3 partitioned) model, gathered bucket by bucket.
+
+    Under ZeRO-3 each bucket of parameters is all-gathered on every rank, copied out, and released
+    before the next, so peak extra memory is one bucket. ZeRO-0/1/2 keep full parameters: no copy.
+    """
+    # Tied weights are yielded under every name (lm_head.weight too): vLLM's in-place reload
+    # re-initialises any layer it is not given weights for.
+    named = list(model.named_parameters(remove_duplicate=False))
+    partitioned = any(hasattr(p, "ds_id") for _, p in named)
+    if not partitioned:
+        for name, param in named:
+            yield name, param.detach()
+        return
+    import deepspeed
+
+    bucket: list[tuple[str, torch.nn.Parameter]] = []
+    size = 0
+    for index, (name, param) in enumerate(named):
+        bucket.append((name, param))
+        size += param.ds_numel * param.element_size()
+        if size >= bucket_bytes or index == len(named) - 1:
+            with deepspeed.zero.GatheredParameters(list({id(p): p for _, p in bucket}.values())):
+                copies = [(n, p.detach().clone()) for n, p in bucket]
+            yield from copies
+            bucket, size = [], 0
+
+
+# ---- critics --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CritiqueRequest:
+    question: str
+    steps: list[Step]
+    reference_solution: str | None = None
+
+
+class Critic:
+    """N critiques per rollout from some chat model. Subclasses provide `_complete`."""
+
+    def __init__(self, config: CriticConfig):
+        self.config = config
+
+    def _complete(self, messages: list[list[dict]], seeds: list[int]) -> list[list[str | None]]:
+        """N completions per chat; None marks one that failed."""
+        raise NotImplementedError
+
+    def critique(self, requests: Sequence[CritiqueRequest], seed: int = 0) -> list[list[Critique]]:
+        """Parsed critiques, N per request; a failed or unparsable one is `FAILED`, never an exception."""
+        messages = [
+            critique_messages(r.question, r.steps, r.reference_solution if self.config.include_reference else None)
+            for r in requests
+        ]
+        texts = self._complete(messages, [seed + i for i in range(len(requests))])
+        return [
+            [parse_critique(t, len(r.steps)) if t is not None else FAILED for t in per_request]
+            for r, per_request in zip(requests, texts, strict=True)
+        ]
+
+    def sleep(self) -> None:
+        """Frees what it can between critiques (a local engine's accelerator memory)."""
+
+
+class LocalCritic(Critic):
+    """The GenPRM as a second vLLM engine in this process; sleeps at level 1 (frozen weights)."""
+
+    def __init__(self, config: CriticConfig, model: str, *, dtype: str, seed: int, sleep_mode: bool):
+        super().__init__(config)
+        self.engine = VLLMEngine(
+            model,
+            dtype=dtype,
+            seed=seed,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            max_model_len=config.max_model_len,
+            sleep_level=1,
+            sleep_mode=sleep_mode,
+        )
+
+    def _complete(self, messages, seeds):
+        tokenizer = self.engine.tokenizer
+        limit = self.config.max_model_len - self.config.sampling.max_tokens
+        prompts = [chat_token_ids(tokenizer, m) for m in messages]
+        fits = [i for i, p in enumerate(prompts) if len(p) <= limit]
+        n = self.config.num_critiques
+        outputs = self.engine.generate(
+            [prompts[i] for i in fits], self.config.sampling, n=n, seeds=[seeds[i] for i in fits]
+        )
+        texts: list[list[str | None]] = [[None] * self.config.num_critiques for _ in prompts]
+        for i, completions in zip(fits, outputs, strict=True):
+            texts[i] = [c.text if c.finish_reason == "stop" else None for c in completions]
+        return texts
+
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+
+class RemoteCritic(Critic):
+    """A judge behind an OpenAI-compatible endpoint (e.g. `vllm serve` of a 72B model elsewhere).
+
+    Requests run with bounded concurrency; each has a timeout and a number of retries, after which
+    its N critiques are failed ones.
+    """
+
+    def __init__(self, config: CriticConfig, model: str = ""):
+        super().__init__(config)
+        from openai import OpenAI
+
+        self.client = OpenAI(
+            base_url=config.url,
+            api_key=os.environ.get(config.api_key_env) or "none",
+            timeout=config.timeout_s,
+            max_retries=config.retries,
+        )
+        self.model = model or self._served_model()
+
+    def _served_model(self) -> str:
+        return self.client.models.list().data[0].id
+
+    def _one(self, messages: list[dict], seed: int) -> list[str | None]:
+        s = self.config.sampling
+        try:
+            response = self.client.chat.completions.create(
+                model=self.model,
+                messages=messages,
+                n=self.config.num_critiques,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                max_tokens=s.max_tokens,
+                stop=list(s.stop) or None,
+                seed=seed,
+            )
+        except Exception as err:  # network, HTTP and server errors alike: the critiques are failed ones
+            logger.warning("remote critic request failed: %s", err)
+            return [None] * self.config.num_critiques
+        texts: list[str | None] = [c.message.content if c.finish_reason == "stop" else None for c in response.choices]
+        return (texts + [None] * self.config.num_critiques)[: self.config.num_critiques]
+
+    def _complete(self, messages, seeds):
+        with ThreadPoolExecutor(max_workers=self.config.max_concurrency) as pool:
+            return list(pool.map(self._one, messages, seeds))
+
+
+CRITIC_BACKENDS = {"vllm": LocalCritic, "remote": RemoteCritic}
