@@ -18,6 +18,7 @@ Aggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-n
 Voting = Literal["greedy", "intersection", "majority", "union", "average"]
 RewardMode = Literal["capo", "outcome", "genorm"]
 CriticBackend = Literal["vllm", "remote"]
+AnswerFormat = Literal["free", "guided"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
@@ -88,6 +89,10 @@ class CriticConfig:
     backend: CriticBackend = "vllm"
     model: str = ""
     num_critiques: int = 2  # N
+    # guided: decoding is constrained so the critique ends in the judgment and <incorrect_steps> lines
+    # (small judges rarely keep the format on their own); free: the judge writes as it likes.
+    answer_format: AnswerFormat = "guided"
+    guided_reasoning_chars: int = 400  # room for reasoning before the closing lines when guided
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=256))
     include_reference: bool = False
     gpu_memory_utilization: float = 0.35
@@ -130,6 +135,7 @@ class TrainerConfig:
     grad_clip: float = 1.0
     zero_stage: int = 2
     offload_optimizer: bool = False
+    deepspeed_config: str = ""  # JSON file whose keys override the generated DeepSpeed config
     seed: int = 0
 
 
@@ -175,6 +181,7 @@ class Config:
         for key, value in [("rollout", r.gpu_memory_utilization), ("critic", c.gpu_memory_utilization)]:
             _check(0 < value <= 1, f"{key}.gpu_memory_utilization", "must be in (0, 1]")
         _check(c.num_critiques >= 1, "critic.num_critiques", "must be >= 1")
+        _check(c.guided_reasoning_chars >= 0, "critic.guided_reasoning_chars", "must be >= 0")
         _check(c.backend != "remote" or c.url.startswith("http"), "critic.url", "remote critic needs an http(s) URL")
         _check(a.voting != "greedy" or c.num_critiques == 1, "algorithm.voting", "greedy needs critic.num_critiques=1")
         _check(0 <= a.vote_threshold < 1, "algorithm.vote_threshold", "must be in [0, 1)")

@@ -145,11 +145,19 @@ class VLLMEngine:
     # ---- generation -------------------------------------------------------------------------------
 
     def generate(
-        self, prompts: Sequence[list[int]], sampling: SamplingConfig, *, n: int, seeds: Sequence[int]
+        self,
+        prompts: Sequence[list[int]],
+        sampling: SamplingConfig,
+        *,
+        n: int,
+        seeds: Sequence[int],
+        regex: Sequence[str | None] | None = None,
     ) -> list[list[Completion]]:
         """n completions per prompt (token ids in, token ids out); one seed per prompt makes a sample
-        independent of batch composition, so a resumed run draws what an uninterrupted one drew."""
+        independent of batch composition, so a resumed run draws what an uninterrupted one drew.
+        `regex` (one per prompt) constrains the text through vLLM's structured outputs."""
         from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
 
         self.wake_up()
         params = [
@@ -161,8 +169,9 @@ class VLLMEngine:
                 stop=list(sampling.stop) or None,
                 seed=seed,
                 logprobs=0,
+                structured_outputs=StructuredOutputsParams(regex=rx) if rx else None,
             )
-            for seed in seeds
+            for seed, rx in zip(seeds, regex or [None] * len(seeds), strict=True)
         ]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         return [
@@ -228,6 +237,15 @@ def model_weights(model: torch.nn.Module, *, bucket_bytes: int = 256 << 20) -> I
 # ---- critics --------------------------------------------------------------------------------------
 
 
+def guided_critique_regex(reasoning_chars: int, num_steps: int) -> str:
+    """What `answer_format: guided` lets a critic write: some reasoning, then the judgment line and
+    an `<incorrect_steps>` list that can only name steps the response has."""
+    reasoning = f"[^<]{{0,{reasoning_chars}}}\\n" if reasoning_chars else ""
+    index = "(" + "|".join(str(k) for k in range(num_steps)) + ")"
+    indices = f"({index}(,{index}){{0,{num_steps - 1}}})?" if num_steps else ""
+    return reasoning + rf"Judgment: (Yes|No)\n<incorrect_steps>{indices}</incorrect_steps>"
+
+
 @dataclass(frozen=True)
 class CritiqueRequest:
     question: str
@@ -240,9 +258,12 @@ class Critic:
 
     def __init__(self, config: CriticConfig):
         self.config = config
+        self.guided = config.answer_format == "guided"
 
-    def _complete(self, messages: list[list[dict]], seeds: list[int]) -> list[list[str | None]]:
-        """N completions per chat; None marks one that failed."""
+    def _complete(
+        self, messages: list[list[dict]], seeds: list[int], regexes: list[str | None]
+    ) -> list[list[str | None]]:
+        """N completions per chat (constrained by its regex when there is one); None marks a failure."""
         raise NotImplementedError
 
     def critique(self, requests: Sequence[CritiqueRequest], seed: int = 0) -> list[list[Critique]]:
@@ -251,7 +272,11 @@ class Critic:
             critique_messages(r.question, r.steps, r.reference_solution if self.config.include_reference else None)
             for r in requests
         ]
-        texts = self._complete(messages, [seed + i for i in range(len(requests))])
+        regexes = [
+            guided_critique_regex(self.config.guided_reasoning_chars, len(r.steps)) if self.guided else None
+            for r in requests
+        ]
+        texts = self._complete(messages, [seed + i for i in range(len(requests))], regexes)
         return [
             [parse_critique(t, len(r.steps)) if t is not None else FAILED for t in per_request]
             for r, per_request in zip(requests, texts, strict=True)
@@ -276,18 +301,17 @@ class LocalCritic(Critic):
             sleep_mode=sleep_mode,
         )
 
-    def _complete(self, messages, seeds):
+    def _complete(self, messages, seeds, regexes):
         tokenizer = self.engine.tokenizer
         limit = self.config.max_model_len - self.config.sampling.max_tokens
         prompts = [chat_token_ids(tokenizer, m) for m in messages]
         fits = [i for i, p in enumerate(prompts) if len(p) <= limit]
         n = self.config.num_critiques
-        outputs = self.engine.generate(
-            [prompts[i] for i in fits], self.config.sampling, n=n, seeds=[seeds[i] for i in fits]
-        )
+        pick = lambda xs: [xs[i] for i in fits]  # noqa: E731
+        outputs = self.engine.generate(pick(prompts), self.config.sampling, n=n, seeds=pick(seeds), regex=pick(regexes))
         texts: list[list[str | None]] = [[None] * self.config.num_critiques for _ in prompts]
         for i, completions in zip(fits, outputs, strict=True):
-            texts[i] = [c.text if c.finish_reason == "stop" else None for c in completions]
+            texts[i] = [c.text for c in completions]  # a cut-off critique without its block parses as failed
         return texts
 
     def sleep(self) -> None:
@@ -316,7 +340,7 @@ class RemoteCritic(Critic):
     def _served_model(self) -> str:
         return self.client.models.list().data[0].id
 
-    def _one(self, messages: list[dict], seed: int) -> list[str | None]:
+    def _one(self, messages: list[dict], seed: int, regex: str | None) -> list[str | None]:
         s = self.config.sampling
         try:
             response = self.client.chat.completions.create(
@@ -328,16 +352,17 @@ class RemoteCritic(Critic):
                 max_tokens=s.max_tokens,
                 stop=list(s.stop) or None,
                 seed=seed,
+                extra_body={"structured_outputs": {"regex": regex}} if regex else None,
             )
         except Exception as err:  # network, HTTP and server errors alike: the critiques are failed ones
             logger.warning("remote critic request failed: %s", err)
             return [None] * self.config.num_critiques
-        texts: list[str | None] = [c.message.content if c.finish_reason == "stop" else None for c in response.choices]
+        texts: list[str | None] = [c.message.content for c in response.choices]
         return (texts + [None] * self.config.num_critiques)[: self.config.num_critiques]
 
-    def _complete(self, messages, seeds):
+    def _complete(self, messages, seeds, regexes):
         with ThreadPoolExecutor(max_workers=self.config.max_concurrency) as pool:
-            return list(pool.map(self._one, messages, seeds))
+            return list(pool.map(self._one, messages, seeds, regexes))
 
 
 CRITIC_BACKENDS = {"vllm": LocalCritic, "remote": RemoteCritic}

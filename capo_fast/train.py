@@ -1,39 +1,382 @@
-"""Entry point: `deepspeed capo_fast/train.py [--config configs/X.yaml]`.
+"""Entry point: `deepspeed capo_fast/train.py [--config configs/X.yaml] [--section.key=value ...]`.
 
-The pieces of a CAPO step that exist today are the fused loss ops (capo_fast.kernels), the outcome
-verifier (capo_fast.reward), critique parsing and voting (capo_fast.critique) and token credit
-(capo_fast.credit). The rollout engines and the DeepSpeed training loop that join them are not
-written yet, so this command says so instead of pretending to train.
+One step: rollouts (policy engine) -> outcome verifier, overlapping with GenPRM critiques -> votes
+and token credit -> group advantages -> PPO mini-epochs with the fused loss -> weights to the engine.
+With no arguments it runs the embedded default (config.py): SmolLM2-135M-Instruct on offline
+arithmetic, about ten minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import random
+import shutil
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
-MISSING = (
-    "capo_fast.rollout (vLLM rollout and critic engines, weight sync)",
-    "capo_fast.trainer (DeepSpeed engine, packing, PPO mini-epochs)",
-    "capo_fast.config and capo_fast.data (YAML configs, prompt datasets)",
+import torch
+import torch.distributed as dist
+
+from capo_fast.config import Config, ConfigError, load_config, to_dict
+from capo_fast.credit import (
+    CreditConfig,
+    RolloutSignals,
+    credit_metrics,
+    factored_advantages,
+    token_char_spans,
+    token_credit,
 )
+from capo_fast.critique import split_steps, vote
+from capo_fast.data import DataError, PromptSampler, encode_prompts, load_problems
+from capo_fast.metrics import MetricsLog, format_line
+from capo_fast.reward import OutcomeVerifier, outcome_metrics
+
+logger = logging.getLogger("capo_fast")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description="CAPO training (launch with the deepspeed launcher)")
     parser.add_argument("--config", type=Path, default=None, help="YAML run config (default: the embedded one)")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    return parser.parse_known_args(argv)[0]
+    args, rest = parser.parse_known_args(argv)
+    return args, rest
+
+
+def resolve_model(name: str) -> Path:
+    """`smollm2` and `tiny` are the models that ship offline; anything else is an HF folder."""
+    from capo_fast import local_models
+
+    if name == "smollm2":
+        return local_models.smollm2_instruct()
+    if name == "tiny":
+        return local_models.build_tiny_model(local_models.default_cache_dir() / "tiny-qwen2")
+    path = Path(name)
+    if not (path / "config.json").exists():
+        raise ConfigError(f"model.path: {name!r} is not an HF model folder (no config.json), nor smollm2 / tiny")
+    return path
+
+
+# ---- distributed helpers -----------------------------------------------------------------------------
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def all_sum(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def my_share(items: list, rank: int, world: int) -> list:
+    """A contiguous block per rank, so every rank keeps whole prompt groups."""
+    per = len(items) // world
+    return items[rank * per : (rank + 1) * per]
+
+
+@contextmanager
+def timed(times: dict[str, float], phase: str):
+    start = time.perf_counter()
+    yield
+    times[f"time/{phase}"] = times.get(f"time/{phase}", 0.0) + time.perf_counter() - start
+
+
+def sample_seed(base: int, step: int, position: int) -> int:
+    """One seed per (step, prompt): the same samples whatever the batch split or a resume."""
+    return (base * 1_000_003 + step * 100_003 + position) % (2**31 - 1)
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+
+
+class Run:
+    def __init__(self, config: Config):
+        from transformers import AutoTokenizer
+
+        from capo_fast.rollout import CRITIC_BACKENDS, VLLMEngine
+        from capo_fast.trainer import PolicyTrainer
+
+        self.config = c = config
+        self.rank, self.world = rank_and_world()
+        if c.trainer.prompts_per_step % self.world:
+            raise ConfigError(
+                f"trainer.prompts_per_step={c.trainer.prompts_per_step} is not a multiple of {self.world} ranks"
+            )
+        self.out = Path(c.logging.output_dir)
+        if self.rank == 0:
+            self.model_path = resolve_model(c.model.path)
+        if dist.is_initialized():
+            dist.barrier()
+        self.model_path = resolve_model(c.model.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+
+        d = c.data
+        self.train_set = load_problems(d.train, size=d.num_train, seed=d.seed)
+        eval_source = d.eval or (d.train if d.train.startswith("gym:") else "")
+        eval_seed = d.seed + 1_000_003
+        self.eval_set = load_problems(eval_source, size=d.num_eval, seed=eval_seed)[: d.num_eval] if eval_source else []
+        self.train_prompts = encode_prompts(self.tokenizer, self.train_set, d.system_prompt)
+        self.eval_prompts = encode_prompts(self.tokenizer, self.eval_set, d.system_prompt)
+        too_long = [i for i, p in enumerate(self.train_prompts) if len(p) > d.max_prompt_tokens]
+        if too_long:
+            raise DataError(
+                f"{d.train}: {len(too_long)} prompts exceed data.max_prompt_tokens, e.g. problem {too_long[0]}"
+            )
+        self.sampler = PromptSampler(len(self.train_set), c.trainer.seed)
+
+        self.trainer = PolicyTrainer(c, self.model_path)
+        r = c.rollout
+        self.policy = VLLMEngine(
+            self.model_path, dtype=c.model.dtype, seed=c.trainer.seed, tensor_parallel_size=r.tensor_parallel_size,
+            gpu_memory_utilization=r.gpu_memory_utilization, max_model_len=r.max_model_len,
+            enforce_eager=r.enforce_eager, sleep_level=2, sleep_mode=r.sleep_mode,
+        )  # fmt: skip
+        critic_model = c.critic.model or str(self.model_path)
+        if c.critic.backend == "vllm":
+            self.critic = CRITIC_BACKENDS["vllm"](
+                c.critic, critic_model, dtype=c.model.dtype, seed=c.trainer.seed, sleep_mode=r.sleep_mode
+            )
+        else:
+            self.critic = CRITIC_BACKENDS["remote"](c.critic, c.critic.model)
+        self.verifier = OutcomeVerifier(num_workers=1, timeout_s=c.algorithm.verifier_timeout_s)
+        self.credit_config = CreditConfig(
+            correct_reward=c.algorithm.correct_reward, penalty=c.algorithm.penalty,
+            format_weight=c.algorithm.format_weight, reward_mode=c.algorithm.reward_mode,
+        )  # fmt: skip
+        self.log = MetricsLog(
+            self.out, enabled=self.rank == 0, tensorboard=c.logging.tensorboard,
+            wandb_project=c.logging.wandb_project, config=to_dict(c),
+        )  # fmt: skip
+        self.step = 0
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def latest_checkpoint(self) -> str | None:
+        latest = self.checkpoint_dir / "latest"
+        return latest.read_text().strip() if latest.exists() else None
+
+    def save_checkpoint(self) -> None:
+        tag = f"step{self.step}"
+        state = {
+            "step": self.step,
+            "sampler": self.sampler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+        self.trainer.save(self.checkpoint_dir, tag, state)  # writes `latest` last, after every rank's shards
+        if self.rank == 0:
+            tags = sorted((p for p in self.checkpoint_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
+            for old in tags[: -self.config.checkpoint.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        if self.rank == 0:
+            logger.info("checkpoint %s written to %s", tag, self.checkpoint_dir)
+
+    def resume(self) -> None:
+        tag = self.latest_checkpoint()
+        if not (self.config.checkpoint.resume and tag):
+            return
+        state = self.trainer.load(self.checkpoint_dir, tag)
+        self.step = state["step"]
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        self.log.truncate_after(self.step)
+        if self.rank == 0:
+            print(f"resumed from {self.checkpoint_dir / tag} at step {self.step}", flush=True)
+
+    # ---- one step ------------------------------------------------------------------------------------
+
+    def sync_weights(self) -> float:
+        from capo_fast.rollout import model_weights
+
+        return self.policy.load_weights(model_weights(self.trainer.model))
+
+    def evaluate(self) -> float:
+        """Greedy accuracy on the held-out problems, over all ranks."""
+        from capo_fast.config import SamplingConfig
+
+        if not self.eval_set:
+            return float("nan")
+        indices = list(range(len(self.eval_set)))[self.rank :: self.world]
+        sampling = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=self.config.eval.max_tokens)
+        outputs = self.policy.generate([self.eval_prompts[i] for i in indices], sampling, n=1, seeds=indices)
+        scores = self.verifier.score([o[0].text for o in outputs], [self.eval_set[i].answer for i in indices])
+        correct, total = all_sum([sum(s.correct for s in scores), len(scores)])
+        return correct / max(total, 1)
+
+    def train_step(self) -> dict[str, float]:
+        from capo_fast.rollout import CritiqueRequest
+        from capo_fast.trainer import TrainSequence
+
+        c, times = self.config, {}
+        global_batch = self.sampler.next_batch(c.trainer.prompts_per_step)
+        positions = my_share(list(range(len(global_batch))), self.rank, self.world)
+        problems = [self.train_set[global_batch[p]] for p in positions]
+        prompts = [self.train_prompts[global_batch[p]] for p in positions]
+        n = c.rollout.n
+
+        with timed(times, "sync"):
+            self.sync_weights()
+        with timed(times, "rollout"):
+            seeds = [sample_seed(c.trainer.seed, self.step, p) for p in positions]
+            groups = self.policy.generate(prompts, c.rollout.sampling, n=n, seeds=seeds)
+            self.policy.sleep()
+        rollouts = [(i, comp) for i, group in enumerate(groups) for comp in group]
+        texts = [comp.text for _, comp in rollouts]
+        steps = [split_steps(t) for t in texts]
+
+        with timed(times, "critique"), ThreadPoolExecutor(1) as pool:  # the verifier runs meanwhile
+            verified = pool.submit(self.verifier.score, texts, [problems[i].answer for i, _ in rollouts])
+            requests = [
+                CritiqueRequest(problems[i].question, s, problems[i].reference_solution)
+                for (i, _), s in zip(rollouts, steps, strict=True)
+            ]
+            critiques = self.critic.critique(requests, seed=sample_seed(c.trainer.seed + 1, self.step, positions[0]))
+            self.critic.sleep()
+            scores = verified.result()
+
+        with timed(times, "credit"):
+            a = c.algorithm
+            votes = [vote(cr, len(s), a.voting, a.vote_threshold) for cr, s in zip(critiques, steps, strict=True)]
+            signals = [
+                RolloutSignals(
+                    score.correct, score.formatted,
+                    token_credit(st, v.weights, token_char_spans(self.tokenizer, comp.token_ids, comp.text)),
+                    judge_score=_judge_score(cr),
+                )
+                for (_, comp), score, st, v, cr in zip(rollouts, scores, steps, votes, critiques, strict=True)
+            ]  # fmt: skip
+            sequences = []
+            for g in range(len(groups)):
+                adv = factored_advantages(signals[g * n : (g + 1) * n], self.credit_config)
+                for j, comp in enumerate(groups[g]):
+                    sequences.append(
+                        TrainSequence(prompts[g], comp.token_ids, float(adv.rollout_advantages[j]), adv.group_penalty,
+                                      adv.credits[j])
+                    )  # fmt: skip
+
+        with timed(times, "logprobs"):
+            self.trainer.compute_logprobs(sequences)
+        with timed(times, "update"):
+            stats = self._ppo_epochs(sequences)
+
+        rewards = [self.credit_config.correct_reward * s.correct for s in scores]
+        local = {
+            **outcome_metrics(scores),
+            **credit_metrics([v.weights for v in votes], [v.num_valid for v in votes], c.critic.num_critiques),
+            "reward/mean": sum(rewards) / max(len(rewards), 1),
+            "response/length": sum(len(comp.token_ids) for _, comp in rollouts) / max(len(rollouts), 1),
+            "response/truncated": sum(comp.finish_reason == "length" for _, comp in rollouts) / max(len(rollouts), 1),
+        }
+        keys = sorted(local)
+        summed = all_sum([local[k] for k in keys] + [stats[k] for k in ("loss", "clipped", "entropy", "kl", "tokens")])
+        metrics = {k: v / self.world for k, v in zip(keys, summed, strict=False)}
+        loss, clipped, entropy, kl, tokens = summed[len(keys) :]
+        updates = c.algorithm.mini_epochs
+        metrics.update({
+            "actor/loss": loss / updates, "actor/clip_fraction": clipped / max(tokens, 1),
+            "actor/entropy": entropy / max(tokens, 1), "actor/kl": kl / max(tokens, 1), "actor/lr": self.trainer.lr,
+        })  # fmt: skip
+        metrics.update(times)
+        generated = all_sum([sum(len(comp.token_ids) for _, comp in rollouts)])[0]
+        metrics["perf/tokens_per_s"] = generated / max(times["time/rollout"], 1e-9)
+        return metrics
+
+    def _ppo_epochs(self, sequences) -> dict[str, float]:
+        c = self.config
+        totals = {"loss": 0.0, "clipped": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0}
+        order = torch.Generator().manual_seed(sample_seed(c.trainer.seed + 2, self.step, 0))
+        for _ in range(c.algorithm.mini_epochs):
+            shuffled = [sequences[i] for i in torch.randperm(len(sequences), generator=order).tolist()]
+            size = -(-len(shuffled) // c.trainer.mini_batches)
+            for b in range(c.trainer.mini_batches):
+                stats = self.trainer.train_mini_batch(shuffled[b * size : (b + 1) * size])
+                for k in totals:
+                    totals[k] += stats[k] / (c.trainer.mini_batches if k == "loss" else 1)
+        totals["tokens"] /= c.algorithm.mini_epochs
+        totals["clipped"] /= c.algorithm.mini_epochs
+        totals["entropy"] /= c.algorithm.mini_epochs
+        totals["kl"] /= c.algorithm.mini_epochs
+        return totals
+
+    # ---- the loop ------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        from tqdm import tqdm
+
+        c = self.config
+        self.resume()
+        if self.step == 0:
+            self.sync_weights()
+            self._report_eval("before training", self.evaluate())
+        bar = tqdm(total=c.trainer.steps, initial=self.step, desc="CAPO", disable=self.rank != 0, file=sys.stdout)
+        while self.step < c.trainer.steps:
+            metrics = self.train_step()
+            self.step += 1
+            if c.eval.every and self.step % c.eval.every == 0 and self.step < c.trainer.steps:
+                metrics["eval/accuracy"] = self.evaluate()
+            self.log.log(self.step, metrics)
+            if self.rank == 0:
+                bar.write(format_line(self.step, metrics))
+            bar.update(1)
+            if c.checkpoint.every and self.step % c.checkpoint.every == 0:
+                self.save_checkpoint()
+        bar.close()
+        self.sync_weights()
+        accuracy = self.evaluate()
+        self._report_eval("after training", accuracy)
+        self.log.log(self.step, {"eval/accuracy_final": accuracy})
+        if c.checkpoint.export:
+            self.trainer.export(self.out / "final", self.tokenizer)
+        if self.rank == 0:
+            print(f"logs: {self.log.path}  checkpoints: {self.checkpoint_dir}  final model: {self.out / 'final'}")
+        self.log.close()
+        self.verifier.close()
+
+    def _report_eval(self, when: str, accuracy: float) -> None:
+        if self.rank == 0:
+            print(f"eval accuracy {when}: {accuracy:.3f} on {len(self.eval_set)} held-out problems", flush=True)
+            self.log.log(self.step, {f"eval/accuracy_{when.split()[0]}": accuracy})
+
+
+def _judge_score(critiques) -> float:
+    """GenORM's r_m: mean over valid judgments of +1 (judged correct) and -1."""
+    judged = [cr.judgment for cr in critiques if cr.valid and cr.judgment is not None]
+    return sum(1.0 if j else -1.0 for j in judged) / len(judged) if judged else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.config is not None and not args.config.exists():
-        print(f"capo-fast: config file not found: {args.config}", file=sys.stderr)
+    args, overrides = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"capo-fast: {err}", file=sys.stderr)
         return 2
-    lines = "\n".join(f"  - {m}" for m in MISSING)
-    print(f"capo-fast: the training loop cannot run yet; these parts are still missing:\n{lines}", file=sys.stderr)
-    return 1
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.manual_seed(config.trainer.seed)
+    random.seed(config.trainer.seed)
+    try:
+        Run(config).run()
+    except (ConfigError, DataError) as err:
+        print(f"capo-fast: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

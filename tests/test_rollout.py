@@ -131,7 +131,7 @@ def test_remote_critic_against_vllm_serve(served_tiny_model, tiny_model_dir):
     )  # fmt: skip
     critic = RemoteCritic(config)
     assert critic.model == str(tiny_model_dir)
-    texts = critic._complete([[{"role": "user", "content": "hi"}]] * 2, [0, 1])
+    texts = critic._complete([[{"role": "user", "content": "hi"}]] * 2, [0, 1], [None, None])
     assert len(texts) == 2 and all(len(t) == 3 for t in texts)
     assert all(isinstance(t, str) for per in texts for t in per), "the server's answers did not come back"
     critiques = critic.critique(REQUESTS, seed=0)

@@ -1,0 +1,292 @@
+"""The DeepSpeed side of training: model, packing, log-probs, the fused policy loss, checkpoints.
+
+Sequences are packed padding-free into one row per micro-batch (flash-attn varlen through
+position_ids where it is installed, sdpa with a block-diagonal causal mask otherwise). The loss is
+`fused_linear_policy_loss` on the final hidden states of the response tokens and the lm_head weight:
+full [tokens, vocab] logits are never held.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from capo_fast.config import Config
+from capo_fast.kernels import fused_linear_logprobs, fused_linear_policy_loss
+from capo_fast.kernels.aggregation import aggregation_weights
+
+
+@dataclass
+class TrainSequence:
+    """One rollout as the trainer sees it. A_t = advantage - penalty * credit[t]."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    advantage: float
+    penalty: float
+    credit: torch.Tensor  # [len(response_ids)]
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    attention_mask: torch.Tensor | None  # [1, 1, T, T] bool for sdpa; None with flash-attn varlen
+    response_index: torch.Tensor  # [R] rows of T whose hidden state predicts a response token
+    labels: torch.Tensor  # [R]
+    seq_ids: torch.Tensor  # [R] index of each token's sequence in the packed list
+
+
+def pack(sequences: list[TrainSequence], *, block_mask: bool, device: torch.device) -> PackedBatch:
+    """Concatenates sequences into one row; position ids restart at 0 for every sequence."""
+    ids, positions, segments, index, labels, seq_ids = [], [], [], [], [], []
+    offset = 0
+    for s, seq in enumerate(sequences):
+        tokens = seq.prompt_ids + seq.response_ids
+        ids += tokens
+        positions += range(len(tokens))
+        segments += [s] * len(tokens)
+        start = offset + len(seq.prompt_ids) - 1  # hidden at t predicts token t + 1
+        index += range(start, start + len(seq.response_ids))
+        labels += seq.response_ids
+        seq_ids += [s] * len(seq.response_ids)
+        offset += len(tokens)
+    mask = None
+    if block_mask:
+        segment = torch.tensor(segments, device=device)
+        causal = torch.ones(offset, offset, dtype=torch.bool, device=device).tril()
+        mask = (causal & (segment[:, None] == segment[None, :]))[None, None]
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return PackedBatch(
+        as_long(ids)[None], as_long(positions)[None], mask, as_long(index), as_long(labels), as_long(seq_ids)
+    )
+
+
+def split_by_tokens(lengths: list[int], num_groups: int) -> list[list[int]]:
+    """Indices split into `num_groups` groups of similar token counts (longest first, into the lightest)."""
+    groups: list[list[int]] = [[] for _ in range(num_groups)]
+    loads = [0] * num_groups
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        g = loads.index(min(loads))
+        groups[g].append(i)
+        loads[g] += lengths[i]
+    return [sorted(g) for g in groups]
+
+
+def _all_reduce(values: list[float], op=None) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+class PolicyWithLoss(torch.nn.Module):
+    """The causal LM plus the fused head: hidden states of the response tokens meet the lm_head
+    weight inside this forward, so ZeRO-3 gathers that weight here (registered as external)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: PackedBatch, temperature: float, loss_args: dict | None = None):
+        hidden = self.model.base_model(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state[0]
+        hidden = hidden.index_select(0, batch.response_index)
+        weight = self.model.get_output_embeddings().weight
+        if loss_args is None:
+            return fused_linear_logprobs(hidden, weight, batch.labels, temperature=temperature, with_entropy=True)
+        return fused_linear_policy_loss(hidden, weight, batch.labels, temperature=temperature, **loss_args)
+
+
+def _flash_attn_usable() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def _cosine_with_warmup(total_steps: int, warmup: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def deepspeed_config(config: Config) -> dict:
+    t = config.trainer
+    ds = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,  # accumulation boundaries are set by hand per mini-batch
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": config.model.dtype == "bfloat16"},
+        "fp16": {"enabled": config.model.dtype == "float16"},
+        "steps_per_print": 1 << 30,
+    }
+    if t.offload_optimizer:
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay}}
+    if t.deepspeed_config:
+        ds.update(json.loads(Path(t.deepspeed_config).read_text()))
+    return ds
+
+
+class PolicyTrainer:
+    """Owns the DeepSpeed engine of the policy (and a frozen reference model when KL is on)."""
+
+    def __init__(self, config: Config, model_path: str | Path):
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        self.config = config
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        )
+        dtype = getattr(torch, config.model.dtype)
+        self.flash = _flash_attn_usable()
+        attn = "flash_attention_2" if self.flash else "sdpa"
+        zero3 = config.trainer.zero_stage == 3
+        ds_config = deepspeed_config(config)
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
+        if config.model.liger_patches and torch.cuda.is_available():
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+            _apply_liger_kernel_to_instance(
+                model, rms_norm=True, swiglu=True, rope=True, cross_entropy=False, fused_linear_cross_entropy=False
+            )
+        if config.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module = PolicyWithLoss(model)
+        if zero3:
+            deepspeed.zero.register_external_parameter(module, model.get_output_embeddings().weight)
+
+        t = config.trainer
+        total = t.steps * config.algorithm.mini_epochs * t.mini_batches
+        optimizer = None
+        if "optimizer" not in ds_config:
+            optimizer = torch.optim.AdamW(module.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        schedule = _cosine_with_warmup(total, t.warmup_steps, t.min_lr_ratio)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            model_parameters=module.parameters() if optimizer is None else None,
+            lr_scheduler=(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)),
+            config=ds_config,
+        )
+        self.reference = None
+        if config.algorithm.kl_coef > 0:
+            ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
+            self.reference = PolicyWithLoss(ref).to(self.device).eval().requires_grad_(False)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The HF model inside the engine (HF parameter names, what the rollout engine loads)."""
+        return self.engine.module.model
+
+    def _micro_batches(self, sequences: list[TrainSequence]) -> list[list[int]]:
+        """The same number of micro-batches on every rank (ZeRO reduces gradients in lockstep)."""
+        lengths = [len(s.prompt_ids) + len(s.response_ids) for s in sequences]
+        local = max(1, math.ceil(sum(lengths) / self.config.trainer.micro_batch_tokens))
+        count = int(_all_reduce([local], dist.ReduceOp.MAX)[0])
+        return split_by_tokens(lengths, count)
+
+    def _pack(self, sequences: list[TrainSequence]) -> PackedBatch:
+        return pack(sequences, block_mask=not self.flash, device=self.device)
+
+    @torch.no_grad()
+    def compute_logprobs(self, sequences: list[TrainSequence]) -> None:
+        """Fills old (and reference) log-probs of every response token, micro-batch by micro-batch."""
+        temperature = self.config.rollout.sampling.temperature or 1.0
+        for group in self._micro_batches(sequences):
+            batch = self._pack([sequences[i] for i in group] or [_PAD])
+            old, _ = self.engine(batch, temperature)
+            ref = self.reference(batch, temperature)[0] if self.reference is not None else None
+            for s, i in enumerate(group):
+                rows = batch.seq_ids == s
+                sequences[i].old_logprobs = old[rows].float().cpu()
+                if ref is not None:
+                    sequences[i].ref_logprobs = ref[rows].float().cpu()
+
+    def train_mini_batch(self, sequences: list[TrainSequence]) -> dict[str, float]:
+        """One optimizer step over this rank's part of a mini-batch; returns summed statistics."""
+        a, dev = self.config.algorithm, self.device
+        num_seqs = sum(1 for s in sequences if s.response_ids)
+        num_tokens = sum(len(s.response_ids) for s in sequences)
+        global_seqs, global_tokens = _all_reduce([num_seqs, num_tokens])
+        # DeepSpeed averages gradients over ranks; the weights already normalise globally.
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        groups = self._micro_batches(sequences)
+        stats = {"loss": 0.0, "clipped": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0}
+        for k, group in enumerate(groups):
+            chosen = [sequences[i] for i in group]
+            batch = self._pack(chosen or [_PAD])
+            mask = torch.ones_like(batch.labels, dtype=torch.float32) if chosen else torch.zeros(1, device=dev)
+            weights = aggregation_weights(
+                mask, batch.seq_ids, a.aggregation, global_num_tokens=max(global_tokens, 1.0),
+                global_num_seqs=max(global_seqs, 1.0), norm_length=float(self.config.rollout.sampling.max_tokens),
+            )  # fmt: skip
+            seqs = chosen or [_PAD]
+            cat = lambda f: torch.cat([f(s) for s in seqs]).to(dev)  # noqa: E731
+            loss_args = dict(
+                old_logprobs=cat(lambda s: s.old_logprobs),
+                advantages=cat(lambda s: torch.full((len(s.response_ids),), s.advantage)),
+                credit=cat(lambda s: s.credit.float()),
+                penalty=cat(lambda s: torch.full((len(s.response_ids),), s.penalty)),
+                ref_logprobs=cat(lambda s: s.ref_logprobs) if self.reference is not None else None,
+                loss_weights=weights * world,
+                eps_low=a.eps_low, eps_high=a.eps_high, dual_clip=a.dual_clip,
+                kl_coef=a.kl_coef, entropy_coef=a.entropy_coef,
+            )  # fmt: skip
+            self.engine.set_gradient_accumulation_boundary(k == len(groups) - 1)
+            out = self.engine(batch, self.config.rollout.sampling.temperature or 1.0, loss_args)
+            self.engine.backward(out.loss, scale_wrt_gas=False)
+            if chosen:
+                n = float(mask.sum())
+                stats["loss"] += out.loss.item() / world
+                stats["clipped"] += float((out.clipped > 0).sum())
+                stats["entropy"] += float(out.entropy.sum())
+                if self.reference is not None:
+                    delta = loss_args["ref_logprobs"] - out.logprobs.detach()
+                    stats["kl"] += float((delta.exp() - delta - 1).sum())
+                stats["tokens"] += n
+        self.engine.step()
+        return stats
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+
+    def save(self, directory: Path, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+
+    def load(self, directory: Path, tag: str) -> dict:
+        _, client_state = self.engine.load_checkpoint(str(directory), tag=tag)
+        return client_state or {}
+
+    def export(self, directory: Path, tokenizer) -> None:
+        """An HF model folder of the current policy (gathered from all ranks under ZeRO-3)."""
+        from capo_fast.rollout import model_weights
+
+        state = {name: t.cpu() for name, t in model_weights(self.model)}
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            self.model.save_pretrained(directory, state_dict=state)
+            tokenizer.save_pretrained(directory)
+
+
+# A rank with fewer sequences than micro-batches still runs a forward/backward (with zero weight).
+_PAD = TrainSequence(
+    prompt_ids=[0], response_ids=[0], advantage=0.0, penalty=0.0, credit=torch.zeros(1),
+    old_logprobs=torch.zeros(1), ref_logprobs=torch.zeros(1),
+)  # fmt: skip
