@@ -236,7 +236,10 @@ class PolicyTrainer:
                 global_num_seqs=max(global_seqs, 1.0), norm_length=float(self.config.rollout.sampling.max_tokens),
             )  # fmt: skip
             seqs = chosen or [_PAD]
-            cat = lambda f: torch.cat([f(s) for s in seqs]).to(dev)  # noqa: E731
+
+            def cat(field, seqs=seqs):
+                return torch.cat([field(s) for s in seqs]).to(dev)
+
             loss_args = dict(
                 old_logprobs=cat(lambda s: s.old_logprobs),
                 advantages=cat(lambda s: torch.full((len(s.response_ids),), s.advantage)),
