@@ -18,7 +18,8 @@ RESULTS = ROOT / "bench" / "results"
 def rows():
     for path in sorted(RESULTS.glob("*.json")):
         for b in json.loads(path.read_text())["benchmarks"]:
-            yield path.name, b  # the file name names the machine
+            if "provider" in b["params"]:  # the policy-loss suites; rollout results have their own files
+                yield path.name, b  # the file name names the machine
 
 
 def table() -> str:

@@ -63,7 +63,7 @@ class DataConfig:
     train: str = "gym:basic_arithmetic+gsm_symbolic"
     eval: str = ""  # empty: a held-out split generated with another seed (gym) or none (files)
     num_train: int = 2000  # size of generated task sets
-    num_eval: int = 64
+    num_eval: int = 32
     system_prompt: str = (
         "Solve the problem step by step. Separate steps with a blank line. Put the final answer in \\boxed{}."
     )
@@ -74,7 +74,7 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     n: int = 4  # rollouts per prompt
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=192))
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=128))
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.35
     max_model_len: int = 1024
@@ -92,8 +92,8 @@ class CriticConfig:
     # guided: decoding is constrained so the critique ends in the judgment and <incorrect_steps> lines
     # (small judges rarely keep the format on their own); free: the judge writes as it likes.
     answer_format: AnswerFormat = "guided"
-    guided_reasoning_chars: int = 400  # room for reasoning before the closing lines when guided
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=256))
+    guided_reasoning_chars: int = 200  # room for reasoning before the closing lines when guided
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=128))
     include_reference: bool = False
     gpu_memory_utilization: float = 0.35
     max_model_len: int = 2048
@@ -124,10 +124,10 @@ class AlgorithmConfig:
 
 @dataclass
 class TrainerConfig:
-    steps: int = 12
-    prompts_per_step: int = 8  # global, over all ranks
+    steps: int = 4
+    prompts_per_step: int = 4  # global, over all ranks
     mini_batches: int = 1  # optimizer steps per mini-epoch
-    micro_batch_tokens: int = 4096
+    micro_batch_tokens: int = 1024  # sdpa keeps [heads, T, T] scores per layer: keep T small on CPU
     lr: float = 2e-6
     min_lr_ratio: float = 0.1
     warmup_steps: int = 1
@@ -148,7 +148,7 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 4  # steps; 0 turns periodic checkpoints off
+    every: int = 2  # steps; 0 turns periodic checkpoints off
     keep: int = 2
     resume: bool = True  # continue from the newest checkpoint in output_dir
     export: bool = True  # HF model folder at the end
@@ -157,7 +157,7 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # steps; 0: only before and after training
-    max_tokens: int = 192
+    max_tokens: int = 128
 
 
 @dataclass
@@ -197,6 +197,11 @@ class Config:
         _check(t.lr > 0 and math.isfinite(t.lr), "trainer.lr", "must be a positive number")
         _check(0 <= t.min_lr_ratio <= 1, "trainer.min_lr_ratio", "must be in [0, 1]")
         _check(t.zero_stage in (0, 1, 2, 3), "trainer.zero_stage", "must be 0, 1, 2 or 3")
+        _check(
+            not t.deepspeed_config or Path(t.deepspeed_config).is_file(),
+            "trainer.deepspeed_config",
+            f"{t.deepspeed_config} does not exist (paths are relative to the working directory)",
+        )
         _check(self.data.num_eval >= 0, "data.num_eval", "must be >= 0")
         _check(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
         return self
@@ -316,8 +321,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
                 key = str(err).split(":", 1)[0]
                 line = lines.get(key) or lines.get(section)
                 raise ConfigError(f"{path}:{line}: {err}") from None
+    override_args: dict[str, str] = {}
     for arg in overrides:
         key, value = parse_override(arg)
+        override_args[key] = arg
         parsed = yaml.safe_load(value) if value else ""
         try:
             _assign(config, key.split("."), parsed, "")
@@ -327,6 +334,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         return config.validate()
     except ConfigError as err:
         key = str(err).split(":", 1)[0]
+        if key in override_args:
+            raise ConfigError(f"command line {override_args[key]!r}: {err}") from None
         if key in lines:
             raise ConfigError(f"{path}:{lines[key]}: {err}") from None
         raise ConfigError(f"{path or 'config'}: {err}") from None

@@ -85,6 +85,7 @@ class VLLMEngine:
         global _sleep_notice_given
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model must live in this process
         on_cuda = torch.cuda.is_available()
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         if not on_cuda:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
@@ -107,6 +108,9 @@ class VLLMEngine:
             enforce_eager=enforce_eager or not on_cuda,
             enable_sleep_mode=self.sleep_enabled,
             enable_prefix_caching=True,
+            # vLLM's CPU build cannot rewind a seeded request's generator when a chunked prefill
+            # discards a sample ("CPU Generator does not use offset"): prefill whole prompts there.
+            enable_chunked_prefill=on_cuda,
         )
         torch.set_num_threads(threads)  # vLLM's CPU worker lowers it for serving; training needs it back
         self.tokenizer = self.llm.get_tokenizer()

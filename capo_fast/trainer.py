@@ -134,9 +134,10 @@ def deepspeed_config(config: Config) -> dict:
     }
     if t.offload_optimizer:
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        ds["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay}}
     if t.deepspeed_config:
         ds.update(json.loads(Path(t.deepspeed_config).read_text()))
+    if "offload_optimizer" in ds["zero_optimization"]:  # ZeRO-Offload steps with DeepSpeed's CPU Adam
+        ds.setdefault("optimizer", {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay}})
     return ds
 
 
@@ -154,8 +155,8 @@ class PolicyTrainer:
         dtype = getattr(torch, config.model.dtype)
         self.flash = _flash_attn_usable()
         attn = "flash_attention_2" if self.flash else "sdpa"
-        zero3 = config.trainer.zero_stage == 3
         ds_config = deepspeed_config(config)
+        zero3 = ds_config["zero_optimization"].get("stage", 0) == 3
         with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
         if config.model.liger_patches and torch.cuda.is_available():
@@ -257,7 +258,7 @@ class PolicyTrainer:
                 n = float(mask.sum())
                 stats["loss"] += out.loss.item() / world
                 stats["clipped"] += float((out.clipped > 0).sum())
-                stats["entropy"] += float(out.entropy.sum())
+                stats["entropy"] += out.entropy.detach().sum().item()
                 if self.reference is not None:
                     delta = loss_args["ref_logprobs"] - out.logprobs.detach()
                     stats["kl"] += float((delta.exp() - delta - 1).sum())

@@ -1,0 +1,62 @@
+"""Run config: defaults, YAML with line numbers in errors, command-line overrides, shipped configs."""
+
+from pathlib import Path
+
+import pytest
+
+from capo_fast.config import Config, ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_valid():
+    config = load_config()
+    assert config == Config().validate()
+    assert config.algorithm.correct_reward == 2.0 and config.algorithm.penalty == 1.0
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    assert isinstance(load_config(path), Config)
+    assert path.read_text().startswith("#"), "a config names the command that runs it in its header"
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  path: tiny\nrollout:\n  n: 8\n  sampling: {temperature: 1.0, stop: ['</s>']}\n")
+    config = load_config(path, ["--rollout.n=4", "--trainer.lr=3e-6", "--critic.backend=remote",
+                                "--critic.url=http://127.0.0.1:8000/v1"])  # fmt: skip
+    assert config.model.path == "tiny" and config.rollout.n == 4 and config.trainer.lr == 3e-6
+    assert config.rollout.sampling.temperature == 1.0 and config.rollout.sampling.stop == ["</s>"]
+    assert config.critic.backend == "remote"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("trainer:\n  steps: 3\n  lr: fast\n", "run.yaml:3: trainer.lr: expected float, got 'fast'"),
+        ("algorithm:\n  voting: most\n", "run.yaml:2: algorithm.voting: 'most' is not one of"),
+        ("rollout:\n  sampling:\n    top_p: 1.5\n", "run.yaml:3: rollout.sampling.top_p: must be in (0, 1]"),
+        ("rollout:\n  n: 1\n", "run.yaml:2: rollout.n: group normalisation needs at least 2"),
+        ("trainer:\n  stepz: 3\n", "run.yaml:2: trainer.stepz: unknown key 'stepz'"),
+        ("trainer: 3\n", "run.yaml:1: trainer: expected a mapping"),
+        ("trainer:\n  steps: 2.5\n", "run.yaml:2: trainer.steps: expected int, got 2.5"),
+        ("critic:\n  num_critiques: 2\nalgorithm:\n  voting: greedy\n", "run.yaml:4: algorithm.voting: greedy needs"),
+        ("model: [\n", "not valid YAML"),
+    ],
+)
+def test_errors_name_file_line_and_key(tmp_path, text, expected):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert expected in str(err.value)
+
+
+def test_override_errors_name_the_argument():
+    with pytest.raises(ConfigError, match=r"'--trainer\.zero_stage=5'.*trainer\.zero_stage: must be"):
+        load_config(None, ["--trainer.zero_stage=5"])
+    with pytest.raises(ConfigError, match="expected --section.key=value"):
+        load_config(None, ["--trainer.steps"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("no/such.yaml")

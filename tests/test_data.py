@@ -1,0 +1,84 @@
+"""Prompt data: file loaders with row-level errors, offline generators, the resumable sampler."""
+
+import json
+
+import pytest
+
+from capo_fast.data import DataError, Problem, PromptSampler, encode_prompts, load_problems
+
+
+def test_jsonl_rows_and_aliases(tmp_path):
+    path = tmp_path / "train.jsonl"
+    rows = [{"question": "1+1?", "answer": 2}, {"problem": "2*3?", "gold": "6", "solution": "2*3=6"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    assert load_problems(str(path), size=0, seed=0) == [Problem("1+1?", "2"), Problem("2*3?", "6", "2*3=6")]
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"question": "x"', "train.jsonl:2: not valid JSON"),
+        ('{"question": "x"}', "train.jsonl:2: no answer"),
+        ('{"answer": "1"}', "train.jsonl:2: no question"),
+        ("[1, 2]", "train.jsonl:2: expected an object"),
+    ],
+)
+def test_bad_jsonl_row_names_file_and_line(tmp_path, line, message):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"question": "ok", "answer": "1"}\n' + line + "\n")
+    with pytest.raises(DataError, match=message):
+        load_problems(str(path), size=0, seed=0)
+
+
+def test_parquet_and_saved_dataset(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question": ["a", "b"], "answer": ["1", None]}), tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"t\.parquet: row 1: no answer"):
+        load_problems(str(tmp_path / "t.parquet"), size=0, seed=0)
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"question": ["q"], "answer": ["3"]}).save_to_disk(tmp_path / "saved")
+    assert load_problems(str(tmp_path / "saved"), size=0, seed=0) == [Problem("q", "3")]
+
+
+def test_unknown_sources_fail_clearly(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_problems(str(tmp_path / "missing.jsonl"), size=0, seed=0)
+    (tmp_path / "x.csv").write_text("q,a\n")
+    with pytest.raises(DataError, match="unknown format"):
+        load_problems(str(tmp_path / "x.csv"), size=0, seed=0)
+    with pytest.raises(DataError, match="gym:no_such_task"):
+        load_problems("gym:no_such_task", size=4, seed=0)
+
+
+def test_generated_tasks_are_deterministic_and_mixed():
+    a = load_problems("gym:basic_arithmetic+gsm_symbolic", size=6, seed=3)
+    b = load_problems("gym:basic_arithmetic+gsm_symbolic", size=6, seed=3)
+    c = load_problems("gym:basic_arithmetic+gsm_symbolic", size=6, seed=4)
+    assert a == b and a != c and len(a) == 6
+    assert a[0].question.startswith("Calculate") and not a[1].question.startswith("Calculate")
+    for p in a:
+        float(p.answer)  # numeric answers the verifier can compare
+
+
+def test_sampler_resumes_where_it_stopped():
+    full = PromptSampler(7, seed=1)
+    batches = [full.next_batch(3) for _ in range(5)]  # crosses epoch boundaries
+    assert sorted(batches[0] + batches[1] + batches[2][:1]) == list(range(7))
+    resumed = PromptSampler(7, seed=1)
+    first = PromptSampler(7, seed=1)
+    first.next_batch(3), first.next_batch(3)
+    resumed.load_state_dict(first.state_dict())
+    assert [resumed.next_batch(3) for _ in range(3)] == batches[2:]
+    with pytest.raises(DataError, match="different training set"):
+        PromptSampler(8, seed=1).load_state_dict(first.state_dict())
+
+
+def test_prompts_use_the_chat_template(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = encode_prompts(tokenizer, [Problem("What is 2 + 3?", "5")], "Be brief.")[0]
+    text = tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and text.endswith("<|im_start|>assistant\n")

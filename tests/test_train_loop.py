@@ -1,0 +1,78 @@
+"""The whole loop under the deepspeed launcher on CPU: logs, checkpoints, exact resume after kill -9."""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).parent.parent
+SMOKE = ROOT / "configs" / "cpu-smoke.yaml"
+
+
+def _port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _command(ranks: int, out: Path, *extra: str) -> list[str]:
+    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", _port(), str(ROOT / "capo_fast" / "train.py"),
+            "--config", str(SMOKE), f"--logging.output_dir={out}", *extra]  # fmt: skip
+
+
+def _run(ranks: int, out: Path, *extra: str) -> None:
+    result = subprocess.run(_command(ranks, out, *extra), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+def _steps(out: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "actor/loss" in r}
+
+
+def test_two_ranks_log_finite_losses_flag_steps_and_checkpoint(tmp_path):
+    _run(2, tmp_path)
+    steps = _steps(tmp_path)
+    assert sorted(steps) == [1, 2, 3]
+    for row in steps.values():
+        assert all(math.isfinite(v) for k, v in row.items() if isinstance(v, float)), row
+        assert row["response/length"] > 0 and row["time/rollout"] > 0
+    assert max(r["credit/flagged_step_rate"] for r in steps.values()) > 0
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step3"
+    assert (tmp_path / "final" / "config.json").exists() and (tmp_path / "final" / "tokenizer.json").exists()
+
+
+def _comparable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(("time/", "perf/"))}
+
+
+def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+    steps = ["--trainer.steps=4", "--checkpoint.every=1", "--checkpoint.keep=4"]
+    _run(1, tmp_path / "straight", *steps)
+    expected = _steps(tmp_path / "straight")
+
+    out = tmp_path / "killed"
+    run = subprocess.Popen(_command(1, out, *steps), cwd=ROOT, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while not (latest.exists() and latest.read_text().strip() == "step2"):
+        assert run.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
+        time.sleep(0.2)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+
+    _run(1, out, *steps)
+    resumed = _steps(out)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert _comparable(resumed[step]) == _comparable(expected[step])
