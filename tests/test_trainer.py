@@ -74,8 +74,9 @@ def test_packed_forward_equals_separate(tiny_model_dir):
 def test_logprobs_and_one_update_match_the_reference(single_rank, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    config = load_config(None, ["--model.path=tiny", "--trainer.micro_batch_tokens=64", "--trainer.lr=1e-3",
-                                "--algorithm.aggregation=token-mean", "--rollout.sampling.temperature=1.0"])  # fmt: skip
+    overrides = ["--model.path=tiny", "--trainer.micro_batch_tokens=64", "--trainer.lr=1e-3",
+                 "--algorithm.aggregation=token-mean", "--rollout.sampling.temperature=1.0"]  # fmt: skip
+    config = load_config(None, overrides)
     trainer = PolicyTrainer(config, tiny_model_dir)
     hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     seqs = _sequences(hf.config.vocab_size)
