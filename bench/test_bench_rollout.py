@@ -58,6 +58,4 @@ def test_weight_sync(benchmark, model):
     size = sum(p.numel() * p.element_size() for p in hf.parameters())
     benchmark.group = "weight-sync"
     benchmark.pedantic(lambda: engine.load_weights(model_weights(hf)), rounds=5, warmup_rounds=1)
-    benchmark.extra_info.update(
-        {"model": model, "bytes": size, "gb_per_s": size / benchmark.stats.stats.median / 1e9}
-    )
+    benchmark.extra_info.update({"model": model, "bytes": size, "gb_per_s": size / benchmark.stats.stats.median / 1e9})

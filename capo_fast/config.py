@@ -134,7 +134,8 @@ class TrainerConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     zero_stage: int = 2
-    offload_optimizer: bool = False
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU for the whole run
+    offload_states_while_generating: bool = True  # CUDA: free optimizer state while the engines generate
     deepspeed_config: str = ""  # JSON file whose keys override the generated DeepSpeed config
     seed: int = 0
 

@@ -227,6 +227,7 @@ class Run:
 
         with timed(times, "sync"):
             self.sync_weights()
+        self.trainer.offload_states()
         with timed(times, "rollout"):
             seeds = [sample_seed(c.trainer.seed, self.step, p) for p in positions]
             groups = self.policy.generate(prompts, c.rollout.sampling, n=n, seeds=seeds)
@@ -265,6 +266,7 @@ class Run:
                                       adv.credits[j])
                     )  # fmt: skip
 
+        self.trainer.reload_states()
         with timed(times, "logprobs"):
             self.trainer.compute_logprobs(sequences)
         with timed(times, "update"):

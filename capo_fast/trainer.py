@@ -184,10 +184,37 @@ class PolicyTrainer:
             lr_scheduler=(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)),
             config=ds_config,
         )
+        self._states_offloaded = False
         self.reference = None
         if config.algorithm.kl_coef > 0:
             ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
             self.reference = PolicyWithLoss(ref).to(self.device).eval().requires_grad_(False)
+
+    # ---- memory while the engines generate --------------------------------------------------------
+
+    def offload_states(self) -> None:
+        """Moves optimizer state, fp32 master weights and gradient buffers to the CPU (CUDA only);
+        the bf16 parameters stay, since the next weight sync reads them."""
+        if self._states_offloaded or not self._can_offload():
+            return
+        from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum as State
+
+        keep_on_gpu = {State.lp_params}
+        self.engine.offload_states(include=[s for s in State if s not in keep_on_gpu], non_blocking=True)
+        self._states_offloaded = True
+
+    def reload_states(self) -> None:
+        if self._states_offloaded:
+            self.engine.reload_states()
+            self._states_offloaded = False
+
+    def _can_offload(self) -> bool:
+        return (
+            self.config.trainer.offload_states_while_generating
+            and torch.cuda.is_available()
+            and not self.config.trainer.offload_optimizer
+            and hasattr(self.engine.optimizer, "offload_states")
+        )
 
     @property
     def model(self) -> torch.nn.Module:
