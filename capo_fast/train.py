@@ -138,12 +138,16 @@ class Run:
             gpu_memory_utilization=r.gpu_memory_utilization, max_model_len=r.max_model_len,
             enforce_eager=r.enforce_eager, sleep_level=2, sleep_mode=r.sleep_mode,
         )  # fmt: skip
-        critic_model = c.critic.model or str(self.model_path)
-        if c.critic.backend == "vllm":
+        # Only CAPO's token penalty and the GenORM reward read critiques: GRPO runs (P = 0) skip the judge.
+        a = c.algorithm
+        self.uses_critic = a.reward_mode == "genorm" or (a.reward_mode == "capo" and a.penalty > 0)
+        self.critic = None
+        if self.uses_critic and c.critic.backend == "vllm":
+            critic_model = c.critic.model or str(self.model_path)
             self.critic = CRITIC_BACKENDS["vllm"](
                 c.critic, critic_model, dtype=c.model.dtype, seed=c.trainer.seed, sleep_mode=r.sleep_mode
             )
-        else:
+        elif self.uses_critic:
             self.critic = CRITIC_BACKENDS["remote"](c.critic, c.critic.model)
         self.verifier = OutcomeVerifier(num_workers=1, timeout_s=c.algorithm.verifier_timeout_s)
         self.credit_config = CreditConfig(
@@ -242,8 +246,12 @@ class Run:
                 CritiqueRequest(problems[i].question, s, problems[i].reference_solution)
                 for (i, _), s in zip(rollouts, steps, strict=True)
             ]
-            critiques = self.critic.critique(requests, seed=sample_seed(c.trainer.seed + 1, self.step, positions[0]))
-            self.critic.sleep()
+            if self.critic is not None:
+                seed = sample_seed(c.trainer.seed + 1, self.step, positions[0])
+                critiques = self.critic.critique(requests, seed=seed)
+                self.critic.sleep()
+            else:
+                critiques = [[] for _ in requests]
             scores = verified.result()
 
         with timed(times, "credit"):
@@ -275,7 +283,9 @@ class Run:
         rewards = [self.credit_config.correct_reward * s.correct for s in scores]
         local = {
             **outcome_metrics(scores),
-            **credit_metrics([v.weights for v in votes], [v.num_valid for v in votes], c.critic.num_critiques),
+            **credit_metrics(
+                [v.weights for v in votes], [v.num_valid for v in votes], c.critic.num_critiques if self.critic else 0
+            ),
             "reward/mean": sum(rewards) / max(len(rewards), 1),
             "response/length": sum(len(comp.token_ids) for _, comp in rollouts) / max(len(rollouts), 1),
             "response/truncated": sum(comp.finish_reason == "length" for _, comp in rollouts) / max(len(rollouts), 1),
