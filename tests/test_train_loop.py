@@ -76,3 +76,10 @@ def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in (3, 4):
         assert _comparable(resumed[step]) == _comparable(expected[step])
+
+
+def test_grpo_baseline_runs_without_a_judge(tmp_path):
+    _run(1, tmp_path, "--algorithm.penalty=0", "--trainer.steps=1", "--checkpoint.every=0")
+    (row,) = _steps(tmp_path).values()
+    assert row["credit/flagged_step_rate"] == 0 and row["credit/failed_critique_rate"] == 0
+    assert math.isfinite(row["actor/loss"])
