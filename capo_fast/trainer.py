@@ -147,6 +147,7 @@ class PolicyTrainer:
     def __init__(self, config: Config, model_path: str | Path):
         import deepspeed
         from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
 
         self.config = config
         self.device = (
@@ -157,8 +158,11 @@ class PolicyTrainer:
         attn = "flash_attention_2" if self.flash else "sdpa"
         ds_config = deepspeed_config(config)
         zero3 = ds_config["zero_optimization"].get("stage", 0) == 3
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
+        # While an HfDeepSpeedConfig lives, from_pretrained loads straight into ZeRO-3 partitions; it is
+        # dropped right after, so later loads (the reference model, user code) get whole models.
+        hf_zero3 = HfDeepSpeedConfig(ds_config) if zero3 else None
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
+        del hf_zero3
         if config.model.liger_patches and torch.cuda.is_available():
             from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
