@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -257,18 +258,18 @@ class CritiqueRequest:
     reference_solution: str | None = None
 
 
-class Critic:
-    """N critiques per rollout from some chat model. Subclasses provide `_complete`."""
+class Critic(ABC):
+    """N critiques per rollout from some chat model. Backends provide `_complete`."""
 
     def __init__(self, config: CriticConfig):
         self.config = config
         self.guided = config.answer_format == "guided"
 
+    @abstractmethod
     def _complete(
         self, messages: list[list[dict]], seeds: list[int], regexes: list[str | None]
     ) -> list[list[str | None]]:
         """N completions per chat (constrained by its regex when there is one); None marks a failure."""
-        raise NotImplementedError
 
     def critique(self, requests: Sequence[CritiqueRequest], seed: int = 0) -> list[list[Critique]]:
         """Parsed critiques, N per request; a failed or unparsable one is `FAILED`, never an exception."""
@@ -286,7 +287,7 @@ class Critic:
             for r, per_request in zip(requests, texts, strict=True)
         ]
 
-    def sleep(self) -> None:
+    def sleep(self) -> None:  # noqa: B027 - most backends hold nothing to free
         """Frees what it can between critiques (a local engine's accelerator memory)."""
 
 

@@ -35,6 +35,7 @@ from capo_fast.critique import split_steps, vote
 from capo_fast.data import DataError, PromptSampler, encode_prompts, load_problems
 from capo_fast.metrics import MetricsLog, format_line
 from capo_fast.reward import OutcomeVerifier, outcome_metrics
+from capo_fast.trainer import all_reduce
 
 logger = logging.getLogger("capo_fast")
 
@@ -66,13 +67,6 @@ def resolve_model(name: str) -> Path:
 
 def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def all_sum(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
 
 
 def my_share(items: list, rank: int, world: int) -> list:
@@ -215,7 +209,7 @@ class Run:
         sampling = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=self.config.eval.max_tokens)
         outputs = self.policy.generate([self.eval_prompts[i] for i in indices], sampling, n=1, seeds=indices)
         scores = self.verifier.score([o[0].text for o in outputs], [self.eval_set[i].answer for i in indices])
-        correct, total = all_sum([sum(s.correct for s in scores), len(scores)])
+        correct, total = all_reduce([sum(s.correct for s in scores), len(scores)])
         return correct / max(total, 1)
 
     def train_step(self) -> dict[str, float]:
@@ -291,7 +285,8 @@ class Run:
             "response/truncated": sum(comp.finish_reason == "length" for _, comp in rollouts) / max(len(rollouts), 1),
         }
         keys = sorted(local)
-        summed = all_sum([local[k] for k in keys] + [stats[k] for k in ("loss", "clipped", "entropy", "kl", "tokens")])
+        stat_keys = ("loss", "clipped", "entropy", "kl", "tokens")
+        summed = all_reduce([local[k] for k in keys] + [stats[k] for k in stat_keys])
         metrics = {k: v / self.world for k, v in zip(keys, summed, strict=False)}
         loss, clipped, entropy, kl, tokens = summed[len(keys) :]
         updates = c.algorithm.mini_epochs
@@ -300,7 +295,7 @@ class Run:
             "actor/entropy": entropy / max(tokens, 1), "actor/kl": kl / max(tokens, 1), "actor/lr": self.trainer.lr,
         })  # fmt: skip
         metrics.update(times)
-        generated = all_sum([sum(len(comp.token_ids) for _, comp in rollouts)])[0]
+        generated = all_reduce([sum(len(comp.token_ids) for _, comp in rollouts)])[0]
         metrics["perf/tokens_per_s"] = generated / max(times["time/rollout"], 1e-9)
         return metrics
 

@@ -81,7 +81,8 @@ def split_by_tokens(lengths: list[int], num_groups: int) -> list[list[int]]:
     return [sorted(g) for g in groups]
 
 
-def _all_reduce(values: list[float], op=None) -> list[float]:
+def all_reduce(values: list[float], op=None) -> list[float]:
+    """Sums (or `op`s) a few floats over the ranks; a no-op in a single process."""
     tensor = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
@@ -229,7 +230,7 @@ class PolicyTrainer:
         """The same number of micro-batches on every rank (ZeRO reduces gradients in lockstep)."""
         lengths = [len(s.prompt_ids) + len(s.response_ids) for s in sequences]
         local = max(1, math.ceil(sum(lengths) / self.config.trainer.micro_batch_tokens))
-        count = int(_all_reduce([local], dist.ReduceOp.MAX)[0])
+        count = int(all_reduce([local], dist.ReduceOp.MAX)[0])
         return split_by_tokens(lengths, count)
 
     def _pack(self, sequences: list[TrainSequence]) -> PackedBatch:
@@ -254,7 +255,7 @@ class PolicyTrainer:
         a, dev = self.config.algorithm, self.device
         num_seqs = sum(1 for s in sequences if s.response_ids)
         num_tokens = sum(len(s.response_ids) for s in sequences)
-        global_seqs, global_tokens = _all_reduce([num_seqs, num_tokens])
+        global_seqs, global_tokens = all_reduce([num_seqs, num_tokens])
         # DeepSpeed averages gradients over ranks; the weights already normalise globally.
         world = dist.get_world_size() if dist.is_initialized() else 1
         groups = self._micro_batches(sequences)
