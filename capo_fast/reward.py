@@ -17,6 +17,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Literal
 
 Status = Literal["ok", "timeout", "error"]
+STARTUP_LIMIT_S = 300.0  # a worker importing math-verify on a loaded machine
 _BOXED = re.compile(r"\\boxed\s*\{")
 
 
@@ -60,6 +61,8 @@ def verify_answer(response: str, gold: str) -> float:
 
 def _worker_loop(conn: Connection) -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call with no timeout set
+    verify_answer("\\boxed{1}", "1")  # import math-verify and sympy before any item's clock starts
+    conn.send("ready")
     while True:
         job = conn.recv()
         if job is None:
@@ -77,6 +80,7 @@ class _Worker:
         self.process = ctx.Process(target=_worker_loop, args=(child,), daemon=True)
         self.process.start()
         child.close()
+        self.ready = False  # until its imports are done: start-up time never counts against an item
         self.job: int | None = None
         self.started = 0.0
 
@@ -125,12 +129,22 @@ class OutcomeVerifier:
         pending = list(range(len(responses)))[::-1]
         while pending or any(w.job is not None for w in self._workers):
             for w in self._workers:
-                if w.job is None and pending:
+                if w.ready and w.job is None and pending:
                     i = pending.pop()
                     w.submit(i, responses[i], golds[i])
             busy = [w for w in self._workers if w.job is not None]
-            deadline = min(w.started for w in busy) + self.timeout_s
-            ready = wait([w.conn for w in busy], timeout=max(0.0, deadline - time.monotonic()))
+            starting = [w for w in self._workers if not w.ready]
+            deadline = min(w.started for w in busy) + self.timeout_s if busy else None
+            timeout = max(0.0, deadline - time.monotonic()) if deadline is not None else STARTUP_LIMIT_S
+            ready = wait([w.conn for w in busy + starting], timeout=timeout)
+            if not ready and not busy:
+                raise RuntimeError(f"math-verify workers did not start within {STARTUP_LIMIT_S} s")
+            for w in starting:
+                if w.conn in ready:
+                    try:
+                        w.ready = w.conn.recv() == "ready"
+                    except EOFError:
+                        raise RuntimeError("a math-verify worker died while starting") from None
             for w in busy:
                 if w.conn in ready:
                     try:
