@@ -104,8 +104,8 @@ class Run:
                 f"trainer.prompts_per_step={c.trainer.prompts_per_step} is not a multiple of {self.world} ranks"
             )
         self.out = Path(c.logging.output_dir)
-        if self.rank == 0:
-            self.model_path = resolve_model(c.model.path)
+        if self.rank == 0:  # builds or converts an offline model once; the other ranks then find it cached
+            resolve_model(c.model.path)
         if dist.is_initialized():
             dist.barrier()
         self.model_path = resolve_model(c.model.path)
