@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from capo_fast.config import Config, ConfigError, load_config, to_dict
+from capo_fast.config import Config, ConfigError, SamplingConfig, load_config, to_dict
 from capo_fast.credit import (
     CreditConfig,
     RolloutSignals,
@@ -32,10 +32,11 @@ from capo_fast.credit import (
     token_credit,
 )
 from capo_fast.critique import split_steps, vote
-from capo_fast.data import DataError, PromptSampler, encode_prompts, load_problems
+from capo_fast.data import EVAL_SEED_OFFSET, DataError, PromptSampler, encode_prompts, load_problems
 from capo_fast.metrics import MetricsLog, format_line
 from capo_fast.reward import OutcomeVerifier, outcome_metrics
-from capo_fast.trainer import all_reduce
+from capo_fast.rollout import CRITIC_BACKENDS, CritiqueRequest, VLLMEngine, model_weights
+from capo_fast.trainer import PolicyTrainer, TrainSequence, all_reduce
 
 logger = logging.getLogger("capo_fast")
 
@@ -94,9 +95,6 @@ class Run:
     def __init__(self, config: Config):
         from transformers import AutoTokenizer
 
-        from capo_fast.rollout import CRITIC_BACKENDS, VLLMEngine
-        from capo_fast.trainer import PolicyTrainer
-
         self.config = c = config
         self.rank, self.world = rank_and_world()
         if c.trainer.prompts_per_step % self.world:
@@ -114,7 +112,7 @@ class Run:
         d = c.data
         self.train_set = load_problems(d.train, size=d.num_train, seed=d.seed)
         eval_source = d.eval or (d.train if d.train.startswith("gym:") else "")
-        eval_seed = d.seed + 1_000_003
+        eval_seed = d.seed + EVAL_SEED_OFFSET
         self.eval_set = load_problems(eval_source, size=d.num_eval, seed=eval_seed)[: d.num_eval] if eval_source else []
         self.train_prompts = encode_prompts(self.tokenizer, self.train_set, d.system_prompt)
         self.eval_prompts = encode_prompts(self.tokenizer, self.eval_set, d.system_prompt)
@@ -195,14 +193,10 @@ class Run:
     # ---- one step ------------------------------------------------------------------------------------
 
     def sync_weights(self) -> float:
-        from capo_fast.rollout import model_weights
-
         return self.policy.load_weights(model_weights(self.trainer.model))
 
     def evaluate(self) -> float:
         """Greedy accuracy on the held-out problems, over all ranks."""
-        from capo_fast.config import SamplingConfig
-
         if not self.eval_set:
             return float("nan")
         indices = list(range(len(self.eval_set)))[self.rank :: self.world]
@@ -213,9 +207,6 @@ class Run:
         return correct / max(total, 1)
 
     def train_step(self) -> dict[str, float]:
-        from capo_fast.rollout import CritiqueRequest
-        from capo_fast.trainer import TrainSequence
-
         c, times = self.config, {}
         global_batch = self.sampler.next_batch(c.trainer.prompts_per_step)
         positions = my_share(list(range(len(global_batch))), self.rank, self.world)
@@ -289,9 +280,8 @@ class Run:
         summed = all_reduce([local[k] for k in keys] + [stats[k] for k in stat_keys])
         metrics = {k: v / self.world for k, v in zip(keys, summed, strict=False)}
         loss, clipped, entropy, kl, tokens = summed[len(keys) :]
-        updates = c.algorithm.mini_epochs
         metrics.update({
-            "actor/loss": loss / updates, "actor/clip_fraction": clipped / max(tokens, 1),
+            "actor/loss": loss, "actor/clip_fraction": clipped / max(tokens, 1),
             "actor/entropy": entropy / max(tokens, 1), "actor/kl": kl / max(tokens, 1), "actor/lr": self.trainer.lr,
         })  # fmt: skip
         metrics.update(times)
@@ -310,11 +300,7 @@ class Run:
                 stats = self.trainer.train_mini_batch(shuffled[b * size : (b + 1) * size])
                 for k in totals:
                     totals[k] += stats[k] / (c.trainer.mini_batches if k == "loss" else 1)
-        totals["tokens"] /= c.algorithm.mini_epochs
-        totals["clipped"] /= c.algorithm.mini_epochs
-        totals["entropy"] /= c.algorithm.mini_epochs
-        totals["kl"] /= c.algorithm.mini_epochs
-        return totals
+        return {k: v / c.algorithm.mini_epochs for k, v in totals.items()}  # averages per mini-epoch
 
     # ---- the loop ------------------------------------------------------------------------------------
 
