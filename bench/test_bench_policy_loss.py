@@ -1,32 +1,28 @@
-"""Throughput of the policy loss: capo (fused) against eager torch, torch.compile and liger.
+"""Throughput of the policy loss over [N, V] logits: capo (fused) against eager torch, torch.compile, liger.
 
-    pytest bench/test_bench_policy_loss.py --benchmark-only --benchmark-json bench/results/<machine>.json
+    make bench ARGS="bench/test_bench_policy_loss.py --benchmark-json bench/results/<machine>.json"
 
-Sizes follow the device: on CUDA the realistic set (N 2k-16k tokens, V 32,000 and 151,936); on CPU a
-set that a 2-core machine finishes in minutes. extra_info carries bytes moved (two reads and one
-write of the logits for forward+backward), GB/s, and the peak memory above the inputs.
+`capo` is the default path (gradient in a new buffer), `capo_inplace` writes it over the logits.
+`floor` computes no loss: it reads the logits and, for forward+backward, copies them once more (two
+reads and one write, the traffic of the fused op), so its time is this machine's bandwidth bound. Sizes follow the
+device: on CUDA the realistic set in bf16, on CPU fp32 sizes a 2-core machine finishes in minutes.
 """
 
 from __future__ import annotations
 
-import os
-import threading
-import time
-
 import pytest
 import torch
+from measure import CUDA, DEVICE, PeakMemory, sync
 
 from capo_fast.kernels import fused_policy_loss, reference
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 SHAPES = (
     [(2048, 32_000), (8192, 32_000), (16384, 32_000), (2048, 151_936), (8192, 151_936)]
     if CUDA
-    else [(2048, 32_000), (512, 151_936)]
+    else [(4096, 32_000), (1024, 151_936)]
 )
-PROVIDERS = ["capo", "torch", "compile", "liger"]
+PROVIDERS = ["capo", "capo_inplace", "torch", "compile", "liger", "floor"]
 MODES = ["fwd", "full"]
 
 
@@ -45,14 +41,14 @@ _compiled_reference = None
 
 def loss_fn(provider, mode):
     """A callable(logits, labels, old, adv, credit) running one forward (and backward for `full`)."""
-    global _compiled_reference
     needs_grad = mode == "full"
 
-    def capo(logits, labels, old, adv, credit):
+    def capo(logits, labels, old, adv, credit, inplace=False):
         x = logits.requires_grad_(needs_grad)
-        out = fused_policy_loss(x, labels, old, adv, credit=credit, penalty=0.5, inplace_backward=True)
+        out = fused_policy_loss(x, labels, old, adv, credit=credit, penalty=0.5, inplace_backward=inplace)
         if needs_grad:
             out.loss.backward()
+            x.grad = None
         return out.loss
 
     def torch_eager(logits, labels, old, adv, credit, fn=reference.policy_loss):
@@ -74,63 +70,31 @@ def loss_fn(provider, mode):
         # One sequence of n - 1 tokens: liger reads L + 1 logit rows and takes per-sequence advantages.
         n = logits.shape[0]
         x = logits.view(1, n, -1).requires_grad_(needs_grad)
-        loss = triton_grpo_loss(
-            x,
-            old[None, 1:],
-            None,
-            labels[None, 1:],
-            adv[:1],
-            beta=0.0,
-            temperature=1.0,
-            inplace=True,
-            loss_type="grpo",
-            reduce=True,
-        )[0]
+        loss = triton_grpo_loss(x, old[None, 1:], None, labels[None, 1:], adv[:1], beta=0.0, temperature=1.0,
+                                inplace=True, loss_type="grpo", reduce=True)[0]  # fmt: skip
         if needs_grad:
             loss.backward()
         return loss
 
-    return {"capo": capo, "torch": torch_eager, "compile": compiled, "liger": liger}[provider]
+    return {
+        "capo": capo,
+        "capo_inplace": lambda *a: capo(*a, inplace=True),
+        "torch": torch_eager,
+        "compile": compiled,
+        "liger": liger,
+    }[provider]
 
 
-class PeakMemory:
-    """Peak memory above the starting point while the block runs (CUDA allocator, or sampled RSS on CPU)."""
+def floor_fn(mode, logits):
+    """One read (fwd) or two reads and one write (full) of the logits, nothing else."""
+    out = torch.empty_like(logits)
 
-    def __enter__(self):
-        if CUDA:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            self.base = self.peak = _rss()
-            self.running = True
-            self.thread = threading.Thread(target=self._sample, daemon=True)
-            self.thread.start()
-        return self
+    def move(logits, *unused):
+        logits.sum()
+        if mode == "full":
+            out.copy_(logits)
 
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.0005)
-
-    def __exit__(self, *exc):
-        if CUDA:
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self.running = False
-            self.thread.join()
-        self.extra_bytes = self.peak - self.base
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def sync():
-    if CUDA:
-        torch.cuda.synchronize()
+    return move
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -140,8 +104,11 @@ def test_policy_loss(benchmark, shape, provider, mode):
     if provider == "liger" and not CUDA:
         pytest.skip("liger's Triton GRPO kernel needs CUDA (the interpreter is not a benchmark)")
     n, v = shape
+    benchmark.group = f"policy_loss {mode} N={n} V={v} {str(DTYPE).removeprefix('torch.')} {DEVICE}"
+    logits_bytes = n * v * torch.empty((), dtype=DTYPE).element_size()
+    accesses = 3 if mode == "full" else 1  # full: read twice, write the gradient once
     inputs = make_inputs(n, v)
-    fn = loss_fn(provider, mode)
+    fn = floor_fn(mode, inputs[0]) if provider == "floor" else loss_fn(provider, mode)
 
     def run():
         fn(*inputs)
@@ -150,16 +117,13 @@ def test_policy_loss(benchmark, shape, provider, mode):
     run()  # warm-up: compilation, autotuning, allocator
     with PeakMemory() as mem:
         run()
-    benchmark.group = f"policy_loss {mode} N={n} V={v} {str(DTYPE).removeprefix('torch.')} {DEVICE}"
     benchmark.pedantic(run, rounds=5 if CUDA else 3, iterations=1, warmup_rounds=1)
-    logits_bytes = n * v * inputs[0].element_size()
-    moved = logits_bytes * (3 if mode == "full" else 1)  # full: read twice, write the gradient once
     seconds = benchmark.stats.stats.median
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if CUDA else "cpu",
         logits_bytes=logits_bytes,
-        bytes_moved=moved,
-        gb_per_s=moved / seconds / 1e9,
+        bytes_moved=accesses * logits_bytes,
+        gb_per_s=accesses * logits_bytes / seconds / 1e9,
         peak_extra_bytes=mem.extra_bytes,
         peak_extra_over_logits=mem.extra_bytes / logits_bytes,
         threads=torch.get_num_threads(),

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from capo_fast.config import Config
-from capo_fast.kernels import fused_linear_logprobs, fused_linear_policy_loss
+from capo_fast.kernels import PolicyLossOptions, fused_linear_logprobs, fused_linear_policy_loss
 from capo_fast.kernels.aggregation import aggregation_weights
 
 
@@ -105,7 +105,7 @@ class PolicyWithLoss(torch.nn.Module):
         weight = self.model.get_output_embeddings().weight
         if loss_args is None:
             return fused_linear_logprobs(hidden, weight, batch.labels, temperature=temperature, with_entropy=True)
-        return fused_linear_policy_loss(hidden, weight, batch.labels, temperature=temperature, **loss_args)
+        return fused_linear_policy_loss(hidden, weight, batch.labels, **loss_args)
 
 
 def _flash_attn_usable() -> bool:
@@ -259,6 +259,10 @@ class PolicyTrainer:
         # DeepSpeed averages gradients over ranks; the weights already normalise globally.
         world = dist.get_world_size() if dist.is_initialized() else 1
         groups = self._micro_batches(sequences)
+        options = PolicyLossOptions(
+            temperature=self.config.rollout.sampling.temperature or 1.0, eps_low=a.eps_low, eps_high=a.eps_high,
+            dual_clip=a.dual_clip, kl_coef=a.kl_coef, entropy_coef=a.entropy_coef,
+        )  # fmt: skip
         stats = {"loss": 0.0, "clipped": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0}
         for k, group in enumerate(groups):
             chosen = [sequences[i] for i in group]
@@ -280,11 +284,10 @@ class PolicyTrainer:
                 penalty=cat(lambda s: torch.full((len(s.response_ids),), s.penalty)),
                 ref_logprobs=cat(lambda s: s.ref_logprobs) if self.reference is not None else None,
                 loss_weights=weights * world,
-                eps_low=a.eps_low, eps_high=a.eps_high, dual_clip=a.dual_clip,
-                kl_coef=a.kl_coef, entropy_coef=a.entropy_coef,
+                options=options,
             )  # fmt: skip
             self.engine.set_gradient_accumulation_boundary(k == len(groups) - 1)
-            out = self.engine(batch, self.config.rollout.sampling.temperature or 1.0, loss_args)
+            out = self.engine(batch, options.temperature, loss_args)
             self.engine.backward(out.loss, scale_wrt_gas=False)
             if chosen:
                 n = float(mask.sum())

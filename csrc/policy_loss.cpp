@@ -1,49 +1,66 @@
 // CPU implementation of the capo policy-loss ops.
 //
-// Each row (token) of the logits is processed by one thread: a pass for the row maximum, a pass for
-// the softmax statistics (sum of exp and the shifted first moment, which give log-sum-exp and
-// entropy), then the per-token PPO terms, and, when a gradient is asked for, one more pass that
-// writes d(loss)/d(logits) either into a new buffer or over the logits themselves.
-// The math mirrors kernels/policy_loss.py (Triton) and capo_fast.kernels.reference.
+// Each row (token) of the logits is processed by one thread in vectorised sweeps over the vocabulary
+// (ATen's at::vec::Vectorized, compiled for AVX2 on x86-64: see setup.py):
+//   forward:  row maximum, then the softmax statistics (sum of exp and the shifted first moment, which
+//             give log-sum-exp and entropy), then the per-token PPO terms;
+//   backward: one sweep that writes d(loss)/d(logits) from the saved log-sum-exp and entropy.
+// A row is re-read from cache within a sweep, so the default path moves two reads and one write of
+// the logits through memory, the in-place path (gradient written over the logits in forward) one of
+// each. The math mirrors kernels/policy_loss.py (Triton) and capo_fast.kernels.reference.
 
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
+#include <string>
 #include <tuple>
 
 namespace capo {
 namespace {
 
+using fVec = at::vec::Vectorized<float>;
+
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLogRatioClamp = 20.0f;  // keeps exp(logp - old) finite, as the Python paths do
+constexpr int64_t kStep = 2 * fVec::size();  // elements per loop iteration: two float vectors
 
-// exp(x) for x in float, written so the compiler vectorises loops that call it (std::exp does not
-// vectorise without -ffast-math). Cody-Waite range reduction and the Cephes expf polynomial;
-// relative error about 2 ulp. Callers handle x = -inf themselves.
-inline float vec_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+// Two float vectors from kStep elements of any floating type (bf16/fp16 are widened exactly).
+template <typename scalar_t>
+inline void load2(const scalar_t* p, fVec& a, fVec& b) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    a = fVec::loadu(p);
+    b = fVec::loadu(p + fVec::size());
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    a = fVec(0.0f);  // double logits take the scalar path (kStep is never used for them)
+    b = a;
+  } else {
+    at::vec::load_to_float<scalar_t>(p, a, b);
+  }
+}
+
+template <typename scalar_t>
+inline void store2(scalar_t* p, const fVec& a, const fVec& b) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    a.store(p);
+    b.store(p + fVec::size());
+  } else if constexpr (!std::is_same_v<scalar_t, double>) {
+    at::vec::convert_from_float<scalar_t>(a, b).store(p);
+  }
+}
+
+// Double logits are a test convenience, not a fast path: no vector sweep for them.
+template <typename scalar_t>
+constexpr int64_t vector_end(int64_t V) {
+  return std::is_same_v<scalar_t, double> ? 0 : V - V % kStep;
 }
 
 struct RowStats {
@@ -53,59 +70,82 @@ struct RowStats {
 
 template <typename scalar_t>
 RowStats row_stats(const scalar_t* z, int64_t V, float inv_t) {
-  float m = kNegInf;
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < V; ++j) {
-    m = std::max(m, static_cast<float>(z[j]) * inv_t);
+  const int64_t vend = vector_end<scalar_t>(V);
+  fVec m0(kNegInf), m1(kNegInf);
+  for (int64_t j = 0; j < vend; j += kStep) {
+    fVec a, b;
+    load2(z + j, a, b);
+    m0 = at::vec::maximum(m0, a);
+    m1 = at::vec::maximum(m1, b);
   }
-  if (m == kNegInf) {  // every logit is -inf: an empty distribution
-    return {kNegInf, 0.0f};
-  }
-  // s = sum exp(z - m); t = sum exp(z - m) * (z - m). Shifting by m keeps t small, so
-  // entropy = log s - t / s does not cancel catastrophically for large logits. Blocks are summed
-  // in float (vectorised) and the block sums in double, so the error does not grow with V.
-  constexpr int64_t kBlock = 1024;
-  double s_total = 0.0;
-  double t_total = 0.0;
-  for (int64_t b = 0; b < V; b += kBlock) {
-    const int64_t b_end = std::min(V, b + kBlock);
-    float s = 0.0f;
-    float t = 0.0f;
-#pragma omp simd reduction(+ : s, t)
-    for (int64_t j = b; j < b_end; ++j) {
-      const float u = static_cast<float>(z[j]) * inv_t - m;
-      const bool finite = u != kNegInf;
-      const float e = finite ? vec_exp(u) : 0.0f;
-      s += e;
-      t += finite ? e * u : 0.0f;
+  float m = at::vec::vec_reduce_all<float>([](fVec x, fVec y) { return at::vec::maximum(x, y); },
+                                           at::vec::maximum(m0, m1));
+  for (int64_t j = vend; j < V; ++j) m = std::max(m, static_cast<float>(z[j]));
+  if (m == kNegInf) return {kNegInf, 0.0f};  // every logit is -inf: an empty distribution
+  m *= inv_t;
+
+  // s = sum exp(u), t = sum exp(u) * u with u = z/T - m <= 0. Shifting by m keeps t small, so
+  // entropy = log s - t / s does not cancel for large logits. exp_u20 maps u < log(FLT_MIN) (-inf
+  // included) to 0; u is clamped from below so exp(u) * u is 0, not NaN, there. Vector partial sums
+  // are flushed to double every kFlush elements, so the rounding error does not grow with V.
+  constexpr int64_t kFlush = 4096;
+  const fVec vinv_t(inv_t), vm(m), vfloor(-1e4f), vzero(0.0f);
+  double s_total = 0.0, t_total = 0.0;
+  for (int64_t b0 = 0; b0 < vend; b0 += kFlush) {
+    const int64_t b1 = std::min(vend, b0 + kFlush);
+    fVec s(0.0f), t(0.0f);
+    for (int64_t j = b0; j < b1; j += kStep) {
+      fVec a, b;
+      load2(z + j, a, b);
+      const fVec ua = at::vec::maximum(at::vec::fmsub(a, vinv_t, vm), vfloor);
+      const fVec ub = at::vec::maximum(at::vec::fmsub(b, vinv_t, vm), vfloor);
+      const fVec ea = ua.exp_u20(), eb = ub.exp_u20();
+      s = s + ea + eb;
+      t = at::vec::fmadd(ea, ua, at::vec::fmadd(eb, ub, t));
     }
-    s_total += s;
-    t_total += t;
+    s_total += at::vec::vec_reduce_all<float>(std::plus<fVec>(), s);
+    t_total += at::vec::vec_reduce_all<float>(std::plus<fVec>(), t);
   }
-  const float s = static_cast<float>(s_total);
-  const float t = static_cast<float>(t_total);
-  const float log_s = std::log(s);
-  return {m + log_s, log_s - t / s};
+  for (int64_t j = vend; j < V; ++j) {
+    const float u = static_cast<float>(z[j]) * inv_t - m;
+    if (u == kNegInf) continue;
+    const float e = std::exp(u);
+    s_total += e;
+    t_total += static_cast<double>(e) * u;
+  }
+  const double log_s = std::log(s_total);
+  return {static_cast<float>(m + log_s), static_cast<float>(log_s - t_total / s_total)};
 }
 
-// Writes g_label * onehot(label) - g_logp * p + g_ent * p * (log p + H), times 1/T, for one row.
+// Writes d/dz of (g_lp * logp_label + g_h * H) for one row:
+//   g_j = (g_lp * ([j == label] - p_j) - g_h * p_j * (log p_j + H)) / T.
 template <typename scalar_t>
-void row_grad(scalar_t* out, const scalar_t* z, int64_t V, int64_t label, float inv_t, RowStats st,
-              float g_logp, float g_ent) {
-  const float a = g_logp * inv_t;
-  const float b = g_ent * inv_t;
-#pragma omp simd
-  for (int64_t j = 0; j < V; ++j) {
+void row_grad(scalar_t* out, const scalar_t* z, int64_t V, int64_t label, float inv_t, RowStats st, float g_lp,
+              float g_h) {
+  if (st.lse == kNegInf) {  // a row of -inf logits has no distribution and no gradient
+    std::fill(out, out + V, static_cast<scalar_t>(0.0f));
+    return;
+  }
+  const int64_t vend = vector_end<scalar_t>(V);
+  const float a = g_lp * inv_t;
+  const float b = g_h * inv_t;
+  const fVec vinv_t(inv_t), vlse(st.lse), vneg_a(-a), vneg_b(-b), vent(st.entropy), vfloor(-1e4f);
+  // p * (-a - b * (logp + H)); logp is clamped like u above so -inf logits give exactly 0.
+  auto grad = [&](fVec x) {
+    const fVec logp = at::vec::maximum(at::vec::fmsub(x, vinv_t, vlse), vfloor);
+    return logp.exp_u20() * at::vec::fmadd(vneg_b, logp + vent, vneg_a);
+  };
+  for (int64_t j = 0; j < vend; j += kStep) {
+    fVec x0, x1;
+    load2(z + j, x0, x1);
+    store2(out + j, grad(x0), grad(x1));
+  }
+  for (int64_t j = vend; j < V; ++j) {
     const float zj = static_cast<float>(z[j]) * inv_t;
-    const bool finite = zj != kNegInf;  // -inf logits (and rows of nothing else) get no gradient
-    const float logp_j = zj - st.lse;
-    const float p = finite ? vec_exp(logp_j) : 0.0f;
-    const float g = finite ? p * (b * (logp_j + st.entropy) - a) : 0.0f;
-    out[j] = static_cast<scalar_t>(g);
+    const float logp = zj - st.lse;
+    out[j] = static_cast<scalar_t>(zj == kNegInf ? 0.0f : std::exp(logp) * (-a - b * (logp + st.entropy)));
   }
-  if (label >= 0) {
-    out[label] = static_cast<scalar_t>(static_cast<float>(out[label]) + a);
-  }
+  if (label >= 0) out[label] = static_cast<scalar_t>(static_cast<float>(out[label]) + a);
 }
 
 struct LossOptions {
@@ -117,9 +157,15 @@ struct LossOptions {
   float entropy_coef;
 };
 
-// Per-token PPO terms; returns the token loss and writes d(token loss)/d(logp) and the clip code.
-inline float token_loss(float logp, float entropy, float old_logp, float adv, const float* ref_logp,
-                        const LossOptions& o, float* dloss_dlogp, int8_t* clip_code) {
+struct TokenLoss {
+  float loss;
+  float dloss_dlogp;
+  int8_t clip_code;
+};
+
+// Per-token PPO terms of one token with advantage `adv`.
+inline TokenLoss token_loss(float logp, float entropy, float old_logp, float adv, const float* ref_logp,
+                            const LossOptions& o) {
   const float raw_log_ratio = logp - old_logp;
   const float log_ratio = std::min(std::max(raw_log_ratio, -kLogRatioClamp), kLogRatioClamp);
   const float ratio = std::exp(log_ratio);
@@ -127,28 +173,23 @@ inline float token_loss(float logp, float entropy, float old_logp, float adv, co
   const float pg_clipped = -adv * std::min(std::max(ratio, 1.0f - o.eps_low), 1.0f + o.eps_high);
   const bool clipped = pg_clipped > pg_unclipped;
   const bool ratio_live = raw_log_ratio == log_ratio;
-  float loss = clipped ? pg_clipped : pg_unclipped;
-  float grad = (clipped || !ratio_live) ? 0.0f : -adv * ratio;
-  int8_t code = clipped ? (adv < 0.0f ? 1 : 2) : 0;
-  if (o.dual_clip > 1.0f && adv < 0.0f && -adv * o.dual_clip < loss) {
-    loss = -adv * o.dual_clip;
-    grad = 0.0f;
-    code = 3;
+  TokenLoss r{clipped ? pg_clipped : pg_unclipped, (clipped || !ratio_live) ? 0.0f : -adv * ratio,
+              static_cast<int8_t>(clipped ? (adv < 0.0f ? 1 : 2) : 0)};
+  if (o.dual_clip > 1.0f && adv < 0.0f && -adv * o.dual_clip < r.loss) {
+    r = {-adv * o.dual_clip, 0.0f, 3};
   }
   if (ref_logp != nullptr) {  // k3 estimator of KL(pi || ref)
     const float d = *ref_logp - logp;
     const float ed = std::exp(d);
-    loss += o.kl_coef * (ed - d - 1.0f);
-    grad += o.kl_coef * (1.0f - ed);
+    r.loss += o.kl_coef * (ed - d - 1.0f);
+    r.dloss_dlogp += o.kl_coef * (1.0f - ed);
   }
-  loss -= o.entropy_coef * entropy;
-  *dloss_dlogp = grad;
-  *clip_code = code;
-  return loss;
+  r.loss -= o.entropy_coef * entropy;
+  return r;
 }
 
-float* opt_ptr(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<float>() : nullptr;
+const float* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<float>() : nullptr;
 }
 
 void check_inputs(const at::Tensor& logits, const at::Tensor& labels) {
@@ -169,15 +210,24 @@ std::optional<at::Tensor> as_f32(const std::optional<at::Tensor>& t, int64_t n, 
   return as_f32(*t, n, name);
 }
 
-// Shared by the functional op and the in-place one: grad_out may alias logits.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_impl(
-    const at::Tensor& logits, const at::Tensor& labels_in, const at::Tensor& old_in,
-    const at::Tensor& adv_in, const std::optional<at::Tensor>& credit_in,
-    const std::optional<at::Tensor>& penalty_in, const std::optional<at::Tensor>& ref_in,
-    const at::Tensor& weights_in, const LossOptions& opts, at::Tensor* grad_out) {
+LossOptions make_options(double temperature, double eps_low, double eps_high, double dual_clip, double kl_coef,
+                         double entropy_coef) {
+  TORCH_CHECK(temperature > 0.0, "capo: temperature must be > 0, got ", temperature);
+  return {static_cast<float>(1.0 / temperature), static_cast<float>(eps_low), static_cast<float>(eps_high),
+          static_cast<float>(dual_clip), static_cast<float>(kl_coef), static_cast<float>(entropy_coef)};
+}
+
+struct LossOutputs {
+  at::Tensor loss, logprobs, entropy, clip, lse, dloss_dlogp, dloss_dentropy;
+};
+
+// Shared by the functional op (no gradient sweep) and the in-place one (gradient over the logits).
+LossOutputs policy_loss_impl(const at::Tensor& logits, const at::Tensor& labels_in, const at::Tensor& old_in,
+                             const at::Tensor& adv_in, const std::optional<at::Tensor>& credit_in,
+                             const std::optional<at::Tensor>& penalty_in, const std::optional<at::Tensor>& ref_in,
+                             const at::Tensor& weights_in, const LossOptions& opts, bool write_grad) {
   check_inputs(logits, labels_in);
-  TORCH_CHECK(credit_in.has_value() == penalty_in.has_value(),
-              "capo: credit and penalty must be given together");
+  TORCH_CHECK(credit_in.has_value() == penalty_in.has_value(), "capo: credit and penalty must be given together");
   const int64_t N = logits.size(0);
   const int64_t V = logits.size(1);
   const auto labels = labels_in.to(at::kLong).contiguous();
@@ -187,130 +237,173 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_impl(
   const auto penalty = as_f32(penalty_in, N, "penalty");
   const auto ref = as_f32(ref_in, N, "ref_logprobs");
   const auto weights = as_f32(weights_in, N, "loss_weights");
-  auto f32 = logits.options().dtype(at::kFloat);
+  const auto f32 = logits.options().dtype(at::kFloat);
+  LossOutputs out{at::Tensor(),     at::empty({N}, f32), at::empty({N}, f32), at::empty({N}, f32.dtype(at::kChar)),
+                  at::empty({N}, f32), at::empty({N}, f32), at::empty({N}, f32)};
   auto token_losses = at::empty({N}, f32);
-  auto logprobs = at::empty({N}, f32);
-  auto entropy = at::empty({N}, f32);
-  auto clip = at::empty({N}, logits.options().dtype(at::kChar));
 
-  const int64_t* lab = labels.data_ptr<int64_t>();
-  const float *old_p = old_lp.data_ptr<float>(), *adv_p = adv.data_ptr<float>();
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  const float *old_p = old_lp.const_data_ptr<float>(), *adv_p = adv.const_data_ptr<float>();
   const float *cred_p = opt_ptr(credit), *pen_p = opt_ptr(penalty), *ref_p = opt_ptr(ref);
-  const float* w_p = weights.data_ptr<float>();
-  float *tl_p = token_losses.data_ptr<float>(), *lp_p = logprobs.data_ptr<float>();
-  float* ent_p = entropy.data_ptr<float>();
-  int8_t* clip_p = clip.data_ptr<int8_t>();
+  const float* w_p = weights.const_data_ptr<float>();
+  float *tl_p = token_losses.data_ptr<float>(), *lp_p = out.logprobs.data_ptr<float>();
+  float *ent_p = out.entropy.data_ptr<float>(), *lse_p = out.lse.data_ptr<float>();
+  float *glp_p = out.dloss_dlogp.data_ptr<float>(), *gh_p = out.dloss_dentropy.data_ptr<float>();
+  int8_t* clip_p = out.clip.data_ptr<int8_t>();
   const int64_t z_stride = logits.stride(0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "capo_policy_loss", [&] {
-    const scalar_t* z_base = logits.const_data_ptr<scalar_t>();
-    scalar_t* g_base = grad_out ? grad_out->data_ptr<scalar_t>() : nullptr;
-    const int64_t g_stride = grad_out ? grad_out->stride(0) : 0;
+    // const_cast: the in-place op owns its logits (schema Tensor(a!)); the functional op never writes.
+    scalar_t* z_base = const_cast<scalar_t*>(logits.const_data_ptr<scalar_t>());
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* z = z_base + i * z_stride;
+        scalar_t* z = z_base + i * z_stride;
         const bool valid = lab[i] >= 0 && lab[i] < V;  // out-of-range labels (ignore_index) are masked
         const RowStats st = row_stats(z, V, opts.inv_t);
         const float logp = valid ? static_cast<float>(z[lab[i]]) * opts.inv_t - st.lse : 0.0f;
         const float a = cred_p ? adv_p[i] - pen_p[i] * cred_p[i] : adv_p[i];
-        float dlogp = 0.0f;
-        const float loss =
-            token_loss(logp, st.entropy, old_p[i], a, ref_p ? ref_p + i : nullptr, opts, &dlogp, &clip_p[i]);
+        const TokenLoss t = token_loss(logp, st.entropy, old_p[i], a, ref_p ? ref_p + i : nullptr, opts);
         const float w = valid ? w_p[i] : 0.0f;
+        const bool live = w != 0.0f;
         lp_p[i] = logp;
         ent_p[i] = st.entropy;
-        tl_p[i] = w != 0.0f ? w * loss : 0.0f;
-        if (g_base) {
-          const float g_logp = w != 0.0f ? w * dlogp : 0.0f;
-          const float g_ent = w != 0.0f ? w * opts.entropy_coef : 0.0f;
-          row_grad(g_base + i * g_stride, z, V, valid ? lab[i] : -1, opts.inv_t, st, g_logp, g_ent);
-        }
+        lse_p[i] = st.lse;
+        clip_p[i] = t.clip_code;
+        tl_p[i] = live ? w * t.loss : 0.0f;
+        glp_p[i] = live ? w * t.dloss_dlogp : 0.0f;
+        gh_p[i] = live ? -w * opts.entropy_coef : 0.0f;
+        if (write_grad) row_grad(z, z, V, valid ? lab[i] : -1, opts.inv_t, st, glp_p[i], gh_p[i]);
       }
     });
   });
-  return {token_losses.sum(), logprobs, entropy, clip};
+  out.loss = token_losses.sum();
+  return out;
 }
 
-LossOptions make_options(double temperature, double eps_low, double eps_high, double dual_clip,
-                         double kl_coef, double entropy_coef) {
-  TORCH_CHECK(temperature > 0.0, "capo: temperature must be > 0, got ", temperature);
-  return {static_cast<float>(1.0 / temperature), static_cast<float>(eps_low), static_cast<float>(eps_high),
-          static_cast<float>(dual_clip), static_cast<float>(kl_coef), static_cast<float>(entropy_coef)};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
-    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logprobs,
-    const at::Tensor& advantages, const std::optional<at::Tensor>& credit,
-    const std::optional<at::Tensor>& penalty, const std::optional<at::Tensor>& ref_logprobs,
-    const at::Tensor& loss_weights, double temperature, double eps_low, double eps_high, double dual_clip,
-    double kl_coef, double entropy_coef, bool compute_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
+    const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logprobs, const at::Tensor& advantages,
+    const std::optional<at::Tensor>& credit, const std::optional<at::Tensor>& penalty,
+    const std::optional<at::Tensor>& ref_logprobs, const at::Tensor& loss_weights, double temperature, double eps_low,
+    double eps_high, double dual_clip, double kl_coef, double entropy_coef) {
   const auto opts = make_options(temperature, eps_low, eps_high, dual_clip, kl_coef, entropy_coef);
-  at::Tensor grad = compute_grad ? at::empty_like(logits, at::MemoryFormat::Contiguous) : logits.new_empty({0});
-  auto [loss, lp, ent, clip] = policy_loss_impl(logits, labels, old_logprobs, advantages, credit, penalty,
-                                                ref_logprobs, loss_weights, opts, compute_grad ? &grad : nullptr);
-  return {loss, lp, ent, clip, grad};
+  auto o = policy_loss_impl(logits, labels, old_logprobs, advantages, credit, penalty, ref_logprobs, loss_weights,
+                            opts, /*write_grad=*/false);
+  return {o.loss, o.logprobs, o.entropy, o.clip, o.lse, o.dloss_dlogp, o.dloss_dentropy};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_inplace_cpu(
-    at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logprobs,
-    const at::Tensor& advantages, const std::optional<at::Tensor>& credit,
-    const std::optional<at::Tensor>& penalty, const std::optional<at::Tensor>& ref_logprobs,
-    const at::Tensor& loss_weights, double temperature, double eps_low, double eps_high, double dual_clip,
-    double kl_coef, double entropy_coef) {
+    at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logprobs, const at::Tensor& advantages,
+    const std::optional<at::Tensor>& credit, const std::optional<at::Tensor>& penalty,
+    const std::optional<at::Tensor>& ref_logprobs, const at::Tensor& loss_weights, double temperature, double eps_low,
+    double eps_high, double dual_clip, double kl_coef, double entropy_coef) {
   const auto opts = make_options(temperature, eps_low, eps_high, dual_clip, kl_coef, entropy_coef);
-  return policy_loss_impl(logits, labels, old_logprobs, advantages, credit, penalty, ref_logprobs,
-                          loss_weights, opts, &logits);
+  auto o = policy_loss_impl(logits, labels, old_logprobs, advantages, credit, penalty, ref_logprobs, loss_weights,
+                            opts, /*write_grad=*/true);
+  return {o.loss, o.logprobs, o.entropy, o.clip};
 }
 
-std::tuple<at::Tensor, at::Tensor> logprobs_cpu(const at::Tensor& logits, const at::Tensor& labels_in,
-                                                double temperature, bool with_entropy) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_cpu(const at::Tensor& logits, const at::Tensor& labels_in,
+                                                            double temperature) {
   check_inputs(logits, labels_in);
   TORCH_CHECK(temperature > 0.0, "capo: temperature must be > 0, got ", temperature);
   const int64_t N = logits.size(0);
   const int64_t V = logits.size(1);
   const float inv_t = static_cast<float>(1.0 / temperature);
   const auto labels = labels_in.to(at::kLong).contiguous();
-  auto f32 = logits.options().dtype(at::kFloat);
-  auto logprobs = at::empty({N}, f32);
-  auto entropy = with_entropy ? at::empty({N}, f32) : at::empty({0}, f32);
-  const int64_t* lab = labels.data_ptr<int64_t>();
-  float* lp_p = logprobs.data_ptr<float>();
-  float* ent_p = with_entropy ? entropy.data_ptr<float>() : nullptr;
+  const auto f32 = logits.options().dtype(at::kFloat);
+  auto logprobs = at::empty({N}, f32), entropy = at::empty({N}, f32), lse = at::empty({N}, f32);
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  float *lp_p = logprobs.data_ptr<float>(), *ent_p = entropy.data_ptr<float>(), *lse_p = lse.data_ptr<float>();
+  const int64_t z_stride = logits.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "capo_logprobs", [&] {
     const scalar_t* z_base = logits.const_data_ptr<scalar_t>();
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* z = z_base + i * logits.stride(0);
+        const scalar_t* z = z_base + i * z_stride;
         const RowStats st = row_stats(z, V, inv_t);
         const bool valid = lab[i] >= 0 && lab[i] < V;
         lp_p[i] = valid ? static_cast<float>(z[lab[i]]) * inv_t - st.lse : 0.0f;
-        if (ent_p) ent_p[i] = st.entropy;
+        ent_p[i] = st.entropy;
+        lse_p[i] = st.lse;
       }
     });
   });
-  return {logprobs, entropy};
+  return {logprobs, entropy, lse};
 }
+
+// d/d logits of sum_t (grad_logprobs_t * logp_t + grad_entropy_t * H_t), written into `out`.
+void logits_grad_impl(const at::Tensor& logits, const at::Tensor& labels_in, const at::Tensor& lse_in,
+                      const at::Tensor& entropy_in, const at::Tensor& glp_in, const at::Tensor& gh_in,
+                      double temperature, at::Tensor& out) {
+  check_inputs(logits, labels_in);
+  TORCH_CHECK(out.sizes() == logits.sizes() && out.stride(1) == 1, "capo: gradient buffer must match logits");
+  const int64_t N = logits.size(0);
+  const int64_t V = logits.size(1);
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  const auto labels = labels_in.to(at::kLong).contiguous();
+  const auto lse = as_f32(lse_in, N, "lse"), entropy = as_f32(entropy_in, N, "entropy");
+  const auto glp = as_f32(glp_in, N, "grad_logprobs"), gh = as_f32(gh_in, N, "grad_entropy");
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  const float *lse_p = lse.const_data_ptr<float>(), *ent_p = entropy.const_data_ptr<float>();
+  const float *glp_p = glp.const_data_ptr<float>(), *gh_p = gh.const_data_ptr<float>();
+  const int64_t z_stride = logits.stride(0), g_stride = out.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "capo_logits_grad", [&] {
+    const scalar_t* z_base = logits.const_data_ptr<scalar_t>();
+    scalar_t* g_base = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const bool valid = lab[i] >= 0 && lab[i] < V;
+        const float g_lp = valid ? glp_p[i] : 0.0f;
+        row_grad(g_base + i * g_stride, z_base + i * z_stride, V, valid ? lab[i] : -1, inv_t,
+                 RowStats{lse_p[i], ent_p[i]}, g_lp, gh_p[i]);
+      }
+    });
+  });
+}
+
+at::Tensor logits_grad_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                           const at::Tensor& entropy, const at::Tensor& grad_logprobs,
+                           const at::Tensor& grad_entropy, double temperature) {
+  at::Tensor out = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  logits_grad_impl(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, out);
+  return out;
+}
+
+void logits_grad_inplace_cpu(at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                             const at::Tensor& entropy, const at::Tensor& grad_logprobs,
+                             const at::Tensor& grad_entropy, double temperature) {
+  logits_grad_impl(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, logits);
+}
+
+// The per-token inputs and options of the loss, written once for both loss schemas.
+const std::string kLossArgs =
+    "Tensor labels, Tensor old_logprobs, Tensor advantages, Tensor? credit, Tensor? penalty, "
+    "Tensor? ref_logprobs, Tensor loss_weights, float temperature, float eps_low, float eps_high, "
+    "float dual_clip, float kl_coef, float entropy_coef";
+const std::string kGradArgs =
+    "Tensor labels, Tensor lse, Tensor entropy, Tensor grad_logprobs, Tensor grad_entropy, float temperature";
 
 }  // namespace
 
 TORCH_LIBRARY(capo, m) {
-  m.def(
-      "policy_loss(Tensor logits, Tensor labels, Tensor old_logprobs, Tensor advantages, Tensor? credit, "
-      "Tensor? penalty, Tensor? ref_logprobs, Tensor loss_weights, float temperature, float eps_low, "
-      "float eps_high, float dual_clip, float kl_coef, float entropy_coef, bool compute_grad) "
-      "-> (Tensor loss, Tensor logprobs, Tensor entropy, Tensor clipped, Tensor grad_logits)");
-  m.def(
-      "policy_loss_(Tensor(a!) logits, Tensor labels, Tensor old_logprobs, Tensor advantages, "
-      "Tensor? credit, Tensor? penalty, Tensor? ref_logprobs, Tensor loss_weights, float temperature, "
-      "float eps_low, float eps_high, float dual_clip, float kl_coef, float entropy_coef) "
-      "-> (Tensor loss, Tensor logprobs, Tensor entropy, Tensor clipped)");
-  m.def("logprobs(Tensor logits, Tensor labels, float temperature, bool with_entropy) -> (Tensor, Tensor)");
+  m.def(("policy_loss(Tensor logits, " + kLossArgs +
+         ") -> (Tensor loss, Tensor logprobs, Tensor entropy, Tensor clipped, Tensor lse, Tensor dloss_dlogp, "
+         "Tensor dloss_dentropy)")
+            .c_str());
+  m.def(("policy_loss_(Tensor(a!) logits, " + kLossArgs +
+         ") -> (Tensor loss, Tensor logprobs, Tensor entropy, Tensor clipped)")
+            .c_str());
+  m.def("logprobs(Tensor logits, Tensor labels, float temperature) -> (Tensor logprobs, Tensor entropy, Tensor lse)");
+  m.def(("logits_grad(Tensor logits, " + kGradArgs + ") -> Tensor").c_str());
+  m.def(("logits_grad_(Tensor(a!) logits, " + kGradArgs + ") -> ()").c_str());
 }
 
 TORCH_LIBRARY_IMPL(capo, CPU, m) {
   m.impl("policy_loss", &policy_loss_cpu);
   m.impl("policy_loss_", &policy_loss_inplace_cpu);
   m.impl("logprobs", &logprobs_cpu);
+  m.impl("logits_grad", &logits_grad_cpu);
+  m.impl("logits_grad_", &logits_grad_inplace_cpu);
 }
 
 }  // namespace capo

@@ -8,11 +8,12 @@ Each op is a `torch.library` custom op in the `capo` namespace: C++ on CPU, Trit
 
 from capo_fast.kernels.aggregation import AGGREGATIONS, AggregationMode, aggregation_weights
 from capo_fast.kernels.linear_policy_loss import fused_linear_logprobs, fused_linear_policy_loss
-from capo_fast.kernels.policy_loss import PolicyLossOutput, fused_logprobs, fused_policy_loss
+from capo_fast.kernels.policy_loss import PolicyLossOptions, PolicyLossOutput, fused_logprobs, fused_policy_loss
 
 __all__ = [
     "AGGREGATIONS",
     "AggregationMode",
+    "PolicyLossOptions",
     "PolicyLossOutput",
     "aggregation_weights",
     "fused_linear_logprobs",

@@ -1,22 +1,33 @@
-"""The policy loss from final hidden states and the lm_head weight, never holding [N, V] logits.
+"""The policy loss and log-probs from final hidden states and the lm_head weight, never holding [N, V] logits.
 
-Token chunks of logits are produced by a matmul, consumed at once by the in-place policy-loss op
-(which overwrites them with their gradient), and turned into gradients for the hidden states and
-the weight before the next chunk. Peak extra memory is one chunk of logits plus grad_weight.
+Token chunks of logits are produced by a matmul and consumed at once. For the loss, the in-place
+policy-loss op overwrites each chunk with its gradient, which is turned into gradients for the hidden
+states and the weight before the next chunk (three matmuls per chunk, all in forward). For the
+differentiable log-probs, backward recomputes each chunk (the upstream per-token gradients are only
+known then). grad_weight is accumulated over chunks in fp32 whatever the input dtype, as Liger and
+Cut Cross-Entropy do. Peak extra memory: one chunk of logits plus the fp32 gradient accumulator.
 """
 
 from __future__ import annotations
 
 import torch
 
-from capo_fast.kernels.policy_loss import PolicyLossOutput, _per_token, _token_mean_weights
+from capo_fast.kernels.policy_loss import (
+    N_LOSS_INPUTS,
+    PolicyLossOptions,
+    PolicyLossOutput,
+    per_token,
+    resolve_options,
+    token_mean_weights,
+)
 
-DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
+DEFAULT_CHUNK_BUDGET_BYTES = 64 * 2**20
 
 
 def chunk_tokens(vocab_size: int, dtype: torch.dtype, budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES) -> int:
-    """Tokens per chunk so that one chunk of logits fits in `budget_bytes`."""
-    per_token = vocab_size * torch.empty((), dtype=dtype).element_size()
+    """Tokens per chunk so that one chunk of logits, and its fp32 copy for low-precision inputs, fit the budget."""
+    size = torch.empty((), dtype=dtype).element_size()
+    per_token = vocab_size * (size + (4 if size < 4 else 0))
     return max(1, budget_bytes // per_token)
 
 
@@ -27,6 +38,11 @@ def _chunks(n: int, chunk_size: int):
 
 def _take(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return None if t is None else t[rows]
+
+
+def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+    """acc[V, H] (fp32) += grad_logits.T @ hidden, with the chunk widened to fp32 first."""
+    acc.addmm_(grad_logits.T.to(torch.float32), hidden.to(torch.float32))
 
 
 @torch.library.custom_op("capo::linear_policy_loss", mutates_args=())
@@ -40,12 +56,7 @@ def _linear_policy_loss(
     penalty: torch.Tensor | None,
     ref_logprobs: torch.Tensor | None,
     loss_weights: torch.Tensor,
-    temperature: float,
-    eps_low: float,
-    eps_high: float,
-    dual_clip: float,
-    kl_coef: float,
-    entropy_coef: float,
+    options: list[float],
     chunk_size: int,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -55,30 +66,16 @@ def _linear_policy_loss(
     logprobs, entropy = torch.empty(n, **f32), torch.empty(n, **f32)
     clip = torch.empty(n, device=hidden.device, dtype=torch.int8)
     grad_hidden = torch.empty_like(hidden) if compute_grad else hidden.new_empty(0)
-    grad_weight = torch.zeros_like(weight) if compute_grad else weight.new_empty(0)
+    grad_weight = torch.zeros(weight.shape, **f32) if compute_grad else weight.new_empty(0, dtype=torch.float32)
+    per_token_inputs = (labels, old_logprobs, advantages, credit, penalty, ref_logprobs, loss_weights)
     for rows in _chunks(n, chunk_size):
         logits = hidden[rows] @ weight.T
-        chunk = torch.ops.capo.policy_loss_(
-            logits,
-            labels[rows],
-            old_logprobs[rows],
-            advantages[rows],
-            _take(credit, rows),
-            _take(penalty, rows),
-            _take(ref_logprobs, rows),
-            loss_weights[rows],
-            temperature,
-            eps_low,
-            eps_high,
-            dual_clip,
-            kl_coef,
-            entropy_coef,
-        )
+        chunk = torch.ops.capo.policy_loss_(logits, *(_take(t, rows) for t in per_token_inputs), *options)
         loss += chunk[0]
         logprobs[rows], entropy[rows], clip[rows] = chunk[1], chunk[2], chunk[3]
         if compute_grad:  # `logits` now holds d loss / d logits for this chunk
             torch.mm(logits, weight, out=grad_hidden[rows])
-            grad_weight.addmm_(logits.T, hidden[rows])
+            _accumulate_weight_grad(grad_weight, logits, hidden[rows])
     return loss, logprobs, entropy, clip, grad_hidden, grad_weight
 
 
@@ -92,49 +89,77 @@ def _(hidden, weight, labels, *args):
         hidden.new_empty(n, dtype=torch.float32),
         hidden.new_empty(n, dtype=torch.int8),
         torch.empty_like(hidden) if compute_grad else hidden.new_empty(0),
-        torch.empty_like(weight) if compute_grad else weight.new_empty(0),
+        weight.new_empty(weight.shape if compute_grad else (0,), dtype=torch.float32),
     )
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.grad_hidden, ctx.grad_weight = output[4], output[5]
+def _loss_setup_context(ctx, inputs, output):
+    ctx.num_inputs = len(inputs)
+    ctx.weight_dtype = inputs[1].dtype
+    ctx.save_for_backward(output[4], output[5])  # tensors reach backward only this way: no leak per call
 
 
-def _backward(ctx, grad_loss, *unused):
-    if ctx.grad_hidden.numel() == 0:
+def _loss_backward(ctx, grad_loss, *unused):
+    grad_hidden, grad_weight = ctx.saved_tensors
+    if grad_hidden.numel() == 0:
         raise RuntimeError("capo::linear_policy_loss was called with compute_grad=False; it has no gradient")
-    grad_hidden = (ctx.grad_hidden * grad_loss).to(ctx.grad_hidden.dtype)
-    grad_weight = (ctx.grad_weight * grad_loss).to(ctx.grad_weight.dtype)
-    return (grad_hidden, grad_weight) + (None,) * 15
+    # The gradients were computed in forward for an upstream gradient of 1; scale them on the device.
+    # Eagerly in place, so no second [V, H] fp32 buffer exists (a second backward through the graph then
+    # fails autograd's version check instead of scaling twice); out of place while a graph is traced
+    # (fake/functional tensor subclasses), as torch.compile's partitioner rejects mutating a saved
+    # forward output in backward.
+    if type(grad_weight) is torch.Tensor and not torch.compiler.is_compiling():
+        grad_weight.mul_(grad_loss)
+    else:
+        grad_weight = grad_weight * grad_loss
+    grad_weight = grad_weight.to(ctx.weight_dtype)
+    return (grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight) + (None,) * (ctx.num_inputs - 2)
 
 
-_linear_policy_loss.register_autograd(_backward, setup_context=_setup_context)
+_linear_policy_loss.register_autograd(_loss_backward, setup_context=_loss_setup_context)
 
 
 @torch.library.custom_op("capo::linear_logprobs", mutates_args=())
 def _linear_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float,
-    with_entropy: bool,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = hidden.shape[0]
-    logprobs = torch.empty(n, device=hidden.device, dtype=torch.float32)
-    entropy = torch.empty(n if with_entropy else 0, device=hidden.device, dtype=torch.float32)
+    logprobs, entropy, lse = (torch.empty(n, device=hidden.device, dtype=torch.float32) for _ in range(3))
     for rows in _chunks(n, chunk_size):
-        lp, ent = torch.ops.capo.logprobs(hidden[rows] @ weight.T, labels[rows], temperature, with_entropy)
-        logprobs[rows] = lp
-        if with_entropy:
-            entropy[rows] = ent
-    return logprobs, entropy
+        logprobs[rows], entropy[rows], lse[rows] = torch.ops.capo.logprobs(
+            hidden[rows] @ weight.T, labels[rows], temperature
+        )
+    return logprobs, entropy, lse
 
 
 @_linear_logprobs.register_fake
-def _(hidden, weight, labels, temperature, with_entropy, chunk_size):
-    n = hidden.shape[0]
-    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n if with_entropy else 0, dtype=torch.float32)
+def _(hidden, weight, labels, temperature, chunk_size):
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(3))
+
+
+def _logprobs_setup_context(ctx, inputs, output):
+    hidden, weight, labels, ctx.temperature, ctx.chunk_size = inputs
+    ctx.save_for_backward(hidden, weight, labels, output[2], output[1])
+
+
+def _logprobs_backward(ctx, grad_logprobs, grad_entropy, unused_grad_lse):
+    hidden, weight, labels, lse, entropy = ctx.saved_tensors
+    need_hidden, need_weight = ctx.needs_input_grad[:2]
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_weight else None
+    for rows in _chunks(hidden.shape[0], ctx.chunk_size):
+        logits = hidden[rows] @ weight.T  # recomputed, then overwritten with its gradient
+        torch.ops.capo.logits_grad_(
+            logits, labels[rows], lse[rows], entropy[rows], grad_logprobs[rows], grad_entropy[rows], ctx.temperature
+        )
+        if need_hidden:
+            torch.mm(logits, weight, out=grad_hidden[rows])
+        if need_weight:
+            _accumulate_weight_grad(grad_weight, logits, hidden[rows])
+    return grad_hidden, (grad_weight.to(weight.dtype) if need_weight else None), None, None, None
+
+
+_linear_logprobs.register_autograd(_logprobs_backward, setup_context=_logprobs_setup_context)
 
 
 def fused_linear_policy_loss(
@@ -148,13 +173,9 @@ def fused_linear_policy_loss(
     penalty: torch.Tensor | float | None = None,
     ref_logprobs: torch.Tensor | None = None,
     loss_weights: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: float = 0.0,
-    kl_coef: float = 0.0,
-    entropy_coef: float = 0.0,
+    options: PolicyLossOptions | None = None,
     chunk_budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES,
+    **option_overrides: float,
 ) -> PolicyLossOutput:
     """`fused_policy_loss(hidden @ weight.T, ...)` without materialising the [N, V] logits.
 
@@ -171,29 +192,28 @@ def fused_linear_policy_loss(
         raise ValueError(
             f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
+    opts = resolve_options(options, option_overrides)
     if loss_weights is None:
-        loss_weights = _token_mean_weights(labels)
-    compute_grad = hidden.requires_grad or weight.requires_grad
-    loss, logprobs, entropy, clip, _, _ = torch.ops.capo.linear_policy_loss(
-        hidden,
-        weight,
+        loss_weights = token_mean_weights(labels)
+    per_token_inputs = (
         labels,
         old_logprobs,
         advantages,
         credit,
-        _per_token(penalty, hidden),
+        per_token(penalty, hidden),
         ref_logprobs,
         loss_weights,
-        float(temperature),
-        float(eps_low),
-        float(eps_high),
-        float(dual_clip),
-        float(kl_coef),
-        float(entropy_coef),
-        chunk_tokens(weight.shape[0], hidden.dtype, chunk_budget_bytes),
-        compute_grad,
     )
-    return PolicyLossOutput(loss, logprobs, entropy, clip)
+    assert len(per_token_inputs) == N_LOSS_INPUTS
+    out = torch.ops.capo.linear_policy_loss(
+        hidden,
+        weight,
+        *per_token_inputs,
+        list(opts.as_args()),
+        chunk_tokens(weight.shape[0], hidden.dtype, chunk_budget_bytes),
+        hidden.requires_grad or weight.requires_grad,
+    )
+    return PolicyLossOutput(out[0], out[1].detach(), out[2].detach(), out[3])
 
 
 def fused_linear_logprobs(
@@ -205,13 +225,12 @@ def fused_linear_logprobs(
     with_entropy: bool = False,
     chunk_budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (and entropy) of `labels` under `hidden @ weight.T`, chunked, no gradient."""
-    logprobs, entropy = torch.ops.capo.linear_logprobs(
-        hidden.detach(),
-        weight.detach(),
-        labels,
-        float(temperature),
-        with_entropy,
-        chunk_tokens(weight.shape[0], hidden.dtype, chunk_budget_bytes),
+    """Log-probs (and entropy) of `labels` under `hidden @ weight.T`, chunked; differentiable.
+
+    Backward takes per-token upstream gradients and recomputes the logits chunk by chunk, so a loss
+    written in PyTorch on the [N] log-probs never holds [N, V] logits. Returns ([N] fp32, [N] fp32 or None).
+    """
+    logprobs, entropy, _ = torch.ops.capo.linear_logprobs(
+        hidden, weight, labels, float(temperature), chunk_tokens(weight.shape[0], hidden.dtype, chunk_budget_bytes)
     )
     return logprobs, (entropy if with_entropy else None)

@@ -1,9 +1,11 @@
 """Fused PPO policy loss over vocabulary logits: log-probs, CAPO token credit and the clipped loss.
 
-One program handles one token row. The first sweep over the vocabulary keeps an online
-log-sum-exp and the softmax's first moment (giving log-prob and entropy); the per-token PPO
-terms follow; when a gradient is wanted a second sweep writes d(loss)/d(logits), into a new buffer
-or over the logits themselves. Two reads and one write of the logits, nothing else of size [N, V].
+One program handles one token row. The forward sweep over the vocabulary keeps an online
+log-sum-exp and the softmax's first moment (giving log-prob and entropy); the per-token PPO terms
+follow, and their derivatives with respect to the token's log-prob and entropy are kept ([N] each).
+The backward sweep turns those into d(loss)/d(logits) from the logits and the saved log-sum-exp:
+two reads and one write of the logits in all, nothing else of size [N, V], no host synchronisation.
+The in-place variant writes the gradient over the logits during forward (one read, one write).
 
 Layers, top to bottom: Triton kernels, launchers, op registration (CUDA kernels, fake kernels,
 autograd), the public functional API.
@@ -11,6 +13,7 @@ autograd), the public functional API.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -19,7 +22,9 @@ import triton.language as tl
 
 import capo_fast._C  # noqa: F401  (defines the capo:: op schemas and their CPU kernels)
 
-LOG_RATIO_CLAMP = 20.0  # exp(logp - old_logp) stays finite; the same clamp in C++ and the reference
+# Globals read inside @triton.jit must be constexpr: the GPU compiler rejects plain Python globals
+# (the interpreter does not), see tests/test_aot_compile.py. The same clamp in C++ and the reference.
+LOG_RATIO_CLAMP = tl.constexpr(20.0)
 
 
 @triton.jit
@@ -51,12 +56,34 @@ def _row_stats(logits_row_ptr, V, inv_t, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
+def _row_grad(grad_row_ptr, logits_row_ptr, V, label, inv_t, lse, entropy, g_lp, g_h, BLOCK_V: tl.constexpr):
+    """Writes d/dz of (g_lp * logp_label + g_h * H) for one row (label < 0: no label term).
+
+    g_j = (g_lp * ([j == label] - p_j) - g_h * p_j * (log p_j + H)) / T; may overwrite the logits.
+    """
+    a = g_lp * inv_t
+    b = g_h * inv_t
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        in_vocab = offs < V
+        z = tl.load(logits_row_ptr + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
+        logp_j = z * inv_t - lse
+        finite = z != float("-inf")  # -inf logits (and rows of nothing else) get no gradient
+        p = tl.where(finite, tl.exp(logp_j), 0.0)
+        g = tl.where(finite, -p * (a + b * (logp_j + entropy)), 0.0)
+        g += tl.where(offs == label, a, 0.0)
+        tl.store(grad_row_ptr + offs, g.to(grad_row_ptr.dtype.element_ty), mask=in_vocab)
+
+
+@triton.jit
 def _policy_loss_fwd_kernel(
     token_loss_ptr,
     logprobs_ptr,
     entropy_ptr,
     clip_ptr,
-    grad_ptr,
+    lse_ptr,
+    dlogp_ptr,
+    dent_ptr,
     logits_ptr,
     labels_ptr,
     old_logprobs_ptr,
@@ -66,7 +93,6 @@ def _policy_loss_fwd_kernel(
     ref_logprobs_ptr,
     weights_ptr,
     stride_logits,
-    stride_grad,
     V,
     inv_t,
     eps_low,
@@ -77,7 +103,7 @@ def _policy_loss_fwd_kernel(
     HAS_CREDIT: tl.constexpr,
     HAS_REF: tl.constexpr,
     USE_DUAL_CLIP: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr,
+    IN_PLACE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -89,10 +115,10 @@ def _policy_loss_fwd_kernel(
     z_label = tl.load(logits_row_ptr + tl.where(valid, label, 0)).to(tl.float32) * inv_t
     logp = tl.where(valid, z_label - lse, 0.0)
 
-    adv = tl.load(advantages_ptr + row).to(tl.float32)
+    adv = tl.load(advantages_ptr + row)
     if HAS_CREDIT:  # CAPO token-credit masking: A_t = a - p * e_t
-        adv -= tl.load(penalty_ptr + row).to(tl.float32) * tl.load(credit_ptr + row).to(tl.float32)
-    raw_log_ratio = logp - tl.load(old_logprobs_ptr + row).to(tl.float32)
+        adv -= tl.load(penalty_ptr + row) * tl.load(credit_ptr + row)
+    raw_log_ratio = logp - tl.load(old_logprobs_ptr + row)
     log_ratio = tl.minimum(tl.maximum(raw_log_ratio, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
     ratio = tl.exp(log_ratio)
     pg_unclipped = -adv * ratio
@@ -107,46 +133,39 @@ def _policy_loss_fwd_kernel(
         dloss_dlogp = tl.where(dual, 0.0, dloss_dlogp)
         clip_code = tl.where(dual, 3, clip_code)
     if HAS_REF:  # k3 estimator of KL(pi || ref)
-        d = tl.load(ref_logprobs_ptr + row).to(tl.float32) - logp
+        d = tl.load(ref_logprobs_ptr + row) - logp
         ed = tl.exp(d)
         loss += kl_coef * (ed - d - 1.0)
         dloss_dlogp += kl_coef * (1.0 - ed)
     loss -= entropy_coef * entropy
 
-    w = tl.where(valid, tl.load(weights_ptr + row).to(tl.float32), 0.0)
+    w = tl.where(valid, tl.load(weights_ptr + row), 0.0)
     live = w != 0.0
+    g_lp = tl.where(live, w * dloss_dlogp, 0.0)
+    g_h = tl.where(live, -w * entropy_coef, 0.0)
     tl.store(token_loss_ptr + row, tl.where(live, w * loss, 0.0))
     tl.store(logprobs_ptr + row, logp)
     tl.store(entropy_ptr + row, entropy)
     tl.store(clip_ptr + row, clip_code.to(tl.int8))
-
-    if COMPUTE_GRAD:
-        # d loss / d z_j = g_label * [j == label] - g_logp * p_j + g_ent * p_j * (log p_j + H), times 1/T
-        g_logp = tl.where(live, w * dloss_dlogp, 0.0) * inv_t
-        g_ent = tl.where(live, w * entropy_coef, 0.0) * inv_t
-        grad_row_ptr = grad_ptr + row * stride_grad
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            in_vocab = offs < V
-            z = tl.load(logits_row_ptr + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
-            logp_j = z * inv_t - lse
-            finite = z != float("-inf")  # -inf logits (and rows of nothing else) get no gradient
-            p = tl.where(finite, tl.exp(logp_j), 0.0)
-            g = tl.where(finite, p * (g_ent * (logp_j + entropy) - g_logp), 0.0)
-            g += tl.where(valid & (offs == label), g_logp, 0.0)
-            tl.store(grad_row_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=in_vocab)
+    tl.store(lse_ptr + row, lse)
+    tl.store(dlogp_ptr + row, g_lp)
+    tl.store(dent_ptr + row, g_h)
+    if IN_PLACE:
+        _row_grad(
+            logits_row_ptr, logits_row_ptr, V, tl.where(valid, label, -1), inv_t, lse, entropy, g_lp, g_h, BLOCK_V
+        )
 
 
 @triton.jit
-def _logprobs_kernel(
+def _logprobs_fwd_kernel(
     logprobs_ptr,
     entropy_ptr,
+    lse_ptr,
     logits_ptr,
     labels_ptr,
     stride_logits,
     V,
     inv_t,
-    WITH_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -156,12 +175,67 @@ def _logprobs_kernel(
     valid = (label >= 0) & (label < V)
     z_label = tl.load(logits_row_ptr + tl.where(valid, label, 0)).to(tl.float32) * inv_t
     tl.store(logprobs_ptr + row, tl.where(valid, z_label - lse, 0.0))
-    if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, entropy)
+    tl.store(entropy_ptr + row, entropy)
+    tl.store(lse_ptr + row, lse)
 
 
-def _block_v(V: int) -> int:
-    return min(triton.next_power_of_2(V), 4096)
+@triton.jit
+def _logits_grad_kernel(
+    grad_ptr,
+    logits_ptr,
+    labels_ptr,
+    lse_ptr,
+    entropy_ptr,
+    grad_logprobs_ptr,
+    grad_entropy_ptr,
+    stride_grad,
+    stride_logits,
+    V,
+    inv_t,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = (label >= 0) & (label < V)
+    _row_grad(
+        grad_ptr + row * stride_grad,
+        logits_ptr + row * stride_logits,
+        V,
+        tl.where(valid, label, -1),
+        inv_t,
+        tl.load(lse_ptr + row),
+        tl.load(entropy_ptr + row),
+        tl.where(valid, tl.load(grad_logprobs_ptr + row), 0.0),
+        tl.load(grad_entropy_ptr + row),
+        BLOCK_V,
+    )
+
+
+@triton.jit
+def _scale_kernel(x_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
+    """x *= scale, read from device memory; no memory traffic at all when scale == 1."""
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if scale != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+        tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- launchers -----------------------------------------------------------------------------------------
+
+# One launch configuration for every vocabulary, so the ahead-of-time compilation test
+# (capo_fast.kernels.aot) covers every variant a launcher can choose. 4096 lanes over 8 warps is 16
+# elements per thread per block; vocabularies of LLMs (32k-256k) take 8 to 63 blocks per row.
+BLOCK_V = 4096
+NUM_WARPS = 8
+SCALE_BLOCK = 1024
+SCALE_NUM_WARPS = 4
+
+
+def launch_config(vocab_size: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of the row kernels."""
+    return BLOCK_V, NUM_WARPS
 
 
 def _check_rows(logits: torch.Tensor, **per_token: torch.Tensor | None) -> None:
@@ -173,6 +247,20 @@ def _check_rows(logits: torch.Tensor, **per_token: torch.Tensor | None) -> None:
             raise ValueError(f"{name} must have shape ({n},) to match logits, got {tuple(t.shape)}")
 
 
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+class LossOutputs(NamedTuple):
+    loss: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    clipped: torch.Tensor
+    lse: torch.Tensor
+    dloss_dlogprobs: torch.Tensor
+    dloss_dentropy: torch.Tensor
+
+
 def policy_loss_fwd(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -182,18 +270,12 @@ def policy_loss_fwd(
     penalty: torch.Tensor | None,
     ref_logprobs: torch.Tensor | None,
     loss_weights: torch.Tensor,
-    temperature: float,
-    eps_low: float,
-    eps_high: float,
-    dual_clip: float,
-    kl_coef: float,
-    entropy_coef: float,
-    grad_out: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launches the Triton forward; writes the logits gradient into `grad_out` when given (may be `logits`).
+    options: PolicyLossOptions,
+    in_place: bool = False,
+) -> LossOutputs:
+    """Launches the Triton forward; with `in_place` the logits are overwritten by d(loss)/d(logits).
 
     Works on any device Triton runs on, CPU tensors included under TRITON_INTERPRET=1.
-    Returns (loss, logprobs, entropy, clip_code).
     """
     _check_rows(
         logits,
@@ -209,135 +291,246 @@ def policy_loss_fwd(
         raise ValueError("credit and penalty must be given together")
     n, v = logits.shape
     f32 = dict(device=logits.device, dtype=torch.float32)
-    token_loss = torch.empty(n, **f32)
-    logprobs = torch.empty(n, **f32)
-    entropy = torch.empty(n, **f32)
+    token_loss, logprobs, entropy, lse, dlogp, dent = (torch.empty(n, **f32) for _ in range(6))
     clip = torch.empty(n, device=logits.device, dtype=torch.int8)
+    advantages = _f32(advantages)
     if n > 0:
+        block_v, num_warps = launch_config(v)
         _policy_loss_fwd_kernel[(n,)](
             token_loss_ptr=token_loss,
             logprobs_ptr=logprobs,
             entropy_ptr=entropy,
             clip_ptr=clip,
-            grad_ptr=grad_out if grad_out is not None else logits,
+            lse_ptr=lse,
+            dlogp_ptr=dlogp,
+            dent_ptr=dent,
             logits_ptr=logits,
-            labels_ptr=labels,
-            old_logprobs_ptr=old_logprobs,
+            labels_ptr=labels.to(torch.int64),
+            old_logprobs_ptr=_f32(old_logprobs),
             advantages_ptr=advantages,
-            credit_ptr=credit if credit is not None else advantages,
-            penalty_ptr=penalty if penalty is not None else advantages,
-            ref_logprobs_ptr=ref_logprobs if ref_logprobs is not None else advantages,
-            weights_ptr=loss_weights,
+            credit_ptr=_f32(credit) if credit is not None else advantages,
+            penalty_ptr=_f32(penalty) if penalty is not None else advantages,
+            ref_logprobs_ptr=_f32(ref_logprobs) if ref_logprobs is not None else advantages,
+            weights_ptr=_f32(loss_weights),
             stride_logits=logits.stride(0),
-            stride_grad=grad_out.stride(0) if grad_out is not None else 0,
             V=v,
-            inv_t=1.0 / temperature,
-            eps_low=eps_low,
-            eps_high=eps_high,
-            dual_clip=dual_clip,
-            kl_coef=kl_coef,
-            entropy_coef=entropy_coef,
+            inv_t=1.0 / options.temperature,
+            eps_low=options.eps_low,
+            eps_high=options.eps_high,
+            dual_clip=options.dual_clip,
+            kl_coef=options.kl_coef,
+            entropy_coef=options.entropy_coef,
             HAS_CREDIT=credit is not None,
             HAS_REF=ref_logprobs is not None,
-            USE_DUAL_CLIP=dual_clip > 1.0,
-            COMPUTE_GRAD=grad_out is not None,
-            BLOCK_V=_block_v(v),
-            num_warps=8 if v >= 8192 else 4,
+            USE_DUAL_CLIP=options.dual_clip > 1.0,
+            IN_PLACE=in_place,
+            BLOCK_V=block_v,
+            num_warps=num_warps,
         )
-    return token_loss.sum(), logprobs, entropy, clip
+    return LossOutputs(token_loss.sum(), logprobs, entropy, clip, lse, dlogp, dent)
 
 
 def logprobs_fwd(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float, with_entropy: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches the Triton log-prob kernel. Returns (logprobs [N], entropy [N] or empty)."""
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launches the Triton log-prob kernel. Returns (logprobs, entropy, lse), each [N] fp32."""
     _check_rows(logits, labels=labels)
     n, v = logits.shape
-    logprobs = torch.empty(n, device=logits.device, dtype=torch.float32)
-    entropy = torch.empty(n if with_entropy else 0, device=logits.device, dtype=torch.float32)
+    logprobs, entropy, lse = (torch.empty(n, device=logits.device, dtype=torch.float32) for _ in range(3))
     if n > 0:
-        _logprobs_kernel[(n,)](
+        block_v, num_warps = launch_config(v)
+        _logprobs_fwd_kernel[(n,)](
             logprobs_ptr=logprobs,
-            entropy_ptr=entropy if with_entropy else logprobs,
+            entropy_ptr=entropy,
+            lse_ptr=lse,
             logits_ptr=logits,
-            labels_ptr=labels,
+            labels_ptr=labels.to(torch.int64),
             stride_logits=logits.stride(0),
             V=v,
             inv_t=1.0 / temperature,
-            WITH_ENTROPY=with_entropy,
-            BLOCK_V=_block_v(v),
-            num_warps=8 if v >= 8192 else 4,
+            BLOCK_V=block_v,
+            num_warps=num_warps,
         )
-    return logprobs, entropy
+    return logprobs, entropy, lse
+
+
+def logits_grad(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logprobs: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    temperature: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Writes d/d(logits) of sum(grad_logprobs * logp + grad_entropy * H) into `out` (may be `logits`)."""
+    _check_rows(logits, labels=labels, lse=lse, entropy=entropy, grad_logprobs=grad_logprobs, grad_entropy=grad_entropy)
+    n, v = logits.shape
+    if n > 0:
+        block_v, num_warps = launch_config(v)
+        _logits_grad_kernel[(n,)](
+            grad_ptr=out,
+            logits_ptr=logits,
+            labels_ptr=labels.to(torch.int64),
+            lse_ptr=_f32(lse),
+            entropy_ptr=_f32(entropy),
+            grad_logprobs_ptr=_f32(grad_logprobs),
+            grad_entropy_ptr=_f32(grad_entropy),
+            stride_grad=out.stride(0),
+            stride_logits=logits.stride(0),
+            V=v,
+            inv_t=1.0 / temperature,
+            BLOCK_V=block_v,
+            num_warps=num_warps,
+        )
+    return out
+
+
+def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x *= scale (a one-element tensor) without reading `scale` on the host."""
+    if x.device.type == "cpu":  # reading a CPU scalar costs no device synchronisation
+        return x if scale.item() == 1.0 else x.mul_(scale.to(x.dtype))
+    numel = x.numel()
+    if numel > 0:
+        _scale_kernel[(triton.cdiv(numel, SCALE_BLOCK),)](
+            x_ptr=x, scale_ptr=scale.to(torch.float32), numel=numel, BLOCK=SCALE_BLOCK, num_warps=SCALE_NUM_WARPS
+        )
+    return x
 
 
 # ---- op registration: CUDA kernels, fake kernels, autograd -------------------------------------------
 
 
-# The op arguments after `logits` are passed through in schema order (see csrc/policy_loss.cpp).
+@dataclasses.dataclass(frozen=True)
+class PolicyLossOptions:
+    """The scalar options of the loss; the field order is the C++ schema's (csrc/policy_loss.cpp).
+
+    temperature: logits are divided by it, as in sampling.
+    eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high] (clip-higher when eps_high > eps_low).
+    dual_clip: c > 1 bounds the loss of negative-advantage tokens by -c * A; 0 disables.
+    kl_coef: weight of the k3 KL penalty to the reference policy (needs ref_logprobs).
+    entropy_coef: weight of the entropy bonus (subtracted from the loss).
+    """
+
+    temperature: float = 1.0
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float = 0.0
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.eps_low < 0 or self.eps_high < 0:
+            raise ValueError(f"eps_low and eps_high must be >= 0, got {self.eps_low}, {self.eps_high}")
+        if self.dual_clip != 0.0 and self.dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be 0 (off) or > 1, got {self.dual_clip}")
+
+    def as_args(self) -> tuple[float, ...]:
+        """The options as the op schemas take them."""
+        return tuple(float(getattr(self, name)) for name in OPTION_NAMES)
+
+
+# Field names in schema order, computed once (torch.compile does not trace dataclasses.fields).
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(PolicyLossOptions))
+
+
+N_LOSS_INPUTS = 7  # labels, old_logprobs, advantages, credit, penalty, ref_logprobs, loss_weights
 
 
 @torch.library.register_kernel("capo::policy_loss", "cuda")
 def _policy_loss_cuda(logits, *args):
-    compute_grad = args[-1]
-    grad = torch.empty_like(logits) if compute_grad else None
-    outs = policy_loss_fwd(logits, *args[:-1], grad_out=grad)
-    return (*outs, grad if compute_grad else logits.new_empty(0))
+    return tuple(policy_loss_fwd(logits, *args[:N_LOSS_INPUTS], PolicyLossOptions(*args[N_LOSS_INPUTS:])))
 
 
 @torch.library.register_kernel("capo::policy_loss_", "cuda")
 def _policy_loss_inplace_cuda(logits, *args):
-    return policy_loss_fwd(logits, *args, grad_out=logits)
+    out = policy_loss_fwd(logits, *args[:N_LOSS_INPUTS], PolicyLossOptions(*args[N_LOSS_INPUTS:]), in_place=True)
+    return tuple(out[:4])
 
 
 @torch.library.register_kernel("capo::logprobs", "cuda")
-def _logprobs_cuda(logits, labels, temperature, with_entropy):
-    return logprobs_fwd(logits, labels, temperature, with_entropy)
+def _logprobs_cuda(logits, labels, temperature):
+    return logprobs_fwd(logits, labels, temperature)
 
 
-def _token_outputs_like(logits: torch.Tensor):
-    n = logits.shape[0]
-    f32 = dict(device=logits.device, dtype=torch.float32)
-    return (
-        logits.new_empty((), dtype=torch.float32),
-        logits.new_empty(n, **f32),
-        logits.new_empty(n, **f32),
-        logits.new_empty(n, dtype=torch.int8),
-    )
+@torch.library.register_kernel("capo::logits_grad", "cuda")
+def _logits_grad_cuda(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature):
+    out = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return logits_grad(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, out)
+
+
+@torch.library.register_kernel("capo::logits_grad_", "cuda")
+def _logits_grad_inplace_cuda(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature):
+    logits_grad(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, logits)
+
+
+def _vectors(logits: torch.Tensor, count: int) -> list[torch.Tensor]:
+    return [logits.new_empty(logits.shape[0], dtype=torch.float32) for _ in range(count)]
 
 
 @torch.library.register_fake("capo::policy_loss")
 def _policy_loss_fake(logits, *args):
-    compute_grad = args[-1]
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else logits.new_empty(0)
-    return (*_token_outputs_like(logits), grad)
+    loss = logits.new_empty((), dtype=torch.float32)
+    clip = logits.new_empty(logits.shape[0], dtype=torch.int8)
+    logprobs, entropy, lse, dlogp, dent = _vectors(logits, 5)
+    return loss, logprobs, entropy, clip, lse, dlogp, dent
 
 
 @torch.library.register_fake("capo::policy_loss_")
 def _policy_loss_inplace_fake(logits, *args):
-    return _token_outputs_like(logits)
+    return _policy_loss_fake(logits, *args)[:4]
 
 
 @torch.library.register_fake("capo::logprobs")
-def _logprobs_fake(logits, labels, temperature, with_entropy):
-    n = logits.shape[0]
-    return (logits.new_empty(n, dtype=torch.float32), logits.new_empty(n if with_entropy else 0, dtype=torch.float32))
+def _logprobs_fake(logits, labels, temperature):
+    return tuple(_vectors(logits, 3))
+
+
+@torch.library.register_fake("capo::logits_grad")
+def _logits_grad_fake(logits, *args):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("capo::logits_grad_")
+def _logits_grad_inplace_fake(logits, *args):
+    return None
 
 
 def _policy_loss_setup_context(ctx, inputs, output):
-    ctx.grad_logits = output[4]
-    ctx.logits_dtype = inputs[0].dtype
+    logits, labels = inputs[0], inputs[1]
+    ctx.temperature = inputs[1 + N_LOSS_INPUTS]
+    ctx.num_inputs = len(inputs)
+    _, _, entropy, _, lse, dloss_dlogp, dloss_dentropy = output
+    ctx.save_for_backward(logits, labels, lse, entropy, dloss_dlogp, dloss_dentropy)
 
 
 def _policy_loss_backward(ctx, grad_loss, *unused_grads):
-    # The gradient was computed in the forward sweep; only the upstream scalar remains to apply.
-    if ctx.grad_logits.numel() == 0:
-        raise RuntimeError("capo::policy_loss was called with compute_grad=False; it has no gradient")
-    grad_logits = (ctx.grad_logits * grad_loss).to(ctx.logits_dtype)
-    return (grad_logits,) + (None,) * 14
+    logits, labels, lse, entropy, dlogp, dent = ctx.saved_tensors
+    # [N]-sized products with the upstream scalar: no host synchronisation, no second [N, V] buffer.
+    grad = torch.ops.capo.logits_grad(
+        logits, labels, lse, entropy, dlogp * grad_loss, dent * grad_loss, ctx.temperature
+    )
+    return (grad,) + (None,) * (ctx.num_inputs - 1)
 
 
 torch.library.register_autograd("capo::policy_loss", _policy_loss_backward, setup_context=_policy_loss_setup_context)
+
+
+def _logprobs_setup_context(ctx, inputs, output):
+    logits, labels, ctx.temperature = inputs
+    ctx.save_for_backward(logits, labels, output[2], output[1])
+
+
+def _logprobs_backward(ctx, grad_logprobs, grad_entropy, unused_grad_lse):
+    logits, labels, lse, entropy = ctx.saved_tensors
+    grad = torch.ops.capo.logits_grad(logits, labels, lse, entropy, grad_logprobs, grad_entropy, ctx.temperature)
+    return grad, None, None
+
+
+torch.library.register_autograd("capo::logprobs", _logprobs_backward, setup_context=_logprobs_setup_context)
 
 
 class _InplacePolicyLoss(torch.autograd.Function):
@@ -347,15 +540,14 @@ class _InplacePolicyLoss(torch.autograd.Function):
     def forward(ctx, logits, *args):
         loss, logprobs, entropy, clip = torch.ops.capo.policy_loss_(logits.detach(), *args)
         ctx.save_for_backward(logits.detach())
+        ctx.num_inputs = 1 + len(args)
         ctx.mark_non_differentiable(logprobs, entropy, clip)
         return loss, logprobs, entropy, clip
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         (grad_logits,) = ctx.saved_tensors
-        if not (isinstance(grad_loss, torch.Tensor) and grad_loss.numel() == 1 and grad_loss.item() == 1.0):
-            grad_logits = grad_logits.mul_(grad_loss.to(grad_logits.dtype))
-        return (grad_logits,) + (None,) * 13
+        return (scale_(grad_logits, grad_loss),) + (None,) * (ctx.num_inputs - 1)
 
 
 # ---- public API --------------------------------------------------------------------------------------
@@ -371,16 +563,27 @@ class PolicyLossOutput(NamedTuple):
     clipped: torch.Tensor
 
 
-def _token_mean_weights(labels: torch.Tensor) -> torch.Tensor:
+def token_mean_weights(labels: torch.Tensor) -> torch.Tensor:
     """Default aggregation: mean over the tokens whose label is valid."""
     valid = (labels >= 0).float()
     return valid / valid.sum().clamp_min(1.0)
 
 
-def _per_token(value: torch.Tensor | float | None, like: torch.Tensor) -> torch.Tensor | None:
+def per_token(value: torch.Tensor | float | None, like: torch.Tensor) -> torch.Tensor | None:
     if value is None or isinstance(value, torch.Tensor):
         return value
     return torch.full((like.shape[0],), float(value), device=like.device, dtype=torch.float32)
+
+
+def resolve_options(options: PolicyLossOptions | None, overrides: dict[str, float]) -> PolicyLossOptions:
+    """`options` (default: PolicyLossOptions()) with keyword overrides; unknown names are an error."""
+    base = options if options is not None else PolicyLossOptions()
+    if not overrides:
+        return base
+    unknown = set(overrides) - set(OPTION_NAMES)
+    if unknown:
+        raise TypeError(f"unknown policy-loss option(s) {sorted(unknown)}; see PolicyLossOptions")
+    return PolicyLossOptions(*(overrides.get(name, getattr(base, name)) for name in OPTION_NAMES))
 
 
 def fused_policy_loss(
@@ -393,13 +596,9 @@ def fused_policy_loss(
     penalty: torch.Tensor | float | None = None,
     ref_logprobs: torch.Tensor | None = None,
     loss_weights: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: float = 0.0,
-    kl_coef: float = 0.0,
-    entropy_coef: float = 0.0,
+    options: PolicyLossOptions | None = None,
     inplace_backward: bool = False,
+    **option_overrides: float,
 ) -> PolicyLossOutput:
     """Clipped PPO loss with CAPO token credit, fused over the vocabulary.
 
@@ -414,10 +613,8 @@ def fused_policy_loss(
         ref_logprobs: [N] reference-policy log-probs, enables the k3 KL term weighted by `kl_coef`.
         loss_weights: [N] aggregation weight of each token (see `aggregation_weights`); zero masks a
             token. Default: token mean over all rows.
-        temperature: logits are divided by it, as in sampling.
-        eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high] (clip-higher when eps_high > eps_low).
-        dual_clip: c > 1 bounds the loss of negative-advantage tokens by -c * A; 0 disables.
-        kl_coef, entropy_coef: weights of the KL penalty and of the entropy bonus (subtracted).
+        options: `PolicyLossOptions` (temperature, clip range, dual clip, KL and entropy weights);
+            keyword overrides such as `eps_high=0.28` are applied on top.
         inplace_backward: write the gradient over `logits` during forward (saves an [N, V] buffer;
             the logits are destroyed, so nothing else may read them afterwards).
 
@@ -427,36 +624,26 @@ def fused_policy_loss(
         with `r = exp(clamp(logp - old_logprobs, -20, 20))` and `logp = log_softmax(logits / T)[label]`;
         see `capo_fast.kernels.reference.policy_loss`.
     """
+    opts = resolve_options(options, option_overrides)
     if loss_weights is None:
-        loss_weights = _token_mean_weights(labels)
-    args = (
-        labels,
-        old_logprobs,
-        advantages,
-        credit,
-        _per_token(penalty, logits),
-        ref_logprobs,
-        loss_weights,
-        float(temperature),
-        float(eps_low),
-        float(eps_high),
-        float(dual_clip),
-        float(kl_coef),
-        float(entropy_coef),
-    )
+        loss_weights = token_mean_weights(labels)
+    args = (labels, old_logprobs, advantages, credit, per_token(penalty, logits), ref_logprobs, loss_weights)
     if inplace_backward and logits.requires_grad:
-        return PolicyLossOutput(*_InplacePolicyLoss.apply(logits, *args))
-    loss, logprobs, entropy, clip, _ = torch.ops.capo.policy_loss(logits, *args, logits.requires_grad)
-    return PolicyLossOutput(loss, logprobs, entropy, clip)
+        return PolicyLossOutput(*_InplacePolicyLoss.apply(logits, *args, *opts.as_args()))
+    out = torch.ops.capo.policy_loss(logits, *args, *opts.as_args())
+    return PolicyLossOutput(out[0], out[1].detach(), out[2].detach(), out[3])
 
 
 def fused_logprobs(
     logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs (and entropy) without building log_softmax; no gradient.
+    """Per-token log-probs (and entropy) without building log_softmax; differentiable.
 
-    Equivalent to `torch.log_softmax(logits.float() / temperature, -1).gather(-1, labels[:, None])[:, 0]`.
+    Equivalent to `torch.log_softmax(logits.float() / temperature, -1).gather(-1, labels[:, None])[:, 0]`
+    (0 where the label is outside [0, V)). With `logits.requires_grad`, backward takes per-token upstream
+    gradients of both outputs and keeps nothing of size [N, V] but the logits themselves, so any loss
+    written in PyTorch on [N] vectors (GSPO, CISPO, ...) gets the fused memory footprint.
     Returns (logprobs [N] fp32, entropy [N] fp32 or None).
     """
-    logprobs, entropy = torch.ops.capo.logprobs(logits.detach(), labels, float(temperature), with_entropy)
+    logprobs, entropy, _ = torch.ops.capo.logprobs(logits, labels, float(temperature))
     return logprobs, (entropy if with_entropy else None)

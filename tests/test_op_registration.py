@@ -1,10 +1,13 @@
 """The capo:: custom ops: opcheck (schemas, fake kernels, autograd registration) and torch.compile."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import capo_fast.kernels  # noqa: F401  (registers the ops)
 from capo_fast.kernels import fused_policy_loss
+from capo_fast.kernels.policy_loss import N_LOSS_INPUTS, PolicyLossOptions
 
 
 def policy_loss_args(n=6, v=33, compute_grad=True, seed=0):
@@ -27,38 +30,54 @@ def policy_loss_args(n=6, v=33, compute_grad=True, seed=0):
         3.0,
         0.05,
         0.01,
-        compute_grad,
     )
 
 
-@pytest.mark.parametrize("compute_grad", [True, False])
-def test_opcheck_policy_loss(compute_grad):
-    torch.library.opcheck(torch.ops.capo.policy_loss.default, policy_loss_args(compute_grad=compute_grad))
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_opcheck_policy_loss(requires_grad):
+    torch.library.opcheck(torch.ops.capo.policy_loss.default, policy_loss_args(compute_grad=requires_grad))
 
 
 def test_opcheck_policy_loss_inplace():
-    args = list(policy_loss_args(compute_grad=False))[:-1]
-    torch.library.opcheck(torch.ops.capo.policy_loss_.default, tuple(args))
+    torch.library.opcheck(torch.ops.capo.policy_loss_.default, policy_loss_args(compute_grad=False))
 
 
-def test_opcheck_logprobs():
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_opcheck_logprobs_and_logits_grad(requires_grad):
     g = torch.Generator().manual_seed(1)
-    logits, labels = torch.randn(5, 40, generator=g), torch.randint(0, 40, (5,), generator=g)
-    for with_entropy in (True, False):
-        torch.library.opcheck(torch.ops.capo.logprobs.default, (logits, labels, 1.1, with_entropy))
+    logits = torch.randn(5, 40, generator=g, requires_grad=requires_grad)
+    labels = torch.randint(0, 40, (5,), generator=g)
+    torch.library.opcheck(torch.ops.capo.logprobs.default, (logits, labels, 1.1))
+    _, entropy, lse = torch.ops.capo.logprobs(logits.detach(), labels, 1.1)
+    grad_args = (labels, lse, entropy, torch.randn(5, generator=g), torch.randn(5, generator=g), 1.1)
+    torch.library.opcheck(torch.ops.capo.logits_grad.default, (logits.detach(), *grad_args))
+    torch.library.opcheck(torch.ops.capo.logits_grad_.default, (logits.detach().clone(), *grad_args))
 
 
-@pytest.mark.parametrize("compute_grad", [True, False])
-def test_opcheck_linear_ops(compute_grad):
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_opcheck_linear_ops(requires_grad):
     g = torch.Generator().manual_seed(2)
     n, h, v = 7, 8, 29
-    hidden = torch.randn(n, h, generator=g, requires_grad=compute_grad)
-    weight = torch.randn(v, h, generator=g, requires_grad=compute_grad)
-    rest = policy_loss_args(n=n, v=v, seed=3)[1:-1]
-    torch.library.opcheck(torch.ops.capo.linear_policy_loss.default, (hidden, weight, *rest, 3, compute_grad))
+    hidden = torch.randn(n, h, generator=g, requires_grad=requires_grad)
+    weight = torch.randn(v, h, generator=g, requires_grad=requires_grad)
+    args = policy_loss_args(n=n, v=v, seed=3)
+    per_token, options = args[1:8], list(args[8:])
     torch.library.opcheck(
-        torch.ops.capo.linear_logprobs.default, (hidden.detach(), weight.detach(), rest[0], 1.0, True, 4)
+        torch.ops.capo.linear_policy_loss.default, (hidden, weight, *per_token, options, 3, requires_grad)
     )
+    torch.library.opcheck(torch.ops.capo.linear_logprobs.default, (hidden, weight, per_token[0], 1.0, 4))
+
+
+def test_option_object_matches_the_op_schema():
+    """PolicyLossOptions is the one Python statement of the scalar options: same names, same order."""
+    schema_args = [a.name for a in torch.ops.capo.policy_loss.default._schema.arguments]
+    fields = [f.name for f in dataclasses.fields(PolicyLossOptions)]
+    assert schema_args[1 + N_LOSS_INPUTS :] == fields
+    assert [a.name for a in torch.ops.capo.policy_loss_.default._schema.arguments] == schema_args
+    with pytest.raises(TypeError, match="unknown policy-loss option"):
+        fused_policy_loss(*policy_loss_args()[:4], eps_hihg=0.3)
+    with pytest.raises(ValueError, match="dual_clip"):
+        PolicyLossOptions(dual_clip=0.5)
 
 
 def test_compiles_without_graph_breaks():

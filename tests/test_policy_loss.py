@@ -6,13 +6,16 @@ them stay small; the C++ op runs natively on the larger ones.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from capo_fast.kernels import aggregation_weights, fused_logprobs, fused_policy_loss, reference
-from capo_fast.kernels.policy_loss import logprobs_fwd, policy_loss_fwd
+from capo_fast.kernels.policy_loss import PolicyLossOptions, logits_grad, logprobs_fwd, policy_loss_fwd
+
+OPTION_NAMES = {f.name for f in dataclasses.fields(PolicyLossOptions)}
 
 OPTION_SETS = {
     "plain": {},
@@ -211,6 +214,28 @@ def test_logprobs_op_matches_reference_with_temperature():
     assert fused_logprobs(logits, labels)[1] is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_gradient_takes_per_token_upstream_gradients(dtype):
+    """A loss written in PyTorch on the [N] log-probs and entropies (GSPO's sequence-level ratio here)."""
+    logits, labels, *_ = make_case(33, 1003, dtype=dtype, seed=14, neg_inf_cols=2, mask_rows=(4,))
+    seq = torch.arange(33) // 11
+    old = torch.randn(33, generator=torch.Generator().manual_seed(15)) * 0.1 - 7.0
+    adv = torch.tensor([1.0, -0.5, 0.3])
+
+    def gspo(logp, ent):
+        log_ratio = torch.zeros(3, dtype=logp.dtype).index_add(0, seq, logp - old.to(logp.dtype)) / 11
+        return -(adv.to(logp.dtype) * log_ratio.exp()).mean() - 0.01 * ent.mean()
+
+    x = logits.clone().requires_grad_(True)
+    lp, ent = fused_logprobs(x, labels, temperature=0.8, with_entropy=True)
+    gspo(lp, ent).backward()
+    x64 = logits.double().requires_grad_(True)
+    gspo(*reference.token_logprobs_and_entropy(x64, labels, temperature=0.8)).backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_close(x.grad, x64.grad, tol * x64.grad.abs().max().item(), tol, "grad")
+    assert x.grad.dtype == dtype
+
+
 def test_hand_computed_single_token():
     """An independent statement of the loss: one token, V = 2, every term worked out by hand."""
     logits = torch.tensor([[math.log(3.0), 0.0]])  # p = (0.75, 0.25)
@@ -237,23 +262,26 @@ def test_hand_computed_single_token():
 
 
 def triton_forward(logits, labels, old, adv, kwargs, with_grad=True):
-    opts = dict(temperature=1.0, eps_low=0.2, eps_high=0.2, dual_clip=0.0, kl_coef=0.0, entropy_coef=0.0)
-    opts.update({k: kwargs[k] for k in opts if k in kwargs})
-    penalty = kwargs.get("penalty")
-    grad = torch.full_like(logits, float("nan")) if with_grad else None  # poisoned: every entry must be written
-    outs = policy_loss_fwd(
+    """The Triton forward and (with_grad) backward launchers, as the CUDA op and its autograd run them."""
+    options = PolicyLossOptions(**{k: v for k, v in kwargs.items() if k in OPTION_NAMES})
+    out = policy_loss_fwd(
         logits,
         labels,
         old,
         adv,
         kwargs.get("credit"),
-        penalty,
+        kwargs.get("penalty"),
         kwargs.get("ref_logprobs"),
         kwargs["loss_weights"],
-        grad_out=grad,
-        **opts,
+        options,
     )
-    return (*outs, grad)
+    grad = None
+    if with_grad:
+        grad = torch.full_like(logits, float("nan"))  # poisoned: every entry must be written
+        logits_grad(
+            logits, labels, out.lse, out.entropy, out.dloss_dlogprobs, out.dloss_dentropy, options.temperature, grad
+        )
+    return (*out[:4], grad)
 
 
 @pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
@@ -272,21 +300,27 @@ def test_triton_kernel_large_vocab_bf16_inplace():
     logits, labels, old, adv, kwargs = make_case(3, 65_600, dtype=torch.bfloat16, seed=11, credit=True, penalty=1.0)
     loss_ref, logp_ref, _, _, grad_ref = run_reference(logits, labels, old, adv, kwargs)
     buf = logits.clone()
-    opts = dict(temperature=1.0, eps_low=0.2, eps_high=0.2, dual_clip=0.0, kl_coef=0.0, entropy_coef=0.0)
-    loss, logp, _, _ = policy_loss_fwd(
-        buf, labels, old, adv, kwargs["credit"], kwargs["penalty"], None, kwargs["loss_weights"], grad_out=buf, **opts
-    )
-    assert_close(loss, loss_ref, 1e-4, 1e-4, "loss")
-    assert_close(logp, logp_ref, 2e-2, 1e-3, "logprobs")  # bf16 inputs: the reference sees the same rounded values
+    out = policy_loss_fwd(
+        buf, labels, old, adv, kwargs["credit"], kwargs["penalty"], None, kwargs["loss_weights"],
+        PolicyLossOptions(), in_place=True,
+    )  # fmt: skip
+    assert_close(out.loss, loss_ref, 1e-4, 1e-4, "loss")
+    assert_close(out.logprobs, logp_ref, 2e-2, 1e-3, "logprobs")  # bf16 inputs: the reference sees the same values
     assert_close(buf, grad_ref, 1e-2 * grad_ref.abs().max().item(), 1e-2, "grad")
 
 
-def test_triton_logprobs_kernel():
+def test_triton_logprobs_kernel_and_its_gradient():
     logits, labels, *_ = make_case(11, 2049, seed=12, neg_inf_cols=3, mask_rows=(2,))
-    lp, ent = logprobs_fwd(logits, labels, 1.7, True)
-    lp_ref, ent_ref = reference.logprobs(logits.double(), labels, temperature=1.7)
+    lp, ent, lse = logprobs_fwd(logits, labels, 1.7)
+    x = logits.double().requires_grad_(True)
+    lp_ref, ent_ref = reference.token_logprobs_and_entropy(x, labels, temperature=1.7)
     assert_close(lp, lp_ref, 1e-4, 1e-5, "logprobs")
     assert_close(ent, ent_ref, 1e-4, 1e-5, "entropy")
+    g = torch.Generator().manual_seed(13)
+    g_lp, g_ent = torch.randn(11, generator=g), torch.randn(11, generator=g)
+    (lp_ref * g_lp.double() + ent_ref * g_ent.double()).sum().backward()
+    grad = logits_grad(logits, labels, lse, ent, g_lp, g_ent, 1.7, torch.full_like(logits, float("nan")))
+    assert_close(grad, x.grad, 1e-5 * x.grad.abs().max().item(), 1e-5, "grad")
 
 
 def test_triton_and_cpp_agree_on_fully_neg_inf_row():
@@ -301,3 +335,13 @@ def test_triton_and_cpp_agree_on_fully_neg_inf_row():
     assert_close(cpp.loss, tri[0], 1e-6, 1e-6, "loss")
     assert_close(cpp_grad, tri[4], 1e-7, 1e-6, "grad")
     assert torch.count_nonzero(tri[4][1]) == 0
+
+
+@pytest.mark.parametrize("scale", [1.0, -2.5])
+def test_triton_scale_kernel(scale):
+    from capo_fast.kernels.policy_loss import SCALE_BLOCK, _scale_kernel
+
+    x = torch.randn(SCALE_BLOCK + 7)
+    expected = x * scale
+    _scale_kernel[(2,)](x_ptr=x, scale_ptr=torch.tensor([scale]), numel=x.numel(), BLOCK=SCALE_BLOCK)
+    assert torch.equal(x, expected)
