@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import pytest
@@ -126,5 +125,4 @@ def _peak_main(argv):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as bench/conftest.py, for the --peak process
     _peak_main(sys.argv[1:])

@@ -102,6 +102,10 @@ class CriticConfig:
     max_concurrency: int = 16
     retries: int = 2
     timeout_s: float = 120.0
+    # A judge that fails (server down, wrong URL, a format it never keeps) would leave outcome reward
+    # alone, silently GRPO: warn each step above the first rate, stop the run above the second.
+    warn_failure_rate: float = 0.2
+    max_failure_rate: float = 0.5
 
 
 @dataclass
@@ -133,7 +137,8 @@ class TrainerConfig:
     warmup_steps: int = 1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    zero_stage: int = 2
+    zero_stage: int = 2  # 1-3: ZeRO skips steps whose gradient norm is not finite, ZeRO-0 applies them
+    max_skipped_steps: int = 3  # stop after this many non-finite steps in a row
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU for the whole run
     offload_states_while_generating: bool = True  # CUDA: free optimizer state while the engines generate
     deepspeed_config: str = ""  # JSON file whose keys override the generated DeepSpeed config
@@ -197,7 +202,15 @@ class Config:
         _check(t.micro_batch_tokens >= 64, "trainer.micro_batch_tokens", "must be >= 64")
         _check(t.lr > 0 and math.isfinite(t.lr), "trainer.lr", "must be a positive number")
         _check(0 <= t.min_lr_ratio <= 1, "trainer.min_lr_ratio", "must be in [0, 1]")
-        _check(t.zero_stage in (0, 1, 2, 3), "trainer.zero_stage", "must be 0, 1, 2 or 3")
+        # deepspeed/runtime/zero/stage_1_and_2.py:3040-3044 and stage3.py:2886-2889 flag a non-finite
+        # gradient norm as overflow and the engine skips the step (engine.py:3535-3541); ZeRO-0 has no such check.
+        _check(t.zero_stage in (1, 2, 3), "trainer.zero_stage", "must be 1, 2 or 3 (ZeRO-0 applies non-finite steps)")
+        _check(t.max_skipped_steps >= 1, "trainer.max_skipped_steps", "must be >= 1")
+        _check(
+            0 <= c.warn_failure_rate <= c.max_failure_rate <= 1,
+            "critic.max_failure_rate",
+            f"need 0 <= critic.warn_failure_rate ({c.warn_failure_rate}) <= critic.max_failure_rate <= 1",
+        )
         _check(
             not t.deepspeed_config or Path(t.deepspeed_config).is_file(),
             "trainer.deepspeed_config",
@@ -206,6 +219,21 @@ class Config:
         _check(self.data.num_eval >= 0, "data.num_eval", "must be >= 0")
         _check(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
         return self
+
+    def check_world_size(self, world: int) -> None:
+        """What depends on the number of ranks the launcher started (checked before any heavy work)."""
+        t, r = self.trainer, self.rollout
+        _check(
+            t.prompts_per_step % world == 0,
+            "trainer.prompts_per_step",
+            f"{t.prompts_per_step} is not a multiple of the {world} ranks launched (a rank owns whole prompt groups)",
+        )
+        _check(
+            world % r.tensor_parallel_size == 0 and (world > 1 or r.tensor_parallel_size == 1),
+            "rollout.tensor_parallel_size",
+            f"{r.tensor_parallel_size} needs a multiple of that many ranks, got {world}: "
+            f"deepspeed --num_gpus {max(r.tensor_parallel_size, world)} capo_fast/train.py ...",
+        )
 
 
 # ---- loading --------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -36,6 +38,17 @@ def sleep_mode_supported() -> bool:
     from vllm.platforms import current_platform
 
     return bool(current_platform.is_sleep_mode_available())
+
+
+def critic_sleep_mode(*, requested: bool, supported: bool, policy_sleeps: bool) -> bool:
+    """Whether an in-process critic engine may use sleep mode: only when the policy engine does not.
+
+    vLLM's CuMemAllocator is one per process (vllm/device_allocator/cumem.py:112-127): a second
+    sleep-mode engine fails its start-up check (vllm/v1/worker/gpu_worker.py:399-403), and a level-2
+    sleep of the policy would discard every allocation made under it, the critic's weights included
+    (cumem.py:256-265). A colocated critic therefore keeps its memory share for the whole run.
+    """
+    return requested and supported and not policy_sleeps
 
 
 def _executor_backend(tensor_parallel_size: int) -> str:
@@ -68,6 +81,7 @@ class VLLMEngine:
     Args:
         model: HF model folder.
         sleep_level: 2 for the policy (weights are re-synced every step), 1 for a frozen critic.
+        kv_cache_memory_bytes: the KV cache's size on CUDA (default: what gpu_memory_utilization leaves).
     """
 
     def __init__(
@@ -82,6 +96,7 @@ class VLLMEngine:
         enforce_eager: bool = False,
         sleep_level: int = 2,
         sleep_mode: bool = True,
+        kv_cache_memory_bytes: int | None = None,
     ):
         global _sleep_notice_given
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model must live in this process
@@ -98,6 +113,9 @@ class VLLMEngine:
         self.sleep_level = sleep_level
         self.asleep = False
         threads = torch.get_num_threads()
+        from capo_fast.distributed import tensor_parallel_group
+
+        self.tp_group = tensor_parallel_group(tensor_parallel_size)
         self.llm = LLM(
             model=str(model),
             dtype=dtype,
@@ -109,6 +127,9 @@ class VLLMEngine:
             enforce_eager=enforce_eager or not on_cuda,
             enable_sleep_mode=self.sleep_enabled,
             enable_prefix_caching=True,
+            # CUDA: the KV cache sized from what this rank asks for (vllm/config/cache.py:257-264; it then
+            # ignores gpu_memory_utilization for the cache). The CPU build sizes it by VLLM_CPU_KVCACHE_SPACE.
+            kv_cache_memory_bytes=kv_cache_memory_bytes if on_cuda else None,
             # vLLM's CPU build cannot rewind a seeded request's generator when a chunked prefill
             # discards a sample ("CPU Generator does not use offset"): prefill whole prompts there.
             enable_chunked_prefill=on_cuda,
@@ -117,6 +138,11 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
 
     # ---- sleep ------------------------------------------------------------------------------------
+
+    @property
+    def sleep_discards_weights(self) -> bool:
+        """A level-2 sleep frees the weights without a backup (vllm/device_allocator/sleep_mode_backend.py:134-137)."""
+        return self.sleep_enabled and self.sleep_level == 2
 
     def sleep(self) -> None:
         if self.sleep_enabled and not self.asleep:
@@ -164,7 +190,13 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
+        from capo_fast.distributed import gather_requests, own_slice
+
         self.wake_up()
+        # Ranks of one tensor-parallel engine submit the same requests: each submits the group's.
+        local = list(zip(prompts, seeds, regex or [None] * len(seeds), strict=True))
+        requests, counts = gather_requests(local, self.tp_group)
+        prompts, seeds, regex = ([r[k] for r in requests] for k in range(3))
         params = [
             SamplingParams(
                 n=n,
@@ -176,9 +208,13 @@ class VLLMEngine:
                 logprobs=0,
                 structured_outputs=StructuredOutputsParams(regex=rx) if rx else None,
             )
-            for seed, rx in zip(seeds, regex or [None] * len(seeds), strict=True)
+            for seed, rx in zip(seeds, regex, strict=True)
         ]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        return own_slice(self._completions(outputs), counts, self.tp_group)
+
+    @staticmethod
+    def _completions(outputs) -> list[list[Completion]]:
         return [
             [
                 Completion(
@@ -201,6 +237,53 @@ class VLLMEngine:
             [{"prompt_token_ids": token_ids}], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False
         )[0]
         return torch.tensor([out.prompt_logprobs[t][token_ids[t]].logprob for t in range(1, len(token_ids))])
+
+
+class WeightSource(Protocol):
+    """What the policy engine loads from: the trainer."""
+
+    version: int  # changes whenever the weights do
+
+    def weights(self) -> Iterable[tuple[str, torch.Tensor]]: ...
+
+    def states_offloaded(self) -> AbstractContextManager: ...
+
+
+class PolicyEngine:
+    """The only way to generate from the policy: owns the engine's lifecycle.
+
+    Each call frees the trainer's optimizer state (before anything wakes), loads the trainer's weights
+    when they changed since the last load or a level-2 sleep discarded them, wakes the engine,
+    generates, and puts it back to sleep. No caller can generate from stale or discarded weights.
+    """
+
+    def __init__(self, engine: VLLMEngine, source: WeightSource):
+        self.engine = engine
+        self.source = source
+        self._loaded_version: int | None = None
+        self.last_sync_s = 0.0
+
+    def generate(self, prompts, sampling: SamplingConfig, *, n: int, seeds) -> list[list[Completion]]:
+        with self._awake():
+            return self.engine.generate(prompts, sampling, n=n, seeds=seeds)
+
+    def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        with self._awake():
+            return self.engine.prompt_logprobs(token_ids)
+
+    @contextmanager
+    def _awake(self):
+        with self.source.states_offloaded():
+            self.last_sync_s = 0.0
+            if self._loaded_version != self.source.version:
+                self.last_sync_s = self.engine.load_weights(self.source.weights())
+                self._loaded_version = self.source.version
+            try:
+                yield
+            finally:
+                self.engine.sleep()
+                if self.engine.sleep_discards_weights:
+                    self._loaded_version = None
 
 
 def _reload_weights(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
@@ -249,6 +332,10 @@ def guided_critique_regex(reasoning_chars: int, num_steps: int) -> str:
     index = "(" + "|".join(str(k) for k in range(num_steps)) + ")"
     indices = f"({index}(,{index}){{0,{num_steps - 1}}})?" if num_steps else ""
     return reasoning + rf"Judgment: (Yes|No)\n<incorrect_steps>{indices}</incorrect_steps>"
+
+
+class JudgeError(RuntimeError):
+    """Too many critiques failed: the run would silently lose its step credit."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ arithmetic, about ten minutes on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import random
@@ -20,7 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from capo_fast.config import Config, ConfigError, SamplingConfig, load_config, to_dict
 from capo_fast.credit import (
@@ -33,10 +33,27 @@ from capo_fast.credit import (
 )
 from capo_fast.critique import split_steps, vote
 from capo_fast.data import EVAL_SEED_OFFSET, DataError, PromptSampler, encode_prompts, load_problems
+from capo_fast.distributed import (
+    all_reduce,
+    barrier,
+    check_same_environment,
+    check_shared_folder,
+    rank_and_world,
+)
+from capo_fast.launch_env import required_env
+from capo_fast.memory_budget import Architecture, kv_cache_bytes
 from capo_fast.metrics import MetricsLog, format_line
 from capo_fast.reward import OutcomeVerifier, outcome_metrics
-from capo_fast.rollout import CRITIC_BACKENDS, CritiqueRequest, VLLMEngine, model_weights
-from capo_fast.trainer import PolicyTrainer, TrainSequence, all_reduce
+from capo_fast.rollout import (
+    CRITIC_BACKENDS,
+    CritiqueRequest,
+    JudgeError,
+    PolicyEngine,
+    VLLMEngine,
+    critic_sleep_mode,
+    sleep_mode_supported,
+)
+from capo_fast.trainer import PolicyTrainer, TrainingDiverged, TrainSequence
 
 logger = logging.getLogger("capo_fast")
 
@@ -66,10 +83,6 @@ def resolve_model(name: str) -> Path:
 # ---- distributed helpers -----------------------------------------------------------------------------
 
 
-def rank_and_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 def my_share(items: list, rank: int, world: int) -> list:
     """A contiguous block per rank, so every rank keeps whole prompt groups."""
     per = len(items) // world
@@ -97,15 +110,12 @@ class Run:
 
         self.config = c = config
         self.rank, self.world = rank_and_world()
-        if c.trainer.prompts_per_step % self.world:
-            raise ConfigError(
-                f"trainer.prompts_per_step={c.trainer.prompts_per_step} is not a multiple of {self.world} ranks"
-            )
+        c.check_world_size(self.world)
+        check_same_environment(required_env(c))
         self.out = Path(c.logging.output_dir)
         if self.rank == 0:  # builds or converts an offline model once; the other ranks then find it cached
             resolve_model(c.model.path)
-        if dist.is_initialized():
-            dist.barrier()
+        barrier()
         self.model_path = resolve_model(c.model.path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
 
@@ -125,10 +135,15 @@ class Run:
 
         self.trainer = PolicyTrainer(c, self.model_path)
         r = c.rollout
-        self.policy = VLLMEngine(
-            self.model_path, dtype=c.model.dtype, seed=c.trainer.seed, tensor_parallel_size=r.tensor_parallel_size,
-            gpu_memory_utilization=r.gpu_memory_utilization, max_model_len=r.max_model_len,
-            enforce_eager=r.enforce_eager, sleep_level=2, sleep_mode=r.sleep_mode,
+        arch = Architecture.from_hf_config(json.loads((self.model_path / "config.json").read_text()))
+        self.policy = PolicyEngine(
+            VLLMEngine(
+                self.model_path, dtype=c.model.dtype, seed=c.trainer.seed, tensor_parallel_size=r.tensor_parallel_size,
+                gpu_memory_utilization=r.gpu_memory_utilization, max_model_len=r.max_model_len,
+                enforce_eager=r.enforce_eager, sleep_level=2, sleep_mode=r.sleep_mode,
+                kv_cache_memory_bytes=kv_cache_bytes(c, arch, self.world),
+            ),
+            self.trainer,
         )  # fmt: skip
         # Only CAPO's token penalty and the GenORM reward read critiques: GRPO runs (P = 0) skip the judge.
         a = c.algorithm
@@ -136,8 +151,11 @@ class Run:
         self.critic = None
         if self.uses_critic and c.critic.backend == "vllm":
             critic_model = c.critic.model or str(self.model_path)
+            sleeps = critic_sleep_mode(
+                requested=r.sleep_mode, supported=sleep_mode_supported(), policy_sleeps=self.policy.engine.sleep_enabled
+            )
             self.critic = CRITIC_BACKENDS["vllm"](
-                c.critic, critic_model, dtype=c.model.dtype, seed=c.trainer.seed, sleep_mode=r.sleep_mode
+                c.critic, critic_model, dtype=c.model.dtype, seed=c.trainer.seed, sleep_mode=sleeps
             )
         elif self.uses_critic:
             self.critic = CRITIC_BACKENDS["remote"](c.critic, c.critic.model)
@@ -192,9 +210,6 @@ class Run:
 
     # ---- one step ------------------------------------------------------------------------------------
 
-    def sync_weights(self) -> float:
-        return self.policy.load_weights(model_weights(self.trainer.model))
-
     def evaluate(self) -> float:
         """Greedy accuracy on the held-out problems, over all ranks."""
         if not self.eval_set:
@@ -214,13 +229,10 @@ class Run:
         prompts = [self.train_prompts[global_batch[p]] for p in positions]
         n = c.rollout.n
 
-        with timed(times, "sync"):
-            self.sync_weights()
-        self.trainer.offload_states()
-        with timed(times, "rollout"):
+        with timed(times, "rollout"):  # includes the weight sync, reported apart as time/sync
             seeds = [sample_seed(c.trainer.seed, self.step, p) for p in positions]
             groups = self.policy.generate(prompts, c.rollout.sampling, n=n, seeds=seeds)
-            self.policy.sleep()
+        times["time/sync"] = self.policy.last_sync_s
         rollouts = [(i, comp) for i, group in enumerate(groups) for comp in group]
         texts = [comp.text for _, comp in rollouts]
         steps = [split_steps(t) for t in texts]
@@ -259,7 +271,6 @@ class Run:
                                       adv.credits[j])
                     )  # fmt: skip
 
-        self.trainer.reload_states()
         with timed(times, "logprobs"):
             self.trainer.compute_logprobs(sequences)
         with timed(times, "update"):
@@ -281,6 +292,7 @@ class Run:
         metrics = {k: v / self.world for k, v in zip(keys, summed, strict=False)}
         loss, clipped, entropy, kl, tokens = summed[len(keys) :]
         metrics.update({
+            "actor/skipped_steps": stats["skipped"],  # the same on every rank: ZeRO reduces its overflow flag
             "actor/loss": loss, "actor/clip_fraction": clipped / max(tokens, 1),
             "actor/entropy": entropy / max(tokens, 1), "actor/kl": kl / max(tokens, 1), "actor/lr": self.trainer.lr,
         })  # fmt: skip
@@ -291,7 +303,7 @@ class Run:
 
     def _ppo_epochs(self, sequences) -> dict[str, float]:
         c = self.config
-        totals = {"loss": 0.0, "clipped": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0}
+        totals = {"loss": 0.0, "clipped": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0, "skipped": 0.0}
         order = torch.Generator().manual_seed(sample_seed(c.trainer.seed + 2, self.step, 0))
         for _ in range(c.algorithm.mini_epochs):
             shuffled = [sequences[i] for i in torch.randperm(len(sequences), generator=order).tolist()]
@@ -300,7 +312,9 @@ class Run:
                 stats = self.trainer.train_mini_batch(shuffled[b * size : (b + 1) * size])
                 for k in totals:
                     totals[k] += stats[k] / (c.trainer.mini_batches if k == "loss" else 1)
-        return {k: v / c.algorithm.mini_epochs for k, v in totals.items()}  # averages per mini-epoch
+        averages = {k: v / c.algorithm.mini_epochs for k, v in totals.items()}  # per mini-epoch
+        averages["skipped"] = totals["skipped"]  # a count of optimizer steps, not an average
+        return averages
 
     # ---- the loop ------------------------------------------------------------------------------------
 
@@ -308,14 +322,16 @@ class Run:
         from tqdm import tqdm
 
         c = self.config
+        check_shared_folder(self.checkpoint_dir)
         self.resume()
         if self.step == 0:
-            self.sync_weights()
             self._report_eval("before training", self.evaluate())
         bar = tqdm(total=c.trainer.steps, initial=self.step, desc="CAPO", disable=self.rank != 0, file=sys.stdout)
         while self.step < c.trainer.steps:
             metrics = self.train_step()
             self.step += 1
+            if self.critic is not None:
+                check_critique_failures(metrics["credit/failed_critique_rate"], c.critic, self.step)
             if c.eval.every and self.step % c.eval.every == 0 and self.step < c.trainer.steps:
                 metrics["eval/accuracy"] = self.evaluate()
             self.log.log(self.step, metrics)
@@ -325,7 +341,6 @@ class Run:
             if c.checkpoint.every and self.step % c.checkpoint.every == 0:
                 self.save_checkpoint()
         bar.close()
-        self.sync_weights()
         accuracy = self.evaluate()
         self._report_eval("after training", accuracy)
         self.log.log(self.step, {"eval/accuracy_final": accuracy})
@@ -340,6 +355,21 @@ class Run:
         if self.rank == 0:
             print(f"eval accuracy {when}: {accuracy:.3f} on {len(self.eval_set)} held-out problems", flush=True)
             self.log.log(self.step, {f"eval/accuracy_{when.split()[0]}": accuracy})
+
+
+def check_critique_failures(rate: float, config, step: int) -> None:
+    """Warns above critic.warn_failure_rate and stops above critic.max_failure_rate: without critiques,
+    CAPO silently trains on outcome reward alone. `rate` is reduced over ranks, so all ranks agree."""
+    if rate > config.max_failure_rate:
+        where = f"critic.url={config.url!r} and ${config.api_key_env}" if config.backend == "remote" else "the judge"
+        raise JudgeError(
+            f"step {step}: {rate:.0%} of critiques failed (critic.max_failure_rate={config.max_failure_rate}); "
+            f"the run would train on outcome reward alone. Check {where}, and critic.answer_format "
+            "(guided keeps small judges to the format)"
+        )
+    if rate > config.warn_failure_rate:
+        logger.warning("step %d: %.0f%% of critiques failed (critic.warn_failure_rate=%s)", step, 100 * rate,
+                       config.warn_failure_rate)  # fmt: skip
 
 
 def _judge_score(critiques) -> float:
@@ -366,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(config.trainer.seed)
     try:
         Run(config).run()
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, JudgeError, TrainingDiverged) as err:
         print(f"capo-fast: {err}", file=sys.stderr)
         return 2
     return 0

@@ -9,15 +9,19 @@ full [tokens, vocab] logits are never held.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
 from capo_fast.config import Config
+from capo_fast.distributed import all_reduce
 from capo_fast.kernels import PolicyLossOptions, fused_linear_logprobs, fused_linear_policy_loss
 from capo_fast.kernels.aggregation import aggregation_weights
 
@@ -43,14 +47,27 @@ class PackedBatch:
     response_index: torch.Tensor  # [R] rows of T whose hidden state predicts a response token
     labels: torch.Tensor  # [R]
     seq_ids: torch.Tensor  # [R] index of each token's sequence in the packed list
+    # flash-attn varlen boundaries, made once here: otherwise every layer re-derives them from
+    # position_ids with host synchronisations (transformers/modeling_flash_attention_utils.py:480-517).
+    cu_seq_lens: torch.Tensor | None = None  # [S + 1] int32 (flash-attn requires int32)
+    max_length: int = 0
+
+    def attention_kwargs(self) -> dict:
+        if self.attention_mask is not None:
+            return {"attention_mask": self.attention_mask}
+        if self.cu_seq_lens is None:
+            return {}
+        cu, m = self.cu_seq_lens, self.max_length
+        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": m, "max_length_k": m}
 
 
 def pack(sequences: list[TrainSequence], *, block_mask: bool, device: torch.device) -> PackedBatch:
     """Concatenates sequences into one row; position ids restart at 0 for every sequence."""
-    ids, positions, segments, index, labels, seq_ids = [], [], [], [], [], []
+    ids, positions, segments, index, labels, seq_ids, lengths = [], [], [], [], [], [], []
     offset = 0
     for s, seq in enumerate(sequences):
         tokens = seq.prompt_ids + seq.response_ids
+        lengths.append(len(tokens))
         ids += tokens
         positions += range(len(tokens))
         segments += [s] * len(tokens)
@@ -59,15 +76,18 @@ def pack(sequences: list[TrainSequence], *, block_mask: bool, device: torch.devi
         labels += seq.response_ids
         seq_ids += [s] * len(seq.response_ids)
         offset += len(tokens)
-    mask = None
+    mask, cu_seq_lens = None, None
     if block_mask:
         segment = torch.tensor(segments, device=device)
         causal = torch.ones(offset, offset, dtype=torch.bool, device=device).tril()
         mask = (causal & (segment[:, None] == segment[None, :]))[None, None]
+    else:
+        cu_seq_lens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
     return PackedBatch(
-        as_long(ids)[None], as_long(positions)[None], mask, as_long(index), as_long(labels), as_long(seq_ids)
-    )
+        as_long(ids)[None], as_long(positions)[None], mask, as_long(index), as_long(labels), as_long(seq_ids),
+        cu_seq_lens, max(lengths, default=0),
+    )  # fmt: skip
 
 
 def split_by_tokens(lengths: list[int], num_groups: int) -> list[list[int]]:
@@ -81,12 +101,8 @@ def split_by_tokens(lengths: list[int], num_groups: int) -> list[list[int]]:
     return [sorted(g) for g in groups]
 
 
-def all_reduce(values: list[float], op=None) -> list[float]:
-    """Sums (or `op`s) a few floats over the ranks; a no-op in a single process."""
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
-    return tensor.tolist()
+def _flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 class PolicyWithLoss(torch.nn.Module):
@@ -98,8 +114,10 @@ class PolicyWithLoss(torch.nn.Module):
         self.model = model
 
     def forward(self, batch: PackedBatch, temperature: float, loss_args: dict | None = None):
+        # use_cache=False: from the config it would be True and every training forward would build a KV
+        # cache (transformers/utils/generic.py:1037-1042, models/qwen2/modeling_qwen2.py:350-351).
         hidden = self.model.base_model(
-            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask
+            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **batch.attention_kwargs()
         ).last_hidden_state[0]
         hidden = hidden.index_select(0, batch.response_index)
         weight = self.model.get_output_embeddings().weight
@@ -108,8 +126,14 @@ class PolicyWithLoss(torch.nn.Module):
         return fused_linear_policy_loss(hidden, weight, batch.labels, **loss_args)
 
 
-def _flash_attn_usable() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+def attention_implementation(
+    dtype: torch.dtype, *, cuda: bool, flash_installed: bool
+) -> Literal["flash_attention_2", "sdpa"]:
+    """flash-attn only where it runs: CUDA, installed, and fp16/bf16 (flash_api.cpp `mha_fwd` rejects
+    other dtypes; transformers/modeling_utils.py:1621-1626 only warns). Else sdpa with a block mask."""
+    if cuda and flash_installed and dtype in (torch.bfloat16, torch.float16):
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def _cosine_with_warmup(total_steps: int, warmup: int, min_ratio: float):
@@ -122,7 +146,27 @@ def _cosine_with_warmup(total_steps: int, warmup: int, min_ratio: float):
     return factor
 
 
-def deepspeed_config(config: Config) -> dict:
+def deep_merge(base: dict, override: dict) -> dict:
+    """`base` updated by `override`, nested mappings merged key by key (a JSON file's
+    zero_optimization block adds to the generated one instead of replacing it)."""
+    merged = dict(base)
+    for key, value in override.items():
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = deep_merge(merged[key], value) if nested else value
+    return merged
+
+
+def offload_device(ds: dict) -> str:
+    return (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+
+
+def deepspeed_config(config: Config, *, fused_adam: bool) -> dict:
+    """The DeepSpeed config of the run: generated from the trainer section, then the JSON file's keys.
+
+    DeepSpeed builds the optimizer from the "optimizer" block (deepspeed/runtime/engine.py:2377-2409):
+    DeepSpeedCPUAdam under optimizer offload, FusedAdam on CUDA (which `offload_states` requires,
+    runtime/zero/stage3.py:3868-3869), and torch's AdamW ("torch_adam") on machines without CUDA.
+    """
     t = config.trainer
     ds = {
         "train_micro_batch_size_per_gpu": 1,
@@ -136,10 +180,35 @@ def deepspeed_config(config: Config) -> dict:
     if t.offload_optimizer:
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if t.deepspeed_config:
-        ds.update(json.loads(Path(t.deepspeed_config).read_text()))
-    if "offload_optimizer" in ds["zero_optimization"]:  # ZeRO-Offload steps with DeepSpeed's CPU Adam
-        ds.setdefault("optimizer", {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay}})
+        ds = deep_merge(ds, json.loads(Path(t.deepspeed_config).read_text()))
+    params = {"lr": t.lr, "weight_decay": t.weight_decay}
+    if not fused_adam and offload_device(ds) == "none":
+        params["torch_adam"] = True
+    ds.setdefault("optimizer", {"type": "AdamW", "params": params})
     return ds
+
+
+def states_to_offload(ds: dict, *, cuda: bool, wanted: bool) -> list:
+    """DeepSpeed states to move to the CPU while the engines generate, decided from the merged config.
+
+    Nothing without CUDA, or with parameter offload (engine.py:6049-6050 refuses it). The bf16
+    parameters stay (the weight sync reads them); under optimizer offload, master weights and
+    optimizer state already live on the CPU (engine.py:6027-6031 drops them, and lp_grads at ZeRO-3).
+    """
+    from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum as State
+
+    zero = ds.get("zero_optimization", {})
+    if not (wanted and cuda) or (zero.get("offload_param") or {}).get("device", "none") != "none":
+        return []
+    states = [st for st in State if st != State.lp_params]
+    if offload_device(ds) != "none":
+        dropped = {State.hp_params, State.optim_states} | ({State.lp_grads} if zero.get("stage") == 3 else set())
+        states = [st for st in states if st not in dropped]
+    return states
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
 class PolicyTrainer:
@@ -155,9 +224,10 @@ class PolicyTrainer:
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         )
         dtype = getattr(torch, config.model.dtype)
-        self.flash = _flash_attn_usable()
-        attn = "flash_attention_2" if self.flash else "sdpa"
-        ds_config = deepspeed_config(config)
+        cuda = torch.cuda.is_available()
+        attn = attention_implementation(dtype, cuda=cuda, flash_installed=_flash_attn_installed())
+        self.flash = attn == "flash_attention_2"
+        ds_config = deepspeed_config(config, fused_adam=cuda)
         zero3 = ds_config["zero_optimization"].get("stage", 0) == 3
         # While an HfDeepSpeedConfig lives, from_pretrained loads straight into ZeRO-3 partitions; it is
         # dropped right after, so later loads (the reference model, user code) get whole models.
@@ -178,48 +248,66 @@ class PolicyTrainer:
 
         t = config.trainer
         total = t.steps * config.algorithm.mini_epochs * t.mini_batches
-        optimizer = None
-        if "optimizer" not in ds_config:
-            optimizer = torch.optim.AdamW(module.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         schedule = _cosine_with_warmup(total, t.warmup_steps, t.min_lr_ratio)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module,
-            optimizer=optimizer,
-            model_parameters=module.parameters() if optimizer is None else None,
+            model_parameters=module.parameters(),
             lr_scheduler=(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)),
             config=ds_config,
         )
+        self._offload = states_to_offload(ds_config, cuda=cuda, wanted=t.offload_states_while_generating)
         self._states_offloaded = False
-        self.reference = None
-        if config.algorithm.kl_coef > 0:
-            ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
-            self.reference = PolicyWithLoss(ref).to(self.device).eval().requires_grad_(False)
+        self.version = 0  # bumped by every applied optimizer step and every checkpoint load
+        self._skipped_in_a_row = 0
+        self.reference = self._reference_engine(model_path, dtype, attn) if config.algorithm.kl_coef > 0 else None
+
+    def _reference_engine(self, model_path, dtype: torch.dtype, attn: str):
+        """The frozen reference policy as an inference-only ZeRO-3 engine: its parameters are partitioned
+        over the ranks and gathered layer by layer in forward (a full copy of a 7B model would take
+        15 GB of every GPU). DeepSpeed gives a ZeRO-3 engine without optimizer a parameter-offload
+        manager only (deepspeed/runtime/engine.py:681-687, 2647-2648, 2718-2721)."""
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        ds = {
+            "train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100_000},
+            "bf16": {"enabled": dtype == torch.bfloat16},
+            "fp16": {"enabled": dtype == torch.float16},
+            "steps_per_print": 1 << 30,
+        }
+        hf_zero3 = HfDeepSpeedConfig(ds)  # from_pretrained loads straight into partitions while it lives
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
+        del hf_zero3
+        module = PolicyWithLoss(model).requires_grad_(False)
+        deepspeed.zero.register_external_parameter(module, model.get_output_embeddings().weight)
+        engine, *_ = deepspeed.initialize(model=module, config=ds)
+        engine.eval()
+        return engine
 
     # ---- memory while the engines generate --------------------------------------------------------
 
-    def offload_states(self) -> None:
-        """Moves optimizer state, fp32 master weights and gradient buffers to the CPU (CUDA only);
-        the bf16 parameters stay, since the next weight sync reads them."""
-        if self._states_offloaded or not self._can_offload():
+    @contextmanager
+    def states_offloaded(self):
+        """Optimizer state, fp32 master weights and gradient buffers on the CPU for the block (CUDA only),
+        so the engines that generate inside it find the memory free; the bf16 parameters stay."""
+        if self._states_offloaded or not self._offload:
+            yield
             return
-        from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum as State
-
-        keep_on_gpu = {State.lp_params}
-        self.engine.offload_states(include=[s for s in State if s not in keep_on_gpu], non_blocking=True)
+        self.engine.offload_states(include=self._offload, non_blocking=True)
         self._states_offloaded = True
-
-    def reload_states(self) -> None:
-        if self._states_offloaded:
+        try:
+            yield
+        finally:
             self.engine.reload_states()
             self._states_offloaded = False
 
-    def _can_offload(self) -> bool:
-        return (
-            self.config.trainer.offload_states_while_generating
-            and torch.cuda.is_available()
-            and not self.config.trainer.offload_optimizer
-            and hasattr(self.engine.optimizer, "offload_states")
-        )
+    def weights(self):
+        """HF-named full tensors of the current policy (gathered under ZeRO-3), for the rollout engine."""
+        from capo_fast.rollout import model_weights
+
+        return model_weights(self.model)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -239,6 +327,7 @@ class PolicyTrainer:
     @torch.no_grad()
     def compute_logprobs(self, sequences: list[TrainSequence]) -> None:
         """Fills old (and reference) log-probs of every response token, micro-batch by micro-batch."""
+        self.engine.eval()  # no dropout; gradient checkpointing is off without a backward anyway
         temperature = self.config.rollout.sampling.temperature or 1.0
         for group in self._micro_batches(sequences):
             batch = self._pack([sequences[i] for i in group] or [_PAD])
@@ -251,7 +340,14 @@ class PolicyTrainer:
                     sequences[i].ref_logprobs = ref[rows].float().cpu()
 
     def train_mini_batch(self, sequences: list[TrainSequence]) -> dict[str, float]:
-        """One optimizer step over this rank's part of a mini-batch; returns summed statistics."""
+        """One optimizer step over this rank's part of a mini-batch; returns summed statistics.
+
+        A step whose gradient norm is not finite is skipped by ZeRO (stats["skipped"] = 1); after
+        trainer.max_skipped_steps in a row the run stops with TrainingDiverged.
+        """
+        # from_pretrained returns the model in eval mode (transformers/modeling_utils.py:4340), and
+        # GradientCheckpointingLayer checkpoints only in training mode (modeling_layers.py:82).
+        self.engine.train()
         a, dev = self.config.algorithm, self.device
         num_seqs = sum(1 for s in sequences if s.response_ids)
         num_tokens = sum(len(s.response_ids) for s in sequences)
@@ -263,7 +359,7 @@ class PolicyTrainer:
             temperature=self.config.rollout.sampling.temperature or 1.0, eps_low=a.eps_low, eps_high=a.eps_high,
             dual_clip=a.dual_clip, kl_coef=a.kl_coef, entropy_coef=a.entropy_coef,
         )  # fmt: skip
-        stats = {"loss": 0.0, "clipped": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0}
+        stats = {"loss": 0.0, "clipped": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0, "skipped": 0.0}
         for k, group in enumerate(groups):
             chosen = [sequences[i] for i in group]
             batch = self._pack(chosen or [_PAD])
@@ -291,7 +387,8 @@ class PolicyTrainer:
             self.engine.backward(out.loss, scale_wrt_gas=False)
             if chosen:
                 n = float(mask.sum())
-                stats["loss"] += out.loss.item() / world
+                loss = out.loss.item()
+                stats["loss"] += loss / world if math.isfinite(loss) else 0.0
                 stats["clipped"] += float((out.clipped > 0).sum())
                 stats["entropy"] += out.entropy.detach().sum().item()
                 if self.reference is not None:
@@ -299,7 +396,23 @@ class PolicyTrainer:
                     stats["kl"] += float((delta.exp() - delta - 1).sum())
                 stats["tokens"] += n
         self.engine.step()
+        self._after_step(stats)
         return stats
+
+    def _after_step(self, stats: dict[str, float]) -> None:
+        # ZeRO all-reduces its overflow flag, so every rank agrees (stage_1_and_2.py:3040-3044, 3242).
+        if self.engine.was_step_applied():
+            self.version += 1
+            self._skipped_in_a_row = 0
+            return
+        stats["skipped"] = 1.0
+        self._skipped_in_a_row += 1
+        limit = self.config.trainer.max_skipped_steps
+        if self._skipped_in_a_row >= limit:
+            raise TrainingDiverged(
+                f"{self._skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient norm "
+                f"(trainer.max_skipped_steps={limit}); lower trainer.lr or check the advantages and the data"
+            )
 
     @property
     def lr(self) -> float:
@@ -312,6 +425,7 @@ class PolicyTrainer:
 
     def load(self, directory: Path, tag: str) -> dict:
         _, client_state = self.engine.load_checkpoint(str(directory), tag=tag)
+        self.version += 1
         return client_state or {}
 
     def export(self, directory: Path, tokenizer) -> None:

@@ -17,6 +17,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -361,10 +363,24 @@ void logits_grad_impl(const at::Tensor& logits, const at::Tensor& labels_in, con
   });
 }
 
+// A fresh gradient buffer is first touched by the gradient sweep. With 4 KiB pages that costs one page
+// fault per 4 KiB (about 110 ms per 0.5 GB on a 2-core machine, twice the sweep itself); asking for
+// transparent huge pages on the buffer's 2 MiB-aligned interior makes it 512 times fewer faults.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = 2u << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice only
+#endif
+}
+
 at::Tensor logits_grad_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                            const at::Tensor& entropy, const at::Tensor& grad_logprobs,
                            const at::Tensor& grad_entropy, double temperature) {
   at::Tensor out = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  advise_huge_pages(out);
   logits_grad_impl(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, out);
   return out;
 }

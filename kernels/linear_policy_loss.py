@@ -31,9 +31,18 @@ def chunk_tokens(vocab_size: int, dtype: torch.dtype, budget_bytes: int = DEFAUL
     return max(1, budget_bytes // per_token)
 
 
-def _chunks(n: int, chunk_size: int):
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int):
+    """Yields (rows, hidden[rows] @ weight.T) chunk by chunk, every chunk in the same buffer.
+
+    One buffer per call instead of one per chunk: a fresh allocation is paid for again on first touch.
+    """
+    n = hidden.shape[0]
+    buffer = hidden.new_empty(min(chunk_size, n), weight.shape[0])
     for start in range(0, n, chunk_size):
-        yield slice(start, min(start + chunk_size, n))
+        rows = slice(start, min(start + chunk_size, n))
+        logits = buffer[: rows.stop - rows.start]
+        torch.mm(hidden[rows], weight.T, out=logits)
+        yield rows, logits
 
 
 def _take(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
@@ -68,8 +77,7 @@ def _linear_policy_loss(
     grad_hidden = torch.empty_like(hidden) if compute_grad else hidden.new_empty(0)
     grad_weight = torch.zeros(weight.shape, **f32) if compute_grad else weight.new_empty(0, dtype=torch.float32)
     per_token_inputs = (labels, old_logprobs, advantages, credit, penalty, ref_logprobs, loss_weights)
-    for rows in _chunks(n, chunk_size):
-        logits = hidden[rows] @ weight.T
+    for rows, logits in _chunk_logits(hidden, weight, chunk_size):
         chunk = torch.ops.capo.policy_loss_(logits, *(_take(t, rows) for t in per_token_inputs), *options)
         loss += chunk[0]
         logprobs[rows], entropy[rows], clip[rows] = chunk[1], chunk[2], chunk[3]
@@ -125,10 +133,8 @@ def _linear_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = hidden.shape[0]
     logprobs, entropy, lse = (torch.empty(n, device=hidden.device, dtype=torch.float32) for _ in range(3))
-    for rows in _chunks(n, chunk_size):
-        logprobs[rows], entropy[rows], lse[rows] = torch.ops.capo.logprobs(
-            hidden[rows] @ weight.T, labels[rows], temperature
-        )
+    for rows, logits in _chunk_logits(hidden, weight, chunk_size):
+        logprobs[rows], entropy[rows], lse[rows] = torch.ops.capo.logprobs(logits, labels[rows], temperature)
     return logprobs, entropy, lse
 
 
@@ -147,8 +153,7 @@ def _logprobs_backward(ctx, grad_logprobs, grad_entropy, unused_grad_lse):
     need_hidden, need_weight = ctx.needs_input_grad[:2]
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_weight else None
-    for rows in _chunks(hidden.shape[0], ctx.chunk_size):
-        logits = hidden[rows] @ weight.T  # recomputed, then overwritten with its gradient
+    for rows, logits in _chunk_logits(hidden, weight, ctx.chunk_size):  # recomputed, then overwritten
         torch.ops.capo.logits_grad_(
             logits, labels[rows], lse[rows], entropy[rows], grad_logprobs[rows], grad_entropy[rows], ctx.temperature
         )

@@ -60,3 +60,35 @@ def test_override_errors_name_the_argument():
         load_config(None, ["--trainer.steps"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("no/such.yaml")
+
+
+def launch_world_size(path: Path) -> tuple[int, list[str]]:
+    """Ranks the header's launch command starts, and the overrides it passes."""
+    import shlex
+
+    line = next(ln for ln in path.read_text().splitlines() if ln.startswith("# deepspeed"))
+    argv = shlex.split(line[2:])
+    gpus = int(argv[argv.index("--num_gpus") + 1]) if "--num_gpus" in argv else 1
+    nodes = int(argv[argv.index("--num_nodes") + 1]) if "--num_nodes" in argv else 1
+    return gpus * nodes, [a for a in argv if a.startswith("--") and "=" in a]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_configs_fit_the_world_size_of_their_launch_command(path, monkeypatch):
+    monkeypatch.chdir(path.parent.parent)  # deepspeed_config paths are relative to the repository
+    world, overrides = launch_world_size(path)
+    load_config(path, overrides).check_world_size(world)
+
+
+def test_world_size_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"trainer\.prompts_per_step: 12 is not a multiple of the 8 ranks"):
+        load_config(None, ["--trainer.prompts_per_step=12"]).check_world_size(8)
+    with pytest.raises(ConfigError, match=r"rollout\.tensor_parallel_size: 2 needs"):
+        load_config(None, ["--rollout.tensor_parallel_size=2"]).check_world_size(1)
+
+
+def test_zero0_and_failure_rates_are_refused():
+    with pytest.raises(ConfigError, match=r"trainer\.zero_stage: must be 1, 2 or 3 \(ZeRO-0 applies non-finite"):
+        load_config(None, ["--trainer.zero_stage=0"])
+    with pytest.raises(ConfigError, match=r"critic\.max_failure_rate"):
+        load_config(None, ["--critic.warn_failure_rate=0.6", "--critic.max_failure_rate=0.5"])

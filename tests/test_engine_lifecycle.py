@@ -1,0 +1,119 @@
+"""The policy engine's lifecycle has one owner: offload, sync when needed, wake, generate, sleep.
+
+A stand-in engine records what happens to it (no vLLM here); tests/test_rollout.py runs the real one.
+"""
+
+import logging
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from capo_fast.config import CriticConfig, SamplingConfig
+from capo_fast.rollout import Completion, JudgeError, PolicyEngine, critic_sleep_mode
+from capo_fast.train import check_critique_failures
+
+
+class RecordingEngine:
+    """Generates the checksum of the weights it holds, as text; records every call."""
+
+    def __init__(self, events: list, sleep_discards_weights: bool):
+        self.events, self.sleep_discards_weights = events, sleep_discards_weights
+        self.checksum = None
+
+    def load_weights(self, weights) -> float:
+        self.events.append("load_weights")
+        self.checksum = round(sum(float(t.sum()) for _, t in weights), 4)
+        return 0.01
+
+    def generate(self, prompts, sampling, *, n, seeds):
+        self.events.append("generate")
+        if self.checksum is None:
+            raise RuntimeError("generated from discarded weights")
+        return [[Completion([1], [0.0], str(self.checksum), "stop")] * n for _ in prompts]
+
+    def sleep(self):
+        self.events.append("sleep")
+        if self.sleep_discards_weights:
+            self.checksum = None
+
+
+class Trainer:
+    def __init__(self, events: list):
+        self.events = events
+        self.layer = torch.nn.Linear(3, 2)
+        self.version = 0
+
+    def weights(self):
+        return [(n, p.detach()) for n, p in self.layer.named_parameters()]
+
+    @contextmanager
+    def states_offloaded(self):
+        self.events.append("offload")
+        try:
+            yield
+        finally:
+            self.events.append("reload")
+
+    def step(self):
+        with torch.no_grad():
+            self.layer.weight.add_(1.0)
+        self.version += 1
+
+    def checksum(self) -> str:
+        return str(round(sum(float(t.sum()) for _, t in self.weights()), 4))
+
+
+SAMPLING = SamplingConfig(temperature=0.0, max_tokens=4)
+
+
+@pytest.mark.parametrize("discards", [True, False], ids=["level-2 sleep (GPU)", "no sleep (CPU)"])
+def test_generation_after_a_step_sees_the_current_weights(discards):
+    events = []
+    trainer = Trainer(events)
+    policy = PolicyEngine(RecordingEngine(events, discards), trainer)
+    assert policy.generate([[1]], SAMPLING, n=1, seeds=[0])[0][0].text == trainer.checksum()
+    trainer.step()  # e.g. an evaluation right after a training step
+    assert policy.generate([[1]], SAMPLING, n=1, seeds=[0])[0][0].text == trainer.checksum()
+    policy.generate([[1]], SAMPLING, n=1, seeds=[0])  # unchanged weights
+    # a level-2 sleep discards the weights, so every generation reloads; otherwise only after a change
+    assert events.count("load_weights") == (3 if discards else 2)
+
+
+def test_trainer_state_is_offloaded_before_the_engine_wakes_and_reloaded_after_it_sleeps():
+    events = []
+    PolicyEngine(RecordingEngine(events, True), Trainer(events)).generate([[1]], SAMPLING, n=2, seeds=[0])
+    assert events == ["offload", "load_weights", "generate", "sleep", "reload"]
+
+
+def test_a_failed_generation_still_puts_the_engine_to_sleep():
+    events = []
+    engine = RecordingEngine(events, True)
+
+    def out_of_memory(*args, **kwargs):
+        events.append("generate")
+        raise RuntimeError("out of memory")
+
+    engine.generate = out_of_memory
+    with pytest.raises(RuntimeError, match="out of memory"):
+        PolicyEngine(engine, Trainer(events)).generate([[1]], SAMPLING, n=1, seeds=[0])
+    assert events == ["offload", "load_weights", "generate", "sleep", "reload"]
+
+
+def test_only_one_sleep_mode_engine_per_process():
+    # vLLM's CuMemAllocator is process-wide (vllm/device_allocator/cumem.py:112-127)
+    assert not critic_sleep_mode(requested=True, supported=True, policy_sleeps=True)
+    assert critic_sleep_mode(requested=True, supported=True, policy_sleeps=False)
+    assert not critic_sleep_mode(requested=True, supported=False, policy_sleeps=False)
+    assert not critic_sleep_mode(requested=False, supported=True, policy_sleeps=False)
+
+
+def test_a_failing_judge_warns_then_stops_the_run(caplog):
+    config = CriticConfig(backend="remote", url="http://judge:8000/v1", warn_failure_rate=0.2, max_failure_rate=0.5)
+    with caplog.at_level(logging.WARNING):
+        check_critique_failures(0.1, config, step=3)
+        assert not caplog.records
+        check_critique_failures(0.3, config, step=3)
+        assert len(caplog.records) == 1 and "30%" in caplog.records[0].getMessage()
+    with pytest.raises(JudgeError, match=r"step 3: 60% of critiques failed.*critic\.url='http://judge:8000/v1'"):
+        check_critique_failures(0.6, config, step=3)

@@ -1,0 +1,48 @@
+"""Per-GPU memory from the config, and the policy engine's KV cache sized from the rank's demand."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from capo_fast.config import load_config
+from capo_fast.memory_budget import QWEN25_7B, budget, kv_bytes_per_token, kv_cache_bytes, rank_token_demand
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_qwen25_7b_shape():
+    assert QWEN25_7B.params == pytest.approx(7.62e9, rel=2e-3)  # the model card's 7.61B
+    assert kv_bytes_per_token(QWEN25_7B, 2) == 28 * 2 * 4 * 128 * 2  # 57,344 B a token in bf16
+
+
+def test_7b_config_fits_an_80gb_gpu_in_both_phases(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    config = load_config(ROOT / "configs" / "gpu-qwen2.5-7b.yaml")
+    assert rank_token_demand(config, 4) == 3 * 16 * (1024 + 3072)
+    assert kv_cache_bytes(config, QWEN25_7B, 4) == int(1.2 * 3 * 16 * 4096 * 57_344)
+    for phase, items in budget(config, QWEN25_7B, 4).items():
+        assert sum(items.values()) < 0.9 * 80e9, phase
+
+
+def test_engine_receives_the_sized_kv_cache_on_cuda(monkeypatch):
+    import vllm
+
+    from capo_fast.rollout import VLLMEngine
+
+    seen = {}
+
+    class RecordingLLM:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+        def get_tokenizer(self):
+            return None
+
+    monkeypatch.setattr(vllm, "LLM", RecordingLLM)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    VLLMEngine("model", kv_cache_memory_bytes=123 << 20, sleep_mode=False)
+    assert seen["kv_cache_memory_bytes"] == 123 << 20
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    VLLMEngine("model", kv_cache_memory_bytes=123 << 20, sleep_mode=False)
+    assert seen["kv_cache_memory_bytes"] is None  # the CPU build sizes it by VLLM_CPU_KVCACHE_SPACE
