@@ -39,7 +39,7 @@ def grouped(suffix: str, exclude: str | None = None) -> dict[tuple[str, str], di
 
 def policy_loss_table() -> str:
     lines = [
-        "| results file | case | provider | median ms | x torch | x bandwidth floor | GB/s | peak extra / logits |",
+        "| results file | case | provider | median ms | speed-up vs torch | time / floor | GB/s | peak extra / logits |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for (name, group), by_provider in grouped(".json", exclude="-linear.json").items():
@@ -50,7 +50,7 @@ def policy_loss_table() -> str:
                 continue
             b = by_provider[provider]
             med, info = b["stats"]["median"], b["extra_info"]
-            speedup = f"{base / med:.1f}x faster" if base and provider != "floor" else "-"
+            speedup = f"{base / med:.1f}x" if base and provider != "floor" else "-"
             over_floor = f"{med / floor:.2f}" if floor else "-"
             lines.append(
                 f"| {name} | {group} | {provider} | {med * 1e3:.1f} | {speedup} | {over_floor} | "
@@ -61,7 +61,7 @@ def policy_loss_table() -> str:
 
 def linear_table() -> str:
     lines = [
-        "| results file | case | provider | median s | x liger | peak extra MiB (own process) |",
+        "| results file | case | provider | median s | speed-up vs liger | peak extra MiB (own process) |",
         "| --- | --- | --- | ---: | ---: | ---: |",
     ]
     for (name, group), by_provider in grouped("-linear.json").items():
@@ -71,7 +71,7 @@ def linear_table() -> str:
                 continue
             b = by_provider[provider]
             med = b["stats"]["median"]
-            speedup = f"{liger / med:.2f}x faster" if liger and provider != "liger" else "-"
+            speedup = f"{liger / med:.2f}x" if liger and provider != "liger" else "-"
             peak = b["extra_info"]["peak_extra_bytes"] / MIB
             lines.append(f"| {name} | {group} | {provider} | {med:.2f} | {speedup} | {peak:.0f} |")
     return "\n".join(lines)
