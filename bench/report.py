@@ -39,7 +39,7 @@ def grouped(suffix: str, exclude: str | None = None) -> dict[tuple[str, str], di
 
 def policy_loss_table() -> str:
     lines = [
-        "| results file | case | provider | median ms | speed-up vs torch | time / floor | GB/s | peak extra / logits |",
+        "| results file | case | provider | median ms | vs torch | time / floor | GB/s | peak extra / logits |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for (name, group), by_provider in grouped(".json", exclude="-linear.json").items():
