@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CAPO against GRPO with the rule verifier (P = 0) at the same budget, from the embedded default's
+# CAPO against GRPO-Rule (reward_mode=outcome: plain GRPO, no judge) at the same budget, from the embedded default's
 # policy (SmolLM2-135M-Instruct) on offline arithmetic and word problems; held-out greedy accuracy
 # before and after. Writes runs/learning-{capo,grpo}/ and bench/results/learning-<machine>.json.
 #   bash bench/learning_result.sh [machine-name] [extra --section.key=value overrides]
@@ -8,9 +8,9 @@ machine=${1:-cpu-2core-x86_64}
 shift || true
 common=(--trainer.steps=10 --trainer.lr=5e-6 --data.num_eval=64 --checkpoint.every=0 --checkpoint.export=false "$@")
 for variant in capo grpo; do
-  penalty=1.0; [ "$variant" = grpo ] && penalty=0.0
+  mode=capo; [ "$variant" = grpo ] && mode=outcome
   rm -rf "runs/learning-$variant"
-  deepspeed capo_fast/train.py "${common[@]}" --algorithm.penalty=$penalty --logging.output_dir="runs/learning-$variant"
+  deepspeed capo_fast/train.py "${common[@]}" --algorithm.reward_mode=$mode --logging.output_dir="runs/learning-$variant"
 done
 python - "$machine" "${common[*]}" <<'PY'
 import json, sys

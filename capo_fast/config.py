@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 Aggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
-Voting = Literal["greedy", "intersection", "majority", "union", "average"]
-RewardMode = Literal["capo", "outcome", "genorm"]
+TruncatedReward = Literal["verify", "zero"]
 CriticBackend = Literal["vllm", "remote"]
 AnswerFormat = Literal["free", "guided"]
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -94,7 +93,8 @@ class CriticConfig:
     answer_format: AnswerFormat = "guided"
     guided_reasoning_chars: int = 200  # room for reasoning before the closing lines when guided
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=128))
-    include_reference: bool = False
+    include_reference: bool = True  # the ground-truth solution in the prompt whenever the data has one
+    prompt_template: str = ""  # a text file with {question}, {reference_solution}, {steps}; empty: the packaged one
     gpu_memory_utilization: float = 0.35
     max_model_len: int = 2048
     url: str = ""  # remote: base URL of an OpenAI-compatible server, e.g. http://host:8000/v1
@@ -113,9 +113,16 @@ class AlgorithmConfig:
     correct_reward: float = 2.0  # C
     penalty: float = 1.0  # P; 0 is GRPO with the rule verifier
     format_weight: float = 0.0
-    reward_mode: RewardMode = "capo"
-    voting: Voting = "majority"
+    # capo: CAPO (Eq. 1-2); outcome: GRPO-Rule; genorm: GRPO-GenORM (Eq. 3). Names: credit.REWARD_MODES.
+    reward_mode: str = "capo"
+    genorm_alpha: float = 1.0  # Eq. 3: sigmoid(alpha * r_m) + (beta * r_v - 1)
+    genorm_beta: float = 1.0
+    # greedy | intersection | majority | union | average (critique.VOTING). majority flags a step named by
+    # more than vote_threshold of the valid critiques: 0.5 is the paper's figure (strict majority).
+    voting: str = "majority"
     vote_threshold: float = 0.5
+    min_valid_critiques: int = 1  # fewer valid critiques than this: the rollout gets no step penalty
+    truncated_reward: TruncatedReward = "verify"  # verify: a cut-off response is scored like any other
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip: float = 0.0  # 0: off; otherwise the dual-clip constant c > 1
@@ -158,6 +165,7 @@ class CheckpointConfig:
     keep: int = 2
     resume: bool = True  # continue from the newest checkpoint in output_dir
     export: bool = True  # HF model folder at the end
+    keep_best: bool = True  # checkpoints/best: the highest held-out accuracy of the evaluations
 
 
 @dataclass
@@ -188,8 +196,23 @@ class Config:
             _check(0 < value <= 1, f"{key}.gpu_memory_utilization", "must be in (0, 1]")
         _check(c.num_critiques >= 1, "critic.num_critiques", "must be >= 1")
         _check(c.guided_reasoning_chars >= 0, "critic.guided_reasoning_chars", "must be >= 0")
+        if c.prompt_template:
+            from capo_fast.critique import load_template
+
+            load_template(c.prompt_template)  # names the missing file or placeholder
         _check(c.backend != "remote" or c.url.startswith("http"), "critic.url", "remote critic needs an http(s) URL")
+        from capo_fast.credit import REWARD_MODES
+        from capo_fast.critique import VOTING
+
+        _check(a.voting in VOTING, "algorithm.voting", f"{a.voting!r} is not one of {sorted(VOTING)}")
+        modes = sorted(REWARD_MODES)
+        _check(a.reward_mode in REWARD_MODES, "algorithm.reward_mode", f"{a.reward_mode!r} is not one of {modes}")
         _check(a.voting != "greedy" or c.num_critiques == 1, "algorithm.voting", "greedy needs critic.num_critiques=1")
+        _check(
+            1 <= a.min_valid_critiques <= c.num_critiques,
+            "algorithm.min_valid_critiques",
+            f"must be in [1, critic.num_critiques={c.num_critiques}]",
+        )
         _check(0 <= a.vote_threshold < 1, "algorithm.vote_threshold", "must be in [0, 1)")
         _check(a.penalty >= 0, "algorithm.penalty", "must be >= 0")
         _check(a.eps_low >= 0 and a.eps_high >= 0, "algorithm.eps_low", "clip ranges must be >= 0")

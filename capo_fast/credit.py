@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
 
-from capo_fast.critique import Step
+from capo_fast.critique import Critique, Step, StepVote, critique_agreement, vote
 
 # ---- step spans to token credit ----------------------------------------------------------------------
 
@@ -110,7 +110,7 @@ def token_credit(
 
 @dataclass(frozen=True)
 class CreditConfig:
-    """Eq. 1 and 2 constants. `reward_mode` picks a rollout score from REWARD_MODES."""
+    """Eq. 1 to 3 constants. `reward_mode` picks an entry of REWARD_MODES."""
 
     correct_reward: float = 2.0  # C
     penalty: float = 1.0  # P
@@ -134,7 +134,7 @@ class RolloutSignals:
     correct: float  # r_v
     formatted: float  # r_f
     credit: torch.Tensor  # e_t per response token
-    judge_score: float = 0.0  # r_m for GenORM: mean over valid critiques of +1 (judged correct) / -1
+    judge_verdict: float = 0.0  # r_m in {0, 1} for GenORM: the majority of the N judgments says "correct"
 
 
 def _capo_score(sig: RolloutSignals, cfg: CreditConfig) -> float:
@@ -142,22 +142,42 @@ def _capo_score(sig: RolloutSignals, cfg: CreditConfig) -> float:
 
 
 def _genorm_score(sig: RolloutSignals, cfg: CreditConfig) -> float:
-    return 1.0 / (1.0 + math.exp(-cfg.genorm_alpha * sig.judge_score)) + cfg.genorm_beta * sig.correct - 1.0
+    """Eq. 3: sigmoid(alpha * r_m) + (beta * r_v - 1)."""
+    return 1.0 / (1.0 + math.exp(-cfg.genorm_alpha * sig.judge_verdict)) + cfg.genorm_beta * sig.correct - 1.0
 
 
-# Per-rollout outcome score and whether the token penalty applies, for each reward mode.
-REWARD_MODES: dict[str, tuple[Callable[[RolloutSignals, CreditConfig], float], bool]] = {
-    "capo": (_capo_score, True),  # Eq. 1
-    "outcome": (_capo_score, False),  # P = 0: GRPO with the rule verifier
-    "genorm": (_genorm_score, False),  # the paper's GenORM baseline
+@dataclass(frozen=True)
+class RewardMode:
+    """How a run scores and normalises a prompt group (DESIGN.md 1.5-1.6)."""
+
+    score: Callable[[RolloutSignals, CreditConfig], float]  # the per-rollout outcome score
+    token_penalty: bool  # Eq. 1's -P * e_t on the tokens of flagged steps
+    per_response: bool  # GRPO: normalise the n scores (each response once); else Eq. 2's token pooling
+    needs_judge: Callable[[CreditConfig], bool]
+    name: str  # what the logs call the run
+
+
+REWARD_MODES: dict[str, RewardMode] = {
+    "capo": RewardMode(_capo_score, True, False, lambda cfg: cfg.penalty > 0, "CAPO (Eq. 1-2)"),
+    "outcome": RewardMode(_capo_score, False, True, lambda cfg: False, "GRPO-Rule"),
+    "genorm": RewardMode(_genorm_score, False, True, lambda cfg: True, "GRPO-GenORM (Eq. 3)"),
 }
 
 
+def describe(cfg: CreditConfig) -> str:
+    """The run's method in words, for the logs: which of CAPO and its baselines it is."""
+    mode = REWARD_MODES[cfg.reward_mode]
+    extra = f", C={cfg.correct_reward}, P={cfg.penalty}" if mode.token_penalty else ""
+    if cfg.reward_mode == "genorm":
+        extra = f", alpha={cfg.genorm_alpha}, beta={cfg.genorm_beta}"
+    return f"{mode.name}: reward_mode={cfg.reward_mode}{extra}"
+
+
 def token_rewards(sig: RolloutSignals, cfg: CreditConfig) -> torch.Tensor:
-    """R_t of Eq. 1 for every response token of one rollout."""
-    score_fn, penalised = REWARD_MODES[cfg.reward_mode]
-    rewards = torch.full_like(sig.credit, score_fn(sig, cfg), dtype=torch.float64)
-    return rewards - cfg.penalty * sig.credit.double() if penalised else rewards
+    """R_t of Eq. 1 for every response token of one rollout (a constant for the baselines)."""
+    mode = REWARD_MODES[cfg.reward_mode]
+    rewards = torch.full_like(sig.credit, mode.score(sig, cfg), dtype=torch.float64)
+    return rewards - cfg.penalty * sig.credit.double() if mode.token_penalty else rewards
 
 
 def _pooled_stats(rewards: Sequence[torch.Tensor], eps: float) -> tuple[float, float]:
@@ -184,12 +204,93 @@ class FactoredAdvantages:
 
 
 def factored_advantages(group: Sequence[RolloutSignals], cfg: CreditConfig) -> FactoredAdvantages:
-    """Eq. 2 in the form the fused kernel consumes; equals `group_advantages` of `token_rewards`."""
+    """Advantages in the form the fused kernel consumes.
+
+    CAPO: Eq. 2, equal to `group_advantages` of `token_rewards`. GRPO-Rule and GenORM:
+    A_i = (s_i - mean(s)) / (std(s) + eps) over the n rollout scores, each response counted once.
+    """
+    mode = REWARD_MODES[cfg.reward_mode]
+    scores = torch.tensor([mode.score(sig, cfg) for sig in group], dtype=torch.float64)
+    if mode.per_response:
+        mean, scale = _pooled_stats([scores], cfg.eps)
+        return FactoredAdvantages((scores - mean) / scale, 0.0, [s.credit for s in group])
     mean, scale = _pooled_stats([token_rewards(sig, cfg) for sig in group], cfg.eps)
-    score_fn, penalised = REWARD_MODES[cfg.reward_mode]
-    scores = torch.tensor([score_fn(sig, cfg) for sig in group], dtype=torch.float64)
-    penalty = cfg.penalty if penalised else 0.0
+    penalty = cfg.penalty if mode.token_penalty else 0.0
     return FactoredAdvantages((scores - mean) / scale, float(penalty / scale), [s.credit for s in group])
+
+
+# ---- one step's rollouts, as records ---------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """One sampled answer as it goes through a step: verify, critique, vote, credit, advantage."""
+
+    group: int  # index of its prompt among this rank's prompts
+    token_ids: list[int]
+    text: str
+    truncated: bool
+    steps: list[Step]
+    correct: float = 0.0  # r_v
+    formatted: float = 0.0  # r_f
+    critiques: list[Critique] = field(default_factory=list)
+    vote: StepVote | None = None
+    credit: torch.Tensor | None = None  # e_t per response token
+    advantage: float = 0.0  # a_i
+    penalty: float = 0.0  # p_g of its group
+
+    @property
+    def judge_verdict(self) -> float:
+        """r_m of Eq. 3: 1 when a strict majority of the judgments (block or not) says correct."""
+        judged = [c.judgment for c in self.critiques if c.judgment is not None]
+        return float(sum(judged) > len(judged) / 2) if judged else 0.0
+
+    def token_reward(self, cfg: CreditConfig) -> torch.Tensor:
+        return token_rewards(RolloutSignals(self.correct, self.formatted, self.credit, self.judge_verdict), cfg)
+
+
+@dataclass(frozen=True)
+class VotingConfig:
+    mode: str = "majority"
+    threshold: float = 0.5
+    min_valid: int = 1
+
+
+def assign_credit(groups: Sequence[Sequence[Rollout]], tokenizer, voting: VotingConfig, cfg: CreditConfig) -> None:
+    """Fills vote, credit, advantage and penalty of every rollout; each group is one prompt's n rollouts."""
+    for group in groups:
+        for r in group:
+            r.vote = vote(r.critiques, len(r.steps), voting.mode, voting.threshold, voting.min_valid)
+            r.credit = token_credit(r.steps, r.vote.weights, token_char_spans(tokenizer, r.token_ids, r.text))
+        signals = [RolloutSignals(r.correct, r.formatted, r.credit, r.judge_verdict) for r in group]
+        adv = factored_advantages(signals, cfg)
+        for r, a in zip(group, adv.rollout_advantages.tolist(), strict=True):
+            r.advantage, r.penalty = a, adv.group_penalty
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def rollout_metrics(rollouts: Sequence[Rollout], cfg: CreditConfig, num_critiques: int) -> dict[str, float]:
+    """The training dynamics of a step (the paper's plots) and what the judge did, for this rank's rollouts.
+
+    Means over rollouts (or over steps where named); the loop averages them over ranks.
+    """
+    metrics = credit_metrics([r.vote.weights for r in rollouts], [r.vote.num_valid for r in rollouts], num_critiques)
+    per_token = [float(r.token_reward(cfg).mean()) for r in rollouts if r.credit.numel()]
+    metrics["reward/token_mean"] = _mean(per_token)
+    for label, wanted in (("correct", 1.0), ("incorrect", 0.0)):
+        weights = [w for r in rollouts if r.correct == wanted for w in r.vote.weights]
+        metrics[f"credit/flagged_step_rate_{label}"] = _mean([float(w > 0) for w in weights])
+    judged = [(c.judgment, r.correct) for r in rollouts for c in r.critiques if c.judgment is not None]
+    metrics["judge/verifier_agreement"] = _mean([float(j == bool(v)) for j, v in judged])
+    agreements = [critique_agreement(r.critiques, len(r.steps)) for r in rollouts]
+    metrics["judge/critique_agreement"] = _mean([a for a in agreements if a is not None])
+    metrics["judge/abstentions"] = float(sum(not c.valid for r in rollouts for c in r.critiques))
+    metrics["judge/out_of_range_indices"] = float(sum(c.out_of_range for r in rollouts for c in r.critiques))
+    metrics["judge/votes_not_counted"] = float(sum(not r.vote.counted for r in rollouts if r.critiques))
+    return metrics
 
 
 def credit_metrics(

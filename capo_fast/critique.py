@@ -1,7 +1,8 @@
 """GenPRM critiques: step splitting, the critique prompt, parsing the verdict, voting over critiques.
 
 A response is split into steps on blank lines; the critic reads all steps at once, each tagged
-`<step_k>`, and names the wrong ones in `<incorrect_steps>`. N critiques of one rollout are then
+`<step_k>`, judges the whole solution against the ground truth, and only when it is wrong names the
+wrong steps in `<incorrect_steps>`, each judged on its own. N critiques of one rollout are then
 combined by a voting mode into a weight per step (DESIGN.md section 1, steps 2 to 4).
 """
 
@@ -10,11 +11,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 _BLANK_LINE = re.compile(r"\n[ \t\r]*\n\s*")
 _BLOCK = re.compile(r"<incorrect_steps>(.*?)</incorrect_steps>", re.DOTALL | re.IGNORECASE)
 _INDEX = re.compile(r"(?<![-\d])\d+")  # negative numbers are not step indices
-_JUDGMENT = re.compile(r"judge?ment\s*[:：]?[^\n]*?\b(yes|no)\b", re.IGNORECASE)
+_JUDGMENT_KEY = re.compile(r"judge?ment", re.IGNORECASE)
+_YES_NO_QUESTION = re.compile(r"\(\s*yes\s*/\s*no\s*\)\s*\??", re.IGNORECASE)
+_VERDICT = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -52,23 +56,44 @@ def split_steps(response: str) -> list[Step]:
     return [Step(k, s, e, response[s:e]) for k, (s, e) in enumerate(spans)]
 
 
-CRITIC_INSTRUCTIONS = (
-    "You are checking a step-by-step solution to a math problem. Read every step and decide whether "
-    "it is mathematically correct and follows from what came before. Explain briefly, then end with "
-    "two lines:\n"
-    "Judgment: Yes (the final answer is correct) or No (it is not)\n"
-    "<incorrect_steps>comma-separated numbers of the wrong steps, empty if none</incorrect_steps>"
-)
+# The default GenPRM prompt (DESIGN.md 1.3, the paper's Appendix F instructions in this project's
+# words). A user's template is any text file with the same three placeholders.
+TEMPLATE_FIELDS = ("{question}", "{reference_solution}", "{steps}")
+NO_REFERENCE = "(none given: judge the solution on its own)"
+JUDGMENT_LINE = "Judgment: Is the solution correct (Yes/No)?"
 
 
-def critique_messages(question: str, steps: Sequence[Step], reference_solution: str | None = None) -> list[dict]:
-    """Chat messages asking the critic for one pass over all steps (render with the judge's template)."""
+def default_template_path() -> Path:
+    return Path(__file__).parent / "prompts" / "critic.txt"
+
+
+def load_template(path: str | Path | None = None) -> str:
+    """The critic prompt template at `path` (default: the packaged one); every placeholder must be there."""
+    from capo_fast.config import ConfigError
+
+    source = Path(path) if path else default_template_path()
+    if not source.is_file():
+        raise ConfigError(f"critic.prompt_template: {source} does not exist")
+    text = source.read_text()
+    missing = [f for f in TEMPLATE_FIELDS if f not in text]
+    if missing:
+        raise ConfigError(f"critic.prompt_template: {source} lacks the placeholder(s) {', '.join(missing)}")
+    return text
+
+
+def critique_messages(
+    question: str, steps: Sequence[Step], reference_solution: str | None = None, template: str | None = None
+) -> list[dict]:
+    """Chat messages asking the critic for one pass over all steps (render with the judge's template).
+
+    Placeholders are replaced literally (LaTeX braces in the problem are left alone).
+    """
     tagged = "\n".join(f"<step_{s.index}>{s.text.strip()}</step_{s.index}>" for s in steps)
-    parts = [CRITIC_INSTRUCTIONS, f"Problem:\n{question.strip()}"]
-    if reference_solution:
-        parts.append(f"Reference solution:\n{reference_solution.strip()}")
-    parts.append(f"Solution to check, with its steps numbered from 0:\n{tagged}")
-    return [{"role": "user", "content": "\n\n".join(parts)}]
+    text = template if template is not None else load_template()
+    values = (question.strip(), (reference_solution or "").strip() or NO_REFERENCE, tagged)
+    for field, value in zip(TEMPLATE_FIELDS, values, strict=True):
+        text = text.replace(field, value)
+    return [{"role": "user", "content": text}]
 
 
 def render_critique_prompt(tokenizer, question: str, steps: Sequence[Step], reference_solution: str | None = None):
@@ -80,28 +105,43 @@ def render_critique_prompt(tokenizer, question: str, steps: Sequence[Step], refe
 
 @dataclass(frozen=True)
 class Critique:
-    """A parsed critique. `valid` is False when the critic gave no `<incorrect_steps>` block."""
+    """A parsed critique. `valid` is False when the critic gave no `<incorrect_steps>` block (an
+    abstention); `judgment` is read whether or not there is a block (GenORM counts it)."""
 
     valid: bool
     incorrect: frozenset[int] = frozenset()
     judgment: bool | None = None  # True for "Yes" (correct), None when absent
+    out_of_range: int = 0  # indices the critic named that the response does not have (e.g. counting from 1)
 
 
 FAILED = Critique(valid=False)
 
 
+def parse_judgment(text: str) -> bool | None:
+    """The verdict of the last "Judgment" (or "Judgement") line: the Yes or No after the question
+    "(Yes/No)?" when the line asks it, else the first Yes or No on the line. None when absent."""
+    for key in reversed(list(_JUDGMENT_KEY.finditer(text))):
+        tail = text[key.end() : key.end() + 200]
+        question = _YES_NO_QUESTION.search(tail)
+        tail = tail[question.end() :] if question else tail.split("\n", 1)[0]
+        verdict = _VERDICT.search(tail[:80])
+        if verdict:
+            return verdict.group(1).lower() == "yes"
+    return None
+
+
 def parse_critique(text: str, num_steps: int) -> Critique:
     """Reads the last `<incorrect_steps>` block; bare integers and `<step_k>` tokens both count.
 
-    Indices outside [0, num_steps) and repeats are dropped. Never raises.
+    Indices outside [0, num_steps) are dropped and counted, repeats dropped. Never raises.
     """
     blocks = _BLOCK.findall(text)
-    judgments = _JUDGMENT.findall(text)
-    judgment = judgments[-1].lower() == "yes" if judgments else None
+    judgment = parse_judgment(text)
     if not blocks:
         return Critique(valid=False, judgment=judgment)
     indices = {int(x) for x in _INDEX.findall(blocks[-1]) if len(x) < 9}
-    return Critique(True, frozenset(i for i in indices if 0 <= i < num_steps), judgment)
+    named = {i for i in indices if 0 <= i < num_steps}
+    return Critique(True, frozenset(named), judgment, out_of_range=len(indices - named))
 
 
 # ---- voting ------------------------------------------------------------------------------------------
@@ -125,22 +165,32 @@ VOTING: dict[str, VoteFn] = {
 
 @dataclass(frozen=True)
 class StepVote:
-    """Vote weight e in [0, 1] per step; `num_valid` critiques took part."""
+    """Vote weight e in [0, 1] per step; `num_valid` valid critiques; `counted` when they were enough."""
 
     weights: list[float]
     num_valid: int
+    counted: bool = True
 
 
-def vote(critiques: Sequence[Critique], num_steps: int, mode: str = "majority", threshold: float = 0.5) -> StepVote:
+def vote(
+    critiques: Sequence[Critique],
+    num_steps: int,
+    mode: str = "majority",
+    threshold: float = 0.5,
+    min_valid: int = 1,
+) -> StepVote:
     """Combines the valid critiques of one rollout into a weight per step.
 
-    With no valid critique every weight is 0: the rollout keeps its outcome reward only.
+    `majority` flags a step named by strictly more than `threshold` of the k valid critiques (0.5: the
+    strict majority of the paper's overview figure; just under 0.5 gives the text's count >= k/2).
+    With fewer than `min_valid` valid critiques every weight is 0: the rollout keeps its outcome
+    reward only, so one surviving critique cannot turn `intersection` into what it alone said.
     """
     if mode not in VOTING:
         raise ValueError(f"unknown voting mode {mode!r}; choose one of {sorted(VOTING)}")
     flagged = [c.incorrect for c in critiques if c.valid]
-    if not flagged:
-        return StepVote([0.0] * num_steps, 0)
+    if not flagged or len(flagged) < min_valid:
+        return StepVote([0.0] * num_steps, len(flagged), counted=False)
     return StepVote(VOTING[mode](flagged, num_steps, threshold), len(flagged))
 
 

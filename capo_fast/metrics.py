@@ -70,3 +70,48 @@ class MetricsLog:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class RolloutSamples:
+    """A bounded sample of each step's rollouts as JSON lines: the prompt, the response and its steps,
+    every critique, the vote and token credit per step, r_v and the advantage (what a CAPO run is
+    debugged with). Rank 0 writes its own rollouts, the first `per_step` of them."""
+
+    def __init__(self, path: Path, *, enabled: bool, per_step: int = 8):
+        self.path, self.enabled, self.per_step = path, enabled, per_step
+
+    def truncate_after(self, step: int) -> None:
+        """Drops the samples of steps past `step`: after a resume those steps are run again."""
+        if self.enabled and self.path.exists():
+            lines = [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+            self.path.write_text("".join(line + "\n" for line in lines))
+
+    def write(self, step: int, problems, groups) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for group in groups:
+            for r in group:
+                weights = r.vote.weights if r.vote else [0.0] * len(r.steps)
+                steps = [{"text": s.text, "vote": w} for s, w in zip(r.steps, weights, strict=True)]
+                rows.append({
+                    "step": step,
+                    "question": problems[r.group].question,
+                    "answer": problems[r.group].answer,
+                    "response": r.text,
+                    "truncated": r.truncated,
+                    "steps": steps,
+                    "critiques": [
+                        {"valid": c.valid, "incorrect": sorted(c.incorrect), "judgment": c.judgment,
+                         "out_of_range": c.out_of_range}
+                        for c in r.critiques
+                    ],
+                    "token_credit": [] if r.credit is None else [round(x, 4) for x in r.credit.tolist()],
+                    "correct": r.correct,
+                    "advantage": r.advantage,
+                    "group_penalty": r.penalty,
+                })  # fmt: skip
+        with self.path.open("a") as f:
+            for row in rows[: self.per_step]:
+                f.write(json.dumps(row) + "\n")

@@ -40,6 +40,35 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+# An explicit statement of the final answer, when there is no \boxed{}: "The final answer is 12.",
+# "Answer: 12", "So there are 13 ways ...". Never the last number of free text: a response cut off
+# in the middle of a computation states no answer.
+_STATED = [
+    re.compile(r"final answer\s*(?:is|:|=)\s*:?\s*(.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE),
+    re.compile(r"(?:^|\n)\s*\**answer\**\s*[:=]\s*(.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE),
+    re.compile(r"\bthe answer is\s*:?\s*(.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE),
+    re.compile(
+        r"\b(?:so|therefore|thus|hence)\s*,?\s*(?:there (?:are|is|were|was)|we (?:get|have|obtain)|the result is)\s+"
+        r"(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)\b",
+        re.IGNORECASE,
+    ),
+]
+
+
+def final_answer(response: str) -> str | None:
+    """The response's final answer as LaTeX for math-verify: the last \\boxed{} first, then the last
+    explicit final-answer statement; None when the response states none."""
+    boxed = last_boxed(response)
+    if boxed is not None and boxed.strip():
+        return f"\\boxed{{{boxed}}}"
+    for pattern in _STATED:
+        found = pattern.findall(response)
+        if found:
+            answer = found[-1].strip().strip("$").strip()
+            return f"${answer}$" if answer else None
+    return None
+
+
 def format_reward(response: str) -> float:
     content = last_boxed(response)
     return float(content is not None and content.strip() != "")
@@ -54,8 +83,11 @@ def verify_answer(response: str, gold: str) -> float:
     """1.0 when math-verify finds the response's final answer equal to `gold` (no time limit here)."""
     from math_verify import parse, verify
 
+    stated = final_answer(response)
+    if stated is None:
+        return 0.0
     gold_parsed = parse(_gold_for_parsing(gold), parsing_timeout=None)
-    answer = parse(response, parsing_timeout=None)
+    answer = parse(stated, parsing_timeout=None)
     return float(bool(gold_parsed) and bool(answer) and verify(gold_parsed, answer, timeout_seconds=None))
 
 

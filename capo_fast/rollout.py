@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,7 +25,7 @@ from typing import Protocol
 import torch
 
 from capo_fast.config import CriticConfig, SamplingConfig
-from capo_fast.critique import FAILED, Critique, Step, critique_messages, parse_critique
+from capo_fast.critique import FAILED, JUDGMENT_LINE, Critique, Step, critique_messages, load_template, parse_critique
 from capo_fast.data import chat_token_ids
 
 logger = logging.getLogger(__name__)
@@ -326,12 +327,14 @@ def model_weights(model: torch.nn.Module, *, bucket_bytes: int = 256 << 20) -> I
 
 
 def guided_critique_regex(reasoning_chars: int, num_steps: int) -> str:
-    """What `answer_format: guided` lets a critic write: some reasoning, then the judgment line and
+    """What `answer_format: guided` lets a critic write: the paper's judgment line, some reasoning, and
     an `<incorrect_steps>` list that can only name steps the response has."""
     reasoning = f"[^<]{{0,{reasoning_chars}}}\\n" if reasoning_chars else ""
     index = "(" + "|".join(str(k) for k in range(num_steps)) + ")"
     indices = f"({index}(,{index}){{0,{num_steps - 1}}})?" if num_steps else ""
-    return reasoning + rf"Judgment: (Yes|No)\n<incorrect_steps>{indices}</incorrect_steps>"
+    literal = re.sub(r"([()?.])", r"\\\1", JUDGMENT_LINE)  # no "\\ ": engines differ on it
+    judgment = literal + " (Yes|No)\\n"
+    return judgment + reasoning + f"<incorrect_steps>{indices}</incorrect_steps>"
 
 
 class JudgeError(RuntimeError):
@@ -351,6 +354,7 @@ class Critic(ABC):
     def __init__(self, config: CriticConfig):
         self.config = config
         self.guided = config.answer_format == "guided"
+        self.template = load_template(config.prompt_template or None)
 
     @abstractmethod
     def _complete(
@@ -360,10 +364,8 @@ class Critic(ABC):
 
     def critique(self, requests: Sequence[CritiqueRequest], seed: int = 0) -> list[list[Critique]]:
         """Parsed critiques, N per request; a failed or unparsable one is `FAILED`, never an exception."""
-        messages = [
-            critique_messages(r.question, r.steps, r.reference_solution if self.config.include_reference else None)
-            for r in requests
-        ]
+        reference = lambda r: r.reference_solution if self.config.include_reference else None  # noqa: E731
+        messages = [critique_messages(r.question, r.steps, reference(r), self.template) for r in requests]
         regexes = [
             guided_critique_regex(self.config.guided_reasoning_chars, len(r.steps)) if self.guided else None
             for r in requests

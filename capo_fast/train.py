@@ -9,6 +9,7 @@ arithmetic, about ten minutes on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -23,15 +24,8 @@ from pathlib import Path
 import torch
 
 from capo_fast.config import Config, ConfigError, SamplingConfig, load_config, to_dict
-from capo_fast.credit import (
-    CreditConfig,
-    RolloutSignals,
-    credit_metrics,
-    factored_advantages,
-    token_char_spans,
-    token_credit,
-)
-from capo_fast.critique import split_steps, vote
+from capo_fast.credit import REWARD_MODES, CreditConfig, Rollout, VotingConfig, assign_credit, describe, rollout_metrics
+from capo_fast.critique import split_steps
 from capo_fast.data import EVAL_SEED_OFFSET, DataError, PromptSampler, encode_prompts, load_problems
 from capo_fast.distributed import (
     all_reduce,
@@ -42,7 +36,7 @@ from capo_fast.distributed import (
 )
 from capo_fast.launch_env import required_env
 from capo_fast.memory_budget import Architecture, kv_cache_bytes
-from capo_fast.metrics import MetricsLog, format_line
+from capo_fast.metrics import MetricsLog, RolloutSamples, format_line
 from capo_fast.reward import OutcomeVerifier, outcome_metrics
 from capo_fast.rollout import (
     CRITIC_BACKENDS,
@@ -145,29 +139,38 @@ class Run:
             ),
             self.trainer,
         )  # fmt: skip
-        # Only CAPO's token penalty and the GenORM reward read critiques: GRPO runs (P = 0) skip the judge.
         a = c.algorithm
-        self.uses_critic = a.reward_mode == "genorm" or (a.reward_mode == "capo" and a.penalty > 0)
-        self.critic = None
-        if self.uses_critic and c.critic.backend == "vllm":
-            critic_model = c.critic.model or str(self.model_path)
-            sleeps = critic_sleep_mode(
-                requested=r.sleep_mode, supported=sleep_mode_supported(), policy_sleeps=self.policy.engine.sleep_enabled
-            )
-            self.critic = CRITIC_BACKENDS["vllm"](
-                c.critic, critic_model, dtype=c.model.dtype, seed=c.trainer.seed, sleep_mode=sleeps
-            )
-        elif self.uses_critic:
-            self.critic = CRITIC_BACKENDS["remote"](c.critic, c.critic.model)
-        self.verifier = OutcomeVerifier(num_workers=1, timeout_s=c.algorithm.verifier_timeout_s)
         self.credit_config = CreditConfig(
-            correct_reward=c.algorithm.correct_reward, penalty=c.algorithm.penalty,
-            format_weight=c.algorithm.format_weight, reward_mode=c.algorithm.reward_mode,
+            correct_reward=a.correct_reward, penalty=a.penalty, format_weight=a.format_weight,
+            reward_mode=a.reward_mode, genorm_alpha=a.genorm_alpha, genorm_beta=a.genorm_beta,
         )  # fmt: skip
+        self.voting = VotingConfig(a.voting, a.vote_threshold, a.min_valid_critiques)
+        # The reward mode says whether critiques are read at all: GRPO-Rule and CAPO with P = 0 skip the judge.
+        self.critic = None
+        if REWARD_MODES[a.reward_mode].needs_judge(self.credit_config):
+            critic_config = c.critic
+            if a.voting == "greedy":  # one critique, decoded greedily (DESIGN.md 1.4)
+                greedy = dataclasses.replace(c.critic.sampling, temperature=0.0)
+                critic_config = dataclasses.replace(c.critic, sampling=greedy)
+            if c.critic.backend == "vllm":
+                policy_sleeps = self.policy.engine.sleep_enabled
+                sleeps = critic_sleep_mode(
+                    requested=r.sleep_mode, supported=sleep_mode_supported(), policy_sleeps=policy_sleeps
+                )
+                self.critic = CRITIC_BACKENDS["vllm"](
+                    critic_config, c.critic.model or str(self.model_path), dtype=c.model.dtype, seed=c.trainer.seed,
+                    sleep_mode=sleeps,
+                )  # fmt: skip
+            else:
+                self.critic = CRITIC_BACKENDS["remote"](critic_config, c.critic.model)
+        self.verifier = OutcomeVerifier(num_workers=1, timeout_s=a.verifier_timeout_s)
+        if self.rank == 0:
+            print(f"method: {describe(self.credit_config)}, voting={a.voting}", flush=True)
         self.log = MetricsLog(
             self.out, enabled=self.rank == 0, tensorboard=c.logging.tensorboard,
             wandb_project=c.logging.wandb_project, config=to_dict(c),
         )  # fmt: skip
+        self.samples = RolloutSamples(self.out / "rollouts.jsonl", enabled=self.rank == 0)
         self.step = 0
 
     # ---- checkpoints ---------------------------------------------------------------------------------
@@ -180,14 +183,28 @@ class Run:
         latest = self.checkpoint_dir / "latest"
         return latest.read_text().strip() if latest.exists() else None
 
-    def save_checkpoint(self) -> None:
-        tag = f"step{self.step}"
-        state = {
+    def _state(self) -> dict:
+        return {
             "step": self.step,
             "sampler": self.sampler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
-        self.trainer.save(self.checkpoint_dir, tag, state)  # writes `latest` last, after every rank's shards
+
+    def keep_if_best(self, accuracy: float) -> None:
+        """The paper reports its best checkpoint: `checkpoints/best` holds the one with the highest held-out
+        accuracy so far (best.json says which step); the periodic ones are pruned, this one is not."""
+        record = self.checkpoint_dir / "best.json"
+        best = json.loads(record.read_text())["eval/accuracy"] if record.exists() else float("-inf")
+        if not accuracy > best:
+            return
+        self.trainer.save(self.checkpoint_dir, "best", self._state(), latest=False)
+        if self.rank == 0:
+            record.write_text(json.dumps({"step": self.step, "eval/accuracy": accuracy}) + "\n")
+            logger.info("best checkpoint so far: step %d, eval accuracy %.3f", self.step, accuracy)
+
+    def save_checkpoint(self) -> None:
+        tag = f"step{self.step}"
+        self.trainer.save(self.checkpoint_dir, tag, self._state())  # `latest` last, after every rank's shards
         if self.rank == 0:
             tags = sorted((p for p in self.checkpoint_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
             for old in tags[: -self.config.checkpoint.keep]:
@@ -205,6 +222,7 @@ class Run:
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         self.log.truncate_after(self.step)
+        self.samples.truncate_after(self.step)
         if self.rank == 0:
             print(f"resumed from {self.checkpoint_dir / tag} at step {self.step}", flush=True)
 
@@ -233,59 +251,51 @@ class Run:
             seeds = [sample_seed(c.trainer.seed, self.step, p) for p in positions]
             groups = self.policy.generate(prompts, c.rollout.sampling, n=n, seeds=seeds)
         times["time/sync"] = self.policy.last_sync_s
-        rollouts = [(i, comp) for i, group in enumerate(groups) for comp in group]
-        texts = [comp.text for _, comp in rollouts]
-        steps = [split_steps(t) for t in texts]
+        rollouts = [
+            Rollout(g, comp.token_ids, comp.text, comp.finish_reason == "length", split_steps(comp.text))
+            for g, group in enumerate(groups)
+            for comp in group
+        ]
+        by_prompt = [[r for r in rollouts if r.group == g] for g in range(len(groups))]
 
         with timed(times, "critique"), ThreadPoolExecutor(1) as pool:  # the verifier runs meanwhile
-            verified = pool.submit(self.verifier.score, texts, [problems[i].answer for i, _ in rollouts])
-            requests = [
-                CritiqueRequest(problems[i].question, s, problems[i].reference_solution)
-                for (i, _), s in zip(rollouts, steps, strict=True)
-            ]
+            verified = pool.submit(self.verifier.score, [r.text for r in rollouts],
+                                   [problems[r.group].answer for r in rollouts])  # fmt: skip
             if self.critic is not None:
+                requests = [
+                    CritiqueRequest(problems[r.group].question, r.steps, problems[r.group].reference_solution)
+                    for r in rollouts
+                ]
                 seed = sample_seed(c.trainer.seed + 1, self.step, positions[0])
-                critiques = self.critic.critique(requests, seed=seed)
+                for r, critiques in zip(rollouts, self.critic.critique(requests, seed=seed), strict=True):
+                    r.critiques = critiques
                 self.critic.sleep()
-            else:
-                critiques = [[] for _ in requests]
             scores = verified.result()
+        zero_truncated = c.algorithm.truncated_reward == "zero"
+        for r, score in zip(rollouts, scores, strict=True):
+            r.correct = 0.0 if (zero_truncated and r.truncated) else score.correct
+            r.formatted = score.formatted
 
         with timed(times, "credit"):
-            a = c.algorithm
-            votes = [vote(cr, len(s), a.voting, a.vote_threshold) for cr, s in zip(critiques, steps, strict=True)]
-            signals = [
-                RolloutSignals(
-                    score.correct, score.formatted,
-                    token_credit(st, v.weights, token_char_spans(self.tokenizer, comp.token_ids, comp.text)),
-                    judge_score=_judge_score(cr),
-                )
-                for (_, comp), score, st, v, cr in zip(rollouts, scores, steps, votes, critiques, strict=True)
-            ]  # fmt: skip
-            sequences = []
-            for g in range(len(groups)):
-                adv = factored_advantages(signals[g * n : (g + 1) * n], self.credit_config)
-                for j, comp in enumerate(groups[g]):
-                    sequences.append(
-                        TrainSequence(prompts[g], comp.token_ids, float(adv.rollout_advantages[j]), adv.group_penalty,
-                                      adv.credits[j])
-                    )  # fmt: skip
+            assign_credit(by_prompt, self.tokenizer, self.voting, self.credit_config)
+            sequences = [
+                TrainSequence(prompts[r.group], r.token_ids, r.advantage, r.penalty, r.credit) for r in rollouts
+            ]
 
         with timed(times, "logprobs"):
             self.trainer.compute_logprobs(sequences)
         with timed(times, "update"):
             stats = self._ppo_epochs(sequences)
 
-        rewards = [self.credit_config.correct_reward * s.correct for s in scores]
+        num_critiques = c.critic.num_critiques if self.critic else 0
         local = {
             **outcome_metrics(scores),
-            **credit_metrics(
-                [v.weights for v in votes], [v.num_valid for v in votes], c.critic.num_critiques if self.critic else 0
-            ),
-            "reward/mean": sum(rewards) / max(len(rewards), 1),
-            "response/length": sum(len(comp.token_ids) for _, comp in rollouts) / max(len(rollouts), 1),
-            "response/truncated": sum(comp.finish_reason == "length" for _, comp in rollouts) / max(len(rollouts), 1),
+            **rollout_metrics(rollouts, self.credit_config, num_critiques),
+            "reward/mean": _mean([self.credit_config.correct_reward * r.correct for r in rollouts]),
+            "response/length": _mean([len(r.token_ids) for r in rollouts]),
+            "response/truncated": _mean([float(r.truncated) for r in rollouts]),
         }
+        self.samples.write(self.step + 1, problems, by_prompt)
         keys = sorted(local)
         stat_keys = ("loss", "clipped", "entropy", "kl", "tokens")
         summed = all_reduce([local[k] for k in keys] + [stats[k] for k in stat_keys])
@@ -297,7 +307,7 @@ class Run:
             "actor/entropy": entropy / max(tokens, 1), "actor/kl": kl / max(tokens, 1), "actor/lr": self.trainer.lr,
         })  # fmt: skip
         metrics.update(times)
-        generated = all_reduce([sum(len(comp.token_ids) for _, comp in rollouts)])[0]
+        generated = all_reduce([sum(len(r.token_ids) for r in rollouts)])[0]
         metrics["perf/tokens_per_s"] = generated / max(times["time/rollout"], 1e-9)
         return metrics
 
@@ -334,6 +344,8 @@ class Run:
                 check_critique_failures(metrics["credit/failed_critique_rate"], c.critic, self.step)
             if c.eval.every and self.step % c.eval.every == 0 and self.step < c.trainer.steps:
                 metrics["eval/accuracy"] = self.evaluate()
+                if c.checkpoint.keep_best:
+                    self.keep_if_best(metrics["eval/accuracy"])
             self.log.log(self.step, metrics)
             if self.rank == 0:
                 bar.write(format_line(self.step, metrics))
@@ -343,6 +355,8 @@ class Run:
         bar.close()
         accuracy = self.evaluate()
         self._report_eval("after training", accuracy)
+        if c.checkpoint.keep_best:
+            self.keep_if_best(accuracy)
         self.log.log(self.step, {"eval/accuracy_final": accuracy})
         if c.checkpoint.export:
             self.trainer.export(self.out / "final", self.tokenizer)
@@ -372,10 +386,9 @@ def check_critique_failures(rate: float, config, step: int) -> None:
                        config.warn_failure_rate)  # fmt: skip
 
 
-def _judge_score(critiques) -> float:
-    """GenORM's r_m: mean over valid judgments of +1 (judged correct) and -1."""
-    judged = [cr.judgment for cr in critiques if cr.valid and cr.judgment is not None]
-    return sum(1.0 if j else -1.0 for j in judged) / len(judged) if judged else 0.0
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:

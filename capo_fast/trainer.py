@@ -420,8 +420,9 @@ class PolicyTrainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------
 
-    def save(self, directory: Path, tag: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+    def save(self, directory: Path, tag: str, client_state: dict, *, latest: bool = True) -> None:
+        """`latest=False` leaves the `latest` pointer (what a restart resumes from) where it was."""
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=latest)
 
     def load(self, directory: Path, tag: str) -> dict:
         _, client_state = self.engine.load_checkpoint(str(directory), tag=tag)

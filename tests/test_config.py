@@ -92,3 +92,31 @@ def test_zero0_and_failure_rates_are_refused():
         load_config(None, ["--trainer.zero_stage=0"])
     with pytest.raises(ConfigError, match=r"critic\.max_failure_rate"):
         load_config(None, ["--critic.warn_failure_rate=0.6", "--critic.max_failure_rate=0.5"])
+
+
+# DESIGN.md section 1, "Paper setups" (the paper's Table 5 and section 4.1).
+PAPER_SETUPS = {
+    "gpu-llama3.2-1b.yaml": ("Llama-3.2-1B-Instruct", "math", "Llama-3-70B-Instruct", 5e-8, "intersection"),
+    "gpu-llama3.2-3b.yaml": ("Llama-3.2-3B-Instruct", "dapo-math", "Llama-3-70B-Instruct", 2e-8, "majority"),
+    "gpu-qwen2.5-1.5b.yaml": ("Qwen2.5-1.5B-SFT-NuminaMath", "math", "Qwen2.5-72B-Instruct", 1e-7, "intersection"),
+    "gpu-qwen2.5-7b.yaml": ("Qwen2.5-7B-SFT-NuminaMath", "dapo-math", "Qwen2.5-72B-Instruct", 2e-8, "majority"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_SETUPS))
+def test_paper_configs_match_the_papers_setups(name, monkeypatch):
+    monkeypatch.chdir(CONFIGS[0].parent.parent)
+    path = CONFIGS[0].parent / name
+    world, overrides = launch_world_size(path)
+    c = load_config(path, overrides)
+    model, data, judge, lr, voting = PAPER_SETUPS[name]
+    assert c.model.path.endswith(model) and f"/{data}/" in c.data.train
+    assert c.critic.model == judge and c.trainer.lr == lr and c.algorithm.voting == voting
+    # common to every setup
+    assert c.rollout.n == 16 and c.trainer.prompts_per_step * c.rollout.n == 192
+    assert c.algorithm.mini_epochs == 4 and c.algorithm.kl_coef == 0.01 and c.algorithm.format_weight == 0.2
+    assert (c.rollout.sampling.temperature, c.rollout.sampling.top_p) == (0.7, 0.9)
+    assert (c.critic.sampling.temperature, c.critic.sampling.top_p) == (0.7, 0.9)
+    assert c.critic.num_critiques == 4 and c.critic.include_reference
+    assert c.algorithm.reward_mode == "capo" and (c.algorithm.correct_reward, c.algorithm.penalty) == (2.0, 1.0)
+    assert c.data.system_prompt == "Please reason step by step, and put your final answer within \\boxed{}."

@@ -1,5 +1,6 @@
 """Step splitting, critique parsing and voting: hand-checked cases and hypothesis properties."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -9,7 +10,9 @@ from capo_fast.critique import (
     Critique,
     critique_agreement,
     critique_messages,
+    load_template,
     parse_critique,
+    parse_judgment,
     render_critique_prompt,
     split_steps,
     vote,
@@ -38,6 +41,12 @@ def test_failed_critiques_abstain():
     assert none.weights == [0, 0, 0, 0] and none.num_valid == 0
 
 
+def test_one_surviving_critique_does_not_decide_intersection_below_min_valid():
+    lone = vote([FAILED, FOUR[0], FAILED, FAILED], 4, "intersection", min_valid=2)
+    assert lone.weights == [0, 0, 0, 0] and lone.num_valid == 1 and not lone.counted
+    assert vote(FOUR[:2], 4, "intersection", min_valid=2).weights == [0, 1, 0, 1]
+
+
 def test_split_keeps_spans_and_attaches_blank_lines_to_the_previous_step():
     text = "\n\nFirst, 2 + 2 = 4.\n\n\n  \nThen 4 * 3 = 12.\n\nSo \\boxed{12}"
     steps = split_steps(text)
@@ -48,6 +57,22 @@ def test_split_keeps_spans_and_attaches_blank_lines_to_the_previous_step():
     assert split_steps("   \n\n ") == []
 
 
+def test_parser_reads_the_papers_judgment_line():
+    line = "Judgment: Is the solution correct (Yes/No)? No"
+    assert parse_judgment(line) is False  # not the "Yes" inside "(Yes/No)"
+    assert parse_judgment("Judgement: Is the solution correct (Yes/No)?\n**Yes**") is True
+    assert parse_judgment("I checked it.\nJudgment: Is the solution correct (Yes/No)? Yes. Well done.") is True
+    assert parse_judgment("Step 2 is wrong, so no.\nJudgment: No") is False
+    assert parse_judgment("The solution looks fine to me.") is None
+    paper = parse_critique(f"Reasoning...\n{line}\n<incorrect_steps>1,3</incorrect_steps>", 5)
+    assert paper == Critique(True, frozenset({1, 3}), False)
+
+
+def test_a_judge_counting_from_one_is_caught():
+    c = parse_critique("Judgment: Is the solution correct (Yes/No)? No\n<incorrect_steps>2,4</incorrect_steps>", 4)
+    assert c.incorrect == {2} and c.out_of_range == 1
+
+
 def test_parser_forms():
     assert parse_critique("Judgment: No\n<incorrect_steps>1, 3</incorrect_steps>", 5) == Critique(
         True, frozenset({1, 3}), False
@@ -55,16 +80,35 @@ def test_parser_forms():
     assert parse_critique("<incorrect_steps><step_0>,<step_2></incorrect_steps> Judgement: yes", 3).incorrect == {0, 2}
     text = "<incorrect_steps>0</incorrect_steps> on reflection <incorrect_steps>2, 2, 9, -1</incorrect_steps>"
     assert parse_critique(text, 4).incorrect == {2}  # last block wins, out-of-range and repeats dropped
+    assert parse_critique(text, 4).out_of_range == 1
     assert parse_critique("<incorrect_steps></incorrect_steps>", 4) == Critique(True, frozenset(), None)
     assert parse_critique("Judgment: Yes, all good.", 4) == Critique(False, frozenset(), True)
 
 
-def test_prompt_tags_steps_from_zero_and_includes_the_reference():
-    steps = split_steps("a = 1\n\nb = 2")
-    content = critique_messages("Find b.", steps, reference_solution="b is 2")[0]["content"]
-    assert "<step_0>a = 1</step_0>\n<step_1>b = 2</step_1>" in content
-    assert "Reference solution:\nb is 2" in content and "<incorrect_steps>" in content
-    assert "Reference" not in critique_messages("Find b.", steps)[0]["content"]
+def test_prompt_follows_the_papers_instructions():
+    steps = split_steps("a = 1\n\nb = {2}")
+    content = critique_messages("Find $b$ in {x}.", steps, reference_solution="b is 2")[0]["content"]
+    assert "<step_0>a = 1</step_0>\n<step_1>b = {2}</step_1>" in content  # braces survive the template
+    parts = ["### Question\nFind $b$ in {x}.", "### Ground-truth solution\nb is 2", "### Student's solution"]
+    assert all(p in content for p in parts) and content.index(parts[0]) < content.index(parts[1])
+    flat = " ".join(content.split())
+    assert "Judgment: Is the solution correct (Yes/No)? X" in flat  # judge correctness first ...
+    assert "Only if the solution is incorrect" in flat  # ... list steps only when it is wrong ...
+    assert "not wrong just because it uses a result that an earlier wrong step produced" in flat  # ... each alone
+    assert "<incorrect_steps>i,j,...</incorrect_steps>" in content and "counting from 0" in content
+    assert "(none given" in critique_messages("Find b.", steps)[0]["content"]
+
+
+def test_a_users_template_replaces_the_prompt(tmp_path):
+    from capo_fast.config import ConfigError
+
+    path = tmp_path / "mine.txt"
+    path.write_text("Q: {question}\nGT: {reference_solution}\nS:\n{steps}")
+    text = critique_messages("1+1?", split_steps("2"), "2", load_template(path))[0]["content"]
+    assert text == "Q: 1+1?\nGT: 2\nS:\n<step_0>2</step_0>"
+    path.write_text("Q: {question}")
+    with pytest.raises(ConfigError, match=r"critic\.prompt_template: .* lacks .*\{steps\}"):
+        load_template(path)
 
 
 def test_agreement():

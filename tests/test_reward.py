@@ -58,3 +58,16 @@ def test_worker_start_up_does_not_count_against_an_item():
     with OutcomeVerifier(num_workers=1, timeout_s=0.5) as verifier:
         (score,) = verifier.score(["so \\boxed{2}"], ["2"])
     assert (score.correct, score.status) == (1.0, "ok")
+
+
+def test_the_final_answer_is_read_never_the_last_number(verifier):
+    from capo_fast.reward import final_answer
+
+    cut_off = "We have 5 boxes with 4 apples each. So 5*4=20, and then we need to subtract"
+    stated = "Adding the cases gives 4 + 6 + 3 = 13. So there are 13 ways to tile the 2 by 6 board."
+    assert final_answer(cut_off) is None  # a response cut off mid-computation states no answer
+    assert final_answer(stated) == "$13$"
+    assert final_answer("The final answer is 12. Check: 3 * 4 = 12, and 2 more is 14.") == "$12$"
+    assert final_answer("x = 3 and so \\boxed{7} ... then 9") == "\\boxed{7}"  # \boxed{} first
+    scores = verifier.score([cut_off, stated, "Answer: $\\frac{1}{2}$", "It is 5, then 4."], ["20", "13", "0.5", "4"])
+    assert [s.correct for s in scores] == [0, 1, 1, 0]

@@ -79,7 +79,9 @@ def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_grpo_baseline_runs_without_a_judge(tmp_path):
-    _run(1, tmp_path, "--algorithm.penalty=0", "--trainer.steps=1", "--checkpoint.every=0")
+    _run(1, tmp_path, "--algorithm.reward_mode=outcome", "--trainer.steps=1", "--checkpoint.every=0")
     (row,) = _steps(tmp_path).values()
     assert row["credit/flagged_step_rate"] == 0 and row["credit/failed_critique_rate"] == 0
     assert math.isfinite(row["actor/loss"])
+    samples = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert samples and all(s["critiques"] == [] and len(s["steps"]) >= 1 for s in samples)
