@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Aggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
 TruncatedReward = Literal["verify", "zero"]
-CriticBackend = Literal["vllm", "remote"]
 AnswerFormat = Literal["free", "guided"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -85,7 +83,7 @@ class RolloutConfig:
 class CriticConfig:
     """The GenPRM. `model` empty: the policy's starting weights, frozen."""
 
-    backend: CriticBackend = "vllm"
+    backend: str = "vllm"  # rollout.CRITIC_BACKENDS: vllm (an engine in each training process) or remote
     model: str = ""
     num_critiques: int = 2  # N
     # guided: decoding is constrained so the critique ends in the judgment and <incorrect_steps> lines
@@ -128,7 +126,7 @@ class AlgorithmConfig:
     dual_clip: float = 0.0  # 0: off; otherwise the dual-clip constant c > 1
     kl_coef: float = 0.0
     entropy_coef: float = 0.0
-    aggregation: Aggregation = "seq-mean-token-mean"
+    aggregation: str = "seq-mean-token-mean"  # kernels.AGGREGATIONS: or token-mean (DAPO), seq-mean-token-sum-norm
     mini_epochs: int = 1
     verifier_timeout_s: float = 5.0
 

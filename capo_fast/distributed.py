@@ -64,9 +64,13 @@ def all_gather_objects(obj, group=None) -> list:
     return parts
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def broadcast_object(obj, src: int = 0):
+    """`obj` of rank `src` on every rank (picklable); `obj` itself in a single process."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 # ---- tensor-parallel groups of the rollout engine ----------------------------------------------------

@@ -52,6 +52,8 @@ _STATED = [
         r"(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)\b",
         re.IGNORECASE,
     ),
+    # a concluding sentence that ends on a result: "So, 5 - 2 = 3." (not "So 5*4=20, and then ...")
+    re.compile(r"\b(?:so|therefore|thus|hence)\b[^.\n]*?=\s*([^=.\n,;]+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE),
 ]
 
 

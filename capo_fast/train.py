@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -29,7 +30,7 @@ from capo_fast.critique import split_steps
 from capo_fast.data import EVAL_SEED_OFFSET, DataError, PromptSampler, encode_prompts, load_problems
 from capo_fast.distributed import (
     all_reduce,
-    barrier,
+    broadcast_object,
     check_same_environment,
     check_shared_folder,
     rank_and_world,
@@ -60,8 +61,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return args, rest
 
 
-def resolve_model(name: str) -> Path:
-    """`smollm2` and `tiny` are the models that ship offline; anything else is an HF folder."""
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def resolve_model(name: str, cache_dir: str | None = None) -> Path:
+    """A model folder for `model.path`: an HF model folder, a hub id (`org/name`, downloaded into the
+    HF cache, or found there when HF_HUB_OFFLINE=1), or `smollm2` / `tiny`, the models that ship offline."""
     from capo_fast import local_models
 
     if name == "smollm2":
@@ -69,9 +75,37 @@ def resolve_model(name: str) -> Path:
     if name == "tiny":
         return local_models.build_tiny_model(local_models.default_cache_dir() / "tiny-qwen2")
     path = Path(name)
-    if not (path / "config.json").exists():
-        raise ConfigError(f"model.path: {name!r} is not an HF model folder (no config.json), nor smollm2 / tiny")
-    return path
+    if (path / "config.json").exists():
+        return path
+    if path.exists() or not HUB_ID.match(name):
+        raise ConfigError(f"model.path: {name!r} is not an HF model folder (no config.json), a hub id, smollm2 or tiny")
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    try:
+        folder = snapshot_download(name, allow_patterns=MODEL_FILES, cache_dir=cache_dir, local_files_only=offline)
+    except Exception as err:  # offline, unknown id, gated model: all end the run before it starts
+        raise ConfigError(
+            f"model.path: hub model {name!r} could not be had ({type(err).__name__}: {err}); download it where "
+            f"there is a network (huggingface-cli download {name}) and pass its folder, or put it in the HF cache"
+        ) from None
+    return Path(folder)
+
+
+def resolve_model_once(name: str) -> Path:
+    """Rank 0 resolves (builds, converts or downloads) first and tells the others whether it worked, so
+    a bad model.path stops every rank with the same error instead of leaving them at a barrier."""
+    rank, _ = rank_and_world()
+    outcome = None
+    if rank == 0:
+        try:
+            outcome = ("ok", str(resolve_model(name)))
+        except ConfigError as err:
+            outcome = ("error", str(err))
+    status, detail = broadcast_object(outcome)
+    if status == "error":
+        raise ConfigError(detail)
+    return Path(detail) if rank == 0 else resolve_model(name)  # other nodes may have their own cache
 
 
 # ---- distributed helpers -----------------------------------------------------------------------------
@@ -107,10 +141,7 @@ class Run:
         c.check_world_size(self.world)
         check_same_environment(required_env(c))
         self.out = Path(c.logging.output_dir)
-        if self.rank == 0:  # builds or converts an offline model once; the other ranks then find it cached
-            resolve_model(c.model.path)
-        barrier()
-        self.model_path = resolve_model(c.model.path)
+        self.model_path = resolve_model_once(c.model.path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
 
         d = c.data

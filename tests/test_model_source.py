@@ -1,0 +1,33 @@
+"""model.path as an HF folder, a hub id (here from a local HF cache of the same shape), or a clear error."""
+
+import shutil
+
+import pytest
+
+from capo_fast.config import ConfigError
+from capo_fast.train import resolve_model
+
+
+def hub_cache_with(model_dir, tmp_path, repo_id="acme/tiny-math", revision="0123abcd"):
+    """The layout huggingface_hub's cache uses: models--org--name/{refs/main, snapshots/<rev>/...}."""
+    repo = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(model_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return tmp_path / "hub"
+
+
+def test_hub_id_resolves_through_the_hf_cache(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = hub_cache_with(tiny_model_dir, tmp_path)
+    path = resolve_model("acme/tiny-math", cache_dir=str(cache))
+    assert (path / "config.json").exists() and path.name == "0123abcd"
+    assert resolve_model(str(tiny_model_dir)) == tiny_model_dir
+
+
+def test_an_unavailable_hub_id_fails_naming_the_key_and_the_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"model\.path: hub model 'Qwen/Qwen2.5-0.5B-Instruct' could not be had"):
+        resolve_model("Qwen/Qwen2.5-0.5B-Instruct", cache_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"model\.path: '/nowhere/model' is not an HF model folder"):
+        resolve_model("/nowhere/model")
