@@ -55,7 +55,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """`train` / `eval`: a .jsonl or .parquet file, a saved HF dataset folder, or `gym:<task>[+<task>]`."""
+    """`train` / `eval`: a .jsonl/.json/.csv/.parquet file, a saved HF dataset folder, a hub dataset
+    `org/name[:config][@split]`, or `gym:<task>[+<task>]` (generated offline)."""
 
     train: str = "gym:basic_arithmetic+gsm_symbolic"
     eval: str = ""  # empty: a held-out split generated with another seed (gym) or none (files)
@@ -66,6 +67,11 @@ class DataConfig:
     )
     max_prompt_tokens: int = 256
     seed: int = 0
+    # Dotted paths of a row's fields (e.g. reward_model.ground_truth); empty: the usual names, which
+    # cover plain rows, verl's parquet rows and TRL/open-r1's problem + solution rows.
+    question_key: str = ""
+    answer_key: str = ""
+    reference_key: str = ""
 
 
 @dataclass

@@ -1,19 +1,22 @@
-"""Prompt datasets: files (jsonl, parquet, saved HF datasets) and offline task generators.
+"""Prompt datasets: files (jsonl, json, csv, parquet), saved HF datasets, hub datasets, offline generators.
 
 A source string picks the loader: `gym:<task>[+<task>...]` generates reasoning-gym tasks offline,
-anything else is a path. Every row becomes a `Problem`; a bad row fails with its file and line.
+`org/name[:config][@split]` that is not a local path loads a hub dataset through `datasets`, anything
+else is a path. Rows of verl (chat prompt, reward_model.ground_truth, data_source) and TRL/open-r1
+(problem, solution) load as they are. Every row becomes a `Problem`; a bad row fails with its file and line.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 QUESTION_KEYS = ("question", "problem", "prompt")
-ANSWER_KEYS = ("answer", "final_answer", "gold")
+ANSWER_KEYS = ("answer", "final_answer", "gold", "reward_model.ground_truth")  # the last: verl's rows
 REFERENCE_KEYS = ("reference_solution", "solution")
 EVAL_SEED_OFFSET = 1_000_003  # generated eval sets never share a seed with the train set
 
@@ -27,34 +30,82 @@ GYM_TASK_SETTINGS: dict[str, dict] = {
 
 @dataclass(frozen=True)
 class Problem:
-    question: str
+    question: str  # the text the judge reads (the last user message of a chat prompt)
     answer: str
     reference_solution: str | None = None
+    messages: tuple[dict, ...] | None = None  # a chat prompt as the data gives it, used as is
+    data_source: str = ""  # kept for per-source metrics
+
+
+@dataclass(frozen=True)
+class DataKeys:
+    """Where a row keeps its fields: dotted paths (`reward_model.ground_truth`); empty: the usual names
+    (QUESTION_KEYS, ANSWER_KEYS, REFERENCE_KEYS; an answer may also come from the \\boxed{} of `solution`)."""
+
+    question: str = ""
+    answer: str = ""
+    reference: str = ""
 
 
 class DataError(ValueError):
     """A data row or source that cannot be used; the message names the file and line."""
 
 
-def _pick(row: dict, keys: tuple[str, ...]) -> str | None:
+def _get(row: dict, dotted: str):
+    value = row
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _first(row: dict, keys: tuple[str, ...]):
     for key in keys:
-        if row.get(key) not in (None, ""):
-            return str(row[key])
+        value = _get(row, key)
+        if value not in (None, ""):
+            return value
     return None
 
 
-def problem_from_row(row: object, where: str) -> Problem:
+def _is_chat(value) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def problem_from_row(row: object, where: str, keys: DataKeys = DataKeys()) -> Problem:
+    """One row of any supported shape: plain (question/answer), verl (chat `prompt`,
+    `reward_model.ground_truth`, `data_source`), TRL/open-r1 (`problem`, `solution` with a \\boxed{} answer)."""
+    from capo_fast.reward import last_boxed
+
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with a question and an answer, got {type(row).__name__}")
-    question, answer = _pick(row, QUESTION_KEYS), _pick(row, ANSWER_KEYS)
-    if question is None:
-        raise DataError(f"{where}: no question (one of the fields {', '.join(QUESTION_KEYS)})")
-    if answer is None:
-        raise DataError(f"{where}: no answer (one of the fields {', '.join(ANSWER_KEYS)})")
-    return Problem(question, answer, _pick(row, REFERENCE_KEYS))
+    prompt = _get(row, keys.question) if keys.question else _first(row, QUESTION_KEYS)
+    if prompt is None:
+        raise DataError(f"{where}: no question ({keys.question or 'one of ' + ', '.join(QUESTION_KEYS)})")
+    messages = None
+    if _is_chat(prompt):
+        messages = tuple({"role": str(m["role"]), "content": str(m.get("content", ""))} for m in prompt)
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        if not users:
+            raise DataError(f"{where}: the chat prompt has no user message")
+        question = users[-1]
+    elif isinstance(prompt, str):
+        question = prompt
+    else:
+        raise DataError(f"{where}: the question must be text or a list of chat messages, got {type(prompt).__name__}")
+    reference = _get(row, keys.reference) if keys.reference else _first(row, REFERENCE_KEYS)
+    answer = _get(row, keys.answer) if keys.answer else _first(row, ANSWER_KEYS)
+    if answer is None and isinstance(reference, str):
+        answer = last_boxed(reference)  # TRL / open-r1 rows: the answer is the solution's \boxed{}
+    if answer in (None, ""):
+        raise DataError(
+            f"{where}: no answer ({keys.answer or 'one of ' + ', '.join(ANSWER_KEYS)}, or a \\boxed{{}} in solution)"
+        )
+    source = row.get("data_source")
+    return Problem(question, str(answer), str(reference) if reference else None, messages, str(source or ""))
 
 
-def _load_jsonl(path: Path) -> list[Problem]:
+def _load_jsonl(path: Path, keys: DataKeys) -> list[Problem]:
     problems = []
     with path.open() as f:
         for number, line in enumerate(f, start=1):
@@ -64,24 +115,61 @@ def _load_jsonl(path: Path) -> list[Problem]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            problems.append(problem_from_row(row, f"{path}:{number}"))
+            problems.append(problem_from_row(row, f"{path}:{number}", keys))
     return problems
 
 
-def _load_parquet(path: Path) -> list[Problem]:
+def _rows(rows, where: str, keys: DataKeys) -> list[Problem]:
+    return [problem_from_row(row, f"{where}: row {i}", keys) for i, row in enumerate(rows)]
+
+
+def _load_json(path: Path, keys: DataKeys) -> list[Problem]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of rows")
+    return _rows(data, str(path), keys)
+
+
+def _load_csv(path: Path, keys: DataKeys) -> list[Problem]:
+    import csv
+
+    with path.open(newline="") as f:
+        return [problem_from_row(row, f"{path}:{i + 2}", keys) for i, row in enumerate(csv.DictReader(f))]
+
+
+def _load_parquet(path: Path, keys: DataKeys) -> list[Problem]:
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(path).to_pylist()
-    return [problem_from_row(row, f"{path}: row {i}") for i, row in enumerate(rows)]
+    return _rows(pq.read_table(path).to_pylist(), str(path), keys)
 
 
-def _load_hf_dataset(path: Path) -> list[Problem]:
+def _load_hf_dataset(path: Path, keys: DataKeys) -> list[Problem]:
     from datasets import DatasetDict, load_from_disk
 
     dataset = load_from_disk(str(path))
     if isinstance(dataset, DatasetDict):
         dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
-    return [problem_from_row(row, f"{path}: row {i}") for i, row in enumerate(dataset)]
+    return _rows(dataset, str(path), keys)
+
+
+HUB_SOURCE = re.compile(
+    r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<config>[\w.-]+))?(?:@(?P<split>[\w.\[\]%:-]+))?$"
+)
+
+
+def _load_hub(source: str, keys: DataKeys) -> list[Problem]:
+    """`org/name[:config][@split]` through `datasets.load_dataset` (split `train` by default)."""
+    from datasets import load_dataset
+
+    m = HUB_SOURCE.match(source)
+    try:
+        dataset = load_dataset(m["repo"], m["config"], split=m["split"] or "train")
+    except Exception as err:  # offline, unknown id or split: the run stops before it starts
+        raise DataError(f"{source}: the hub dataset could not be loaded ({type(err).__name__}: {err})") from None
+    return _rows(dataset, source, keys)
 
 
 def _generate_gym(tasks: str, size: int, seed: int) -> list[Problem]:
@@ -102,7 +190,10 @@ def _generate_gym(tasks: str, size: int, seed: int) -> list[Problem]:
     ][:size]
 
 
-def load_problems(source: str, *, size: int, seed: int) -> list[Problem]:
+LOADERS = {".jsonl": _load_jsonl, ".json": _load_json, ".csv": _load_csv, ".parquet": _load_parquet}
+
+
+def load_problems(source: str, *, size: int, seed: int, keys: DataKeys = DataKeys()) -> list[Problem]:
     """Problems from `source` (see the module docstring); `size` and `seed` apply to generators."""
     if source.startswith("gym:"):
         try:
@@ -112,24 +203,29 @@ def load_problems(source: str, *, size: int, seed: int) -> list[Problem]:
                 raise
             raise DataError(f"{source}: {err}") from None
     path = Path(source)
-    if not path.exists():
-        raise DataError(f"{source}: no such file or folder (or use gym:<task> for generated tasks)")
-    if path.is_dir():
-        problems = _load_hf_dataset(path)
-    elif path.suffix == ".jsonl":
-        problems = _load_jsonl(path)
-    elif path.suffix == ".parquet":
-        problems = _load_parquet(path)
+    if not path.exists() and HUB_SOURCE.match(source):
+        problems = _load_hub(source, keys)
+    elif not path.exists():
+        raise DataError(f"{source}: no such file or folder, nor a hub id org/name (or use gym:<task>)")
+    elif path.is_dir():
+        problems = _load_hf_dataset(path, keys)
+    elif path.suffix in LOADERS:
+        problems = LOADERS[path.suffix](path, keys)
     else:
-        raise DataError(f"{source}: unknown format; use .jsonl, .parquet or a saved HF dataset folder")
+        raise DataError(f"{source}: unknown format; use {', '.join(LOADERS)}, a saved HF dataset folder or a hub id")
     if not problems:
         raise DataError(f"{source}: holds no problems")
     return problems
 
 
 def prompt_messages(problem: Problem, system_prompt: str) -> list[dict]:
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return messages + [{"role": "user", "content": problem.question}]
+    """The chat the policy sees: the data's own messages when it has them (the system prompt added only
+    when they bring none), else the system prompt and the question."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    if problem.messages is not None:
+        own = [dict(m) for m in problem.messages]
+        return own if any(m["role"] == "system" for m in own) else system + own
+    return system + [{"role": "user", "content": problem.question}]
 
 
 def chat_token_ids(tokenizer, messages: list[dict]) -> list[int]:

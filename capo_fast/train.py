@@ -27,7 +27,7 @@ import torch
 from capo_fast.config import Config, ConfigError, SamplingConfig, load_config, to_dict
 from capo_fast.credit import REWARD_MODES, CreditConfig, Rollout, VotingConfig, assign_credit, describe, rollout_metrics
 from capo_fast.critique import split_steps
-from capo_fast.data import EVAL_SEED_OFFSET, DataError, PromptSampler, encode_prompts, load_problems
+from capo_fast.data import EVAL_SEED_OFFSET, DataError, DataKeys, PromptSampler, encode_prompts, load_problems
 from capo_fast.distributed import (
     all_reduce,
     broadcast_object,
@@ -145,10 +145,13 @@ class Run:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
 
         d = c.data
-        self.train_set = load_problems(d.train, size=d.num_train, seed=d.seed)
+        keys = DataKeys(d.question_key, d.answer_key, d.reference_key)
+        self.train_set = load_problems(d.train, size=d.num_train, seed=d.seed, keys=keys)
         eval_source = d.eval or (d.train if d.train.startswith("gym:") else "")
         eval_seed = d.seed + EVAL_SEED_OFFSET
-        self.eval_set = load_problems(eval_source, size=d.num_eval, seed=eval_seed)[: d.num_eval] if eval_source else []
+        self.eval_set = []
+        if eval_source:
+            self.eval_set = load_problems(eval_source, size=d.num_eval, seed=eval_seed, keys=keys)[: d.num_eval]
         self.train_prompts = encode_prompts(self.tokenizer, self.train_set, d.system_prompt)
         self.eval_prompts = encode_prompts(self.tokenizer, self.eval_set, d.system_prompt)
         too_long = [i for i, p in enumerate(self.train_prompts) if len(p) > d.max_prompt_tokens]

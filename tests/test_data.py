@@ -45,9 +45,12 @@ def test_parquet_and_saved_dataset(tmp_path):
 def test_unknown_sources_fail_clearly(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_problems(str(tmp_path / "missing.jsonl"), size=0, seed=0)
-    (tmp_path / "x.csv").write_text("q,a\n")
+    (tmp_path / "x.txt").write_text("q,a\n")
     with pytest.raises(DataError, match="unknown format"):
-        load_problems(str(tmp_path / "x.csv"), size=0, seed=0)
+        load_problems(str(tmp_path / "x.txt"), size=0, seed=0)
+    (tmp_path / "empty.csv").write_text("q,a\n")
+    with pytest.raises(DataError, match="holds no problems"):
+        load_problems(str(tmp_path / "empty.csv"), size=0, seed=0)
     with pytest.raises(DataError, match="gym:no_such_task"):
         load_problems("gym:no_such_task", size=4, seed=0)
 
@@ -82,3 +85,60 @@ def test_prompts_use_the_chat_template(tiny_model_dir):
     ids = encode_prompts(tokenizer, [Problem("What is 2 + 3?", "5")], "Be brief.")[0]
     text = tokenizer.decode(ids)
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and text.endswith("<|im_start|>assistant\n")
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 3+4?"}]
+
+
+def test_chat_message_prompts_are_messages_not_text(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from capo_fast.data import prompt_messages
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"prompt": CHAT, "answer": "7"}) + "\n")
+    (problem,) = load_problems(str(path), size=0, seed=0)
+    assert problem.question == "What is 3+4?" and problem.messages == tuple(CHAT)
+    assert prompt_messages(problem, "ignored: the data brings its own system prompt") == CHAT
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    (ids,) = encode_prompts(tok, [problem], "x")
+    text = tok.decode(ids)
+    assert "What is 3+4?" in text and "[{'role'" not in text
+
+
+def test_verl_parquet_rows_load_unchanged(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [{"data_source": "lighteval/MATH", "prompt": [CHAT[1]], "ability": "math",
+             "reward_model": {"style": "rule", "ground_truth": "7"}, "extra_info": {"index": 0}}]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    (problem,) = load_problems(str(tmp_path / "train.parquet"), size=0, seed=0)
+    assert (problem.question, problem.answer, problem.data_source) == ("What is 3+4?", "7", "lighteval/MATH")
+
+
+def test_trl_open_r1_rows_take_the_answer_from_the_solution(tmp_path):
+    path = tmp_path / "numina.json"
+    path.write_text(json.dumps([{"problem": "Find 3+4.", "solution": "Adding, $3+4=\\boxed{7}$."}]))
+    (problem,) = load_problems(str(path), size=0, seed=0)
+    assert problem.answer == "7" and problem.reference_solution == "Adding, $3+4=\\boxed{7}$."
+
+
+def test_csv_and_dotted_keys(tmp_path):
+    from capo_fast.data import DataKeys
+
+    path = tmp_path / "t.csv"
+    path.write_text("q,a\n1+1?,2\n2+2?,\n")
+    with pytest.raises(DataError, match=r"t\.csv:3: no answer \(a"):
+        load_problems(str(path), size=0, seed=0, keys=DataKeys(question="q", answer="a"))
+    nested = tmp_path / "n.jsonl"
+    nested.write_text(json.dumps({"input": {"text": "1+2?"}, "target": {"value": 3}}) + "\n")
+    keys = DataKeys(question="input.text", answer="target.value")
+    assert load_problems(str(nested), size=0, seed=0, keys=keys) == [Problem("1+2?", "3")]
+
+
+def test_a_hub_dataset_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"nobody-here/no-such-set@test: the hub dataset could not be loaded"):
+        load_problems("nobody-here/no-such-set@test", size=0, seed=0)
