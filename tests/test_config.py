@@ -120,3 +120,21 @@ def test_paper_configs_match_the_papers_setups(name, monkeypatch):
     assert c.critic.num_critiques == 4 and c.critic.include_reference
     assert c.algorithm.reward_mode == "capo" and (c.algorithm.correct_reward, c.algorithm.penalty) == (2.0, 1.0)
     assert c.data.system_prompt == "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def test_print_config_lists_every_key_with_its_value_and_meaning():
+    from capo_fast.config import describe_config
+
+    text = describe_config(load_config(None, ["--trainer.lr=3e-7"]))
+    lines = text.splitlines()
+    assert "--trainer.lr=3e-07  # peak learning rate (cosine decay after warmup)" in lines
+    assert len(lines) == sum(1 for _ in _leaves(Config()))
+    assert all("  # " in line for line in lines), [line for line in lines if "  # " not in line]
+
+
+def _leaves(obj):
+    import dataclasses
+
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        yield from (_leaves(value) if dataclasses.is_dataclass(value) else [f.name])

@@ -85,3 +85,7 @@ def test_grpo_baseline_runs_without_a_judge(tmp_path):
     assert math.isfinite(row["actor/loss"])
     samples = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
     assert samples and all(s["critiques"] == [] and len(s["steps"]) >= 1 for s in samples)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["config"]["algorithm"]["reward_mode"] == "outcome" and "torch" in run["packages"]
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "GRPO-Rule" in card and "held-out accuracy" in card
