@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 QUESTION_KEYS = ("question", "problem", "prompt")
-ANSWER_KEYS = ("answer", "final_answer", "gold", "reward_model.ground_truth")  # the last: verl's rows
+ANSWER_KEYS = ("answer", "final_answer", "gold", "reward_model.ground_truth", "answerKey")  # verl's, ARC's rows
+CHOICE_KEYS = ("choices", "options", "choices.text")  # multiple choice; the last: ARC's rows
 REFERENCE_KEYS = ("reference_solution", "solution")
 EVAL_SEED_OFFSET = 1_000_003  # generated eval sets never share a seed with the train set
 
@@ -35,6 +36,8 @@ class Problem:
     reference_solution: str | None = None
     messages: tuple[dict, ...] | None = None  # a chat prompt as the data gives it, used as is
     data_source: str = ""  # kept for per-source metrics
+    choices: tuple[str, ...] | None = None  # the options of a multiple-choice row, as the data orders them
+    multiple_choice: bool = False  # lettered options in the question, the answer a letter (evaluate.py)
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,10 @@ def problem_from_row(row: object, where: str, keys: DataKeys = DataKeys()) -> Pr
             f"{where}: no answer ({keys.answer or 'one of ' + ', '.join(ANSWER_KEYS)}, or a \\boxed{{}} in solution)"
         )
     source = row.get("data_source")
-    return Problem(question, str(answer), str(reference) if reference else None, messages, str(source or ""))
+    choices = _first(row, CHOICE_KEYS)
+    choices = tuple(str(c) for c in choices) if isinstance(choices, (list, tuple)) and choices else None
+    reference = str(reference) if reference else None
+    return Problem(question, str(answer), reference, messages, str(source or ""), choices)
 
 
 def _load_jsonl(path: Path, keys: DataKeys) -> list[Problem]:

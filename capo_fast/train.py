@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from capo_fast.config import Config, ConfigError, SamplingConfig, describe_config, load_config, to_dict
+from capo_fast.config import Config, ConfigError, describe_config, load_config, to_dict
 from capo_fast.credit import REWARD_MODES, CreditConfig, Rollout, VotingConfig, assign_credit, describe, rollout_metrics
 from capo_fast.critique import split_steps
 from capo_fast.data import EVAL_SEED_OFFSET, DataError, DataKeys, PromptSampler, encode_prompts, load_problems
@@ -35,6 +35,7 @@ from capo_fast.distributed import (
     check_shared_folder,
     rank_and_world,
 )
+from capo_fast.evaluate import EvalOptions, evaluate_set
 from capo_fast.launch_env import required_env
 from capo_fast.memory_budget import Architecture, kv_cache_bytes
 from capo_fast.metrics import MetricsLog, RolloutSamples, format_line, write_run_info
@@ -265,16 +266,22 @@ class Run:
 
     # ---- one step ------------------------------------------------------------------------------------
 
-    def evaluate(self) -> float:
-        """Greedy accuracy on the held-out problems, over all ranks."""
+    def evaluate(self) -> dict[str, float]:
+        """Greedy pass@1, response length and truncation on the held-out problems (capo_fast.evaluate's
+        code), each rank answering its share; `eval/accuracy` is the pass@1."""
         if not self.eval_set:
-            return float("nan")
+            return {"eval/accuracy": float("nan")}
         indices = list(range(len(self.eval_set)))[self.rank :: self.world]
-        sampling = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=self.config.eval.max_tokens)
-        outputs = self.policy.generate([self.eval_prompts[i] for i in indices], sampling, n=1, seeds=indices)
-        scores = self.verifier.score([o[0].text for o in outputs], [self.eval_set[i].answer for i in indices])
-        correct, total = all_reduce([sum(s.correct for s in scores), len(scores)])
-        return correct / max(total, 1)
+        options = EvalOptions(runs=1, max_tokens=self.config.eval.max_tokens, seed=self.config.trainer.seed)
+        local = evaluate_set([self.eval_set[i] for i in indices], [self.eval_prompts[i] for i in indices],
+                             self.policy.generate, self.verifier.score, options)  # fmt: skip
+        n = local["problems"]
+        correct, length, truncated, total = all_reduce([local["pass@1"] * n, local["length"] * n,
+                                                        local["truncated"] * n, n])  # fmt: skip
+        total = max(total, 1)
+        metrics = {"eval/heldout/pass@1": correct / total, "eval/heldout/length": length / total,
+                   "eval/heldout/truncated": truncated / total}  # fmt: skip
+        return {"eval/accuracy": metrics["eval/heldout/pass@1"], **metrics}
 
     def train_step(self) -> dict[str, float]:
         c, times = self.config, {}
@@ -380,7 +387,7 @@ class Run:
             if self.critic is not None:
                 check_critique_failures(metrics["credit/failed_critique_rate"], c.critic, self.step)
             if c.eval.every and self.step % c.eval.every == 0 and self.step < c.trainer.steps:
-                metrics["eval/accuracy"] = self.evaluate()
+                metrics.update(self.evaluate())
                 if c.checkpoint.keep_best:
                     self.keep_if_best(metrics["eval/accuracy"])
             self.log.log(self.step, metrics)
@@ -390,8 +397,9 @@ class Run:
             if c.checkpoint.every and self.step % c.checkpoint.every == 0:
                 self.save_checkpoint()
         bar.close()
-        accuracy = self.evaluate()
-        self._report_eval("after training", accuracy)
+        final = self.evaluate()
+        accuracy = final["eval/accuracy"]
+        self._report_eval("after training", final)
         if c.checkpoint.keep_best:
             self.keep_if_best(accuracy)
         self.log.log(self.step, {"eval/accuracy_final": accuracy})
@@ -416,10 +424,11 @@ class Run:
             f"{accuracy:.4f} after (greedy)\n\nThe whole run config is in run.json beside the training logs.\n"
         )
 
-    def _report_eval(self, when: str, accuracy: float) -> None:
+    def _report_eval(self, when: str, metrics: dict[str, float]) -> None:
         if self.rank == 0:
+            accuracy = metrics["eval/accuracy"]
             print(f"eval accuracy {when}: {accuracy:.3f} on {len(self.eval_set)} held-out problems", flush=True)
-            self.log.log(self.step, {f"eval/accuracy_{when.split()[0]}": accuracy})
+            self.log.log(self.step, {f"eval/accuracy_{when.split()[0]}": accuracy, **metrics})
 
 
 def check_critique_failures(rate: float, config, step: int) -> None:

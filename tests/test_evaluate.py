@@ -1,0 +1,89 @@
+"""Evaluation metrics: unbiased pass@k, maj@k, greedy pass@1 over runs, multiple choice; the CLI end to end."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from capo_fast.data import Problem
+from capo_fast.evaluate import (
+    EvalOptions,
+    as_multiple_choice,
+    choice_letter,
+    evaluate_set,
+    pass_at_k,
+)
+from capo_fast.reward import OutcomeVerifier
+from capo_fast.rollout import Completion
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(5, 2))  # 0.7
+    assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 3, 2) == 1.0 and pass_at_k(8, 2, 1) == 0.25
+
+
+def test_multiple_choice_options_are_shuffled_by_seed_and_scored_on_the_letter():
+    p = Problem("Which is prime?", "C", choices=("4", "6", "7", "8"))
+    a, b = as_multiple_choice(p, p.choices, p.answer, seed=0, index=3), as_multiple_choice(p, p.choices, "7", 0, 3)
+    assert a == b and a.multiple_choice and a.answer in "ABCD"
+    line = next(ln for ln in a.question.splitlines() if ln.endswith(". 7"))
+    assert line[0] == a.answer  # the letter now in front of "7"
+    shuffled = {as_multiple_choice(p, p.choices, "C", seed=s, index=3).answer for s in range(20)}
+    assert len(shuffled) > 1
+    assert choice_letter("It must be \\boxed{B}.") == "B" and choice_letter("The answer is (D).") == "D"
+    assert choice_letter("no idea") is None
+
+
+class ScriptedEngine:
+    """Answers from a script: greedy runs get `greedy[run][i]`, sampling gets `sampled[i]`."""
+
+    def __init__(self, greedy, sampled):
+        self.greedy, self.sampled, self.run = greedy, sampled, 0
+
+    def generate(self, prompts, sampling, *, n, seeds):
+        if sampling.temperature == 0:
+            texts = self.greedy[self.run]
+            self.run += 1
+            return [[Completion([1] * 3, [0.0] * 3, texts[i], "stop")] for i in range(len(prompts))]
+        return [[Completion([1] * 5, [0.0] * 5, t, "length") for t in self.sampled[i][:n]] for i in range(len(prompts))]
+
+
+def test_metrics_of_one_set():
+    problems = [Problem("1+1?", "2"), Problem("2+2?", "4")]
+    engine = ScriptedEngine(
+        greedy=[["\\boxed{2}", "\\boxed{5}"], ["\\boxed{2}", "\\boxed{4}"]],  # run 1: 1/2, run 2: 2/2
+        sampled=[
+            ["\\boxed{2}", "\\boxed{3}", "\\boxed{3}", "\\boxed{2}"],
+            ["\\boxed{1}", "\\boxed{1}", "\\boxed{4}", "x"],
+        ],
+    )
+    with OutcomeVerifier(num_workers=1) as verifier:
+        m = evaluate_set(
+            problems, [[1], [2]], engine.generate, verifier.score, EvalOptions(runs=2, samples=4, ks=(1, 2, 4))
+        )
+    assert m["pass@1_runs"] == [0.5, 1.0] and m["pass@1"] == 0.75
+    assert m["pass@2"] == pytest.approx((pass_at_k(4, 2, 2) + pass_at_k(4, 1, 2)) / 2)
+    # maj@4: problem 1 ties 2 vs 3, the first seen (2) is right; problem 2's majority answer (1) is wrong
+    assert m["maj@4"] == 0.5 and m["maj@2"] == 0.5
+    assert m["length"] == 3 and m["truncated"] == 0.0
+
+
+@pytest.mark.slow
+def test_cli_scores_a_model_on_named_sets(tiny_model_dir, tmp_path):
+    math_set = tmp_path / "m.jsonl"
+    math_set.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(3)))
+    mc_set = tmp_path / "mc.jsonl"
+    mc_set.write_text(json.dumps({"question": "Pick 7.", "choices": ["5", "7"], "answer": "B"}) + "\n")
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "capo_fast.evaluate", "--model", str(tiny_model_dir), "--sets", f"math={math_set}",
+           f"mc={mc_set}", "--runs", "2", "--samples", "2", "--k", "1", "2", "--max-tokens", "8",
+           "--max-model-len", "512", "--dtype", "float32", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sets = json.loads(out.read_text())["sets"]
+    assert sets["math"]["problems"] == 3 and sets["mc"]["problems"] == 1
+    for metrics in sets.values():
+        assert {"pass@1", "pass@2", "maj@2", "length", "truncated"} <= set(metrics)
+        assert 0 <= metrics["pass@1"] <= 1 and metrics["truncated"] == 1.0  # 8 tokens cut every answer
