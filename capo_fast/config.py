@@ -98,6 +98,8 @@ class CriticConfig:
     guided_reasoning_chars: int = 200  # room for reasoning before the closing lines when guided
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=128))
     include_reference: bool = True  # the ground-truth solution in the prompt whenever the data has one
+    function: str = ""  # backend function: module:function returning critiques (see rollout.FunctionCritic)
+    step_splitter: str = ""  # empty: blank lines; a regex whose matches end a step; or module:function
     prompt_template: str = ""  # a text file with {question}, {reference_solution}, {steps}; empty: the packaged one
     gpu_memory_utilization: float = 0.35  # a colocated judge keeps this share all run long
     max_model_len: int = 2048  # judge prompt + critique tokens
@@ -126,6 +128,7 @@ class AlgorithmConfig:
     voting: str = "majority"
     vote_threshold: float = 0.5  # majority: fraction of valid critiques a step must exceed
     min_valid_critiques: int = 1  # fewer valid critiques than this: the rollout gets no step penalty
+    verifier: str = "capo_fast.reward:verify_answer"  # module:function(response, gold) -> 0/1, in worker processes
     truncated_reward: TruncatedReward = "verify"  # verify: a cut-off response is scored like any other
     eps_low: float = 0.2  # clip range [1 - eps_low, 1 + eps_high]
     eps_high: float = 0.2  # clip-higher when above eps_low
@@ -200,10 +203,21 @@ class Config:
             _check(0 < value <= 1, f"{key}.gpu_memory_utilization", "must be in (0, 1]")
         _check(c.num_critiques >= 1, "critic.num_critiques", "must be >= 1")
         _check(c.guided_reasoning_chars >= 0, "critic.guided_reasoning_chars", "must be >= 0")
+        _check(
+            c.backend != "function" or bool(c.function), "critic.function", "the function backend needs module:function"
+        )
         if c.prompt_template:
             from capo_fast.critique import load_template
 
             load_template(c.prompt_template)  # names the missing file or placeholder
+        # Plug-ins are imported now, so a wrong name stops the run before anything heavy starts.
+        from capo_fast.critique import make_splitter
+        from capo_fast.plugins import load_callable
+
+        make_splitter(c.step_splitter)
+        load_callable(a.verifier, "algorithm.verifier")
+        if c.backend == "function":
+            load_callable(c.function, "critic.function")
         _check(c.backend != "remote" or c.url.startswith("http"), "critic.url", "remote critic needs an http(s) URL")
         from capo_fast.credit import REWARD_MODES
         from capo_fast.critique import VOTING

@@ -31,15 +31,15 @@ class Step:
     text: str
 
 
-def split_steps(response: str) -> list[Step]:
-    """Splits on blank lines, keeping character spans that tile the whole response.
+def split_steps(response: str, separator: re.Pattern = _BLANK_LINE) -> list[Step]:
+    """Splits after each `separator` match (blank lines by default), keeping spans that tile the response.
 
     Whitespace-only pieces are not steps: their characters join the step before them (or the
     first step, for leading whitespace). A response with no visible text has no steps.
     """
     spans: list[list[int]] = []
     start = 0
-    cuts = [m.end() for m in _BLANK_LINE.finditer(response)] + [len(response)]
+    cuts = [m.end() for m in separator.finditer(response)] + [len(response)]
     for end in cuts:
         if end <= start:
             continue
@@ -54,6 +54,36 @@ def split_steps(response: str) -> list[Step]:
         spans[0][0] = 0
         spans[-1][1] = len(response)
     return [Step(k, s, e, response[s:e]) for k, (s, e) in enumerate(spans)]
+
+
+def make_splitter(spec: str = "") -> Callable[[str], list[Step]]:
+    """`critic.step_splitter`: empty for blank lines, `module:function` returning the response's pieces
+    in order (they must join to the response), or a regex whose matches end a step."""
+    from capo_fast.config import ConfigError
+    from capo_fast.plugins import is_callable_spec, load_callable
+
+    if not spec:
+        return split_steps
+    if is_callable_spec(spec):
+        pieces_of = load_callable(spec, "critic.step_splitter")
+
+        def split(response: str) -> list[Step]:
+            pieces = [str(p) for p in pieces_of(response)]
+            if "".join(pieces) != response:
+                raise ValueError(f"critic.step_splitter {spec}: the pieces do not join to the response")
+            steps, start = [], 0
+            for piece in pieces:
+                if piece.strip():
+                    steps.append(Step(len(steps), start, start + len(piece), piece))
+                start += len(piece)
+            return steps
+
+        return split
+    try:
+        pattern = re.compile(spec)
+    except re.error as err:
+        raise ConfigError(f"critic.step_splitter: {spec!r} is neither module:function nor a regex ({err})") from None
+    return lambda response: split_steps(response, pattern)
 
 
 # The default GenPRM prompt (DESIGN.md 1.3, the paper's Appendix F instructions in this project's

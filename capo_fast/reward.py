@@ -93,9 +93,15 @@ def verify_answer(response: str, gold: str) -> float:
     return float(bool(gold_parsed) and bool(answer) and verify(gold_parsed, answer, timeout_seconds=None))
 
 
-def _worker_loop(conn: Connection) -> None:
+DEFAULT_VERIFIER = "capo_fast.reward:verify_answer"
+
+
+def _worker_loop(conn: Connection, verifier: str) -> None:
+    from capo_fast.plugins import load_callable
+
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call with no timeout set
-    verify_answer("\\boxed{1}", "1")  # import math-verify and sympy before any item's clock starts
+    verify = load_callable(verifier, "algorithm.verifier")
+    verify("\\boxed{1}", "1")  # import math-verify and sympy before any item's clock starts
     conn.send("ready")
     while True:
         job = conn.recv()
@@ -103,15 +109,15 @@ def _worker_loop(conn: Connection) -> None:
             return
         index, response, gold = job
         try:
-            conn.send((index, verify_answer(response, gold), "ok"))
+            conn.send((index, float(verify(response, gold)), "ok"))
         except Exception:  # a parser failure is a wrong answer, reported as an error status
             conn.send((index, 0.0, "error"))
 
 
 class _Worker:
-    def __init__(self, ctx):
+    def __init__(self, ctx, verifier: str):
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_loop, args=(child,), daemon=True)
+        self.process = ctx.Process(target=_worker_loop, args=(child, verifier), daemon=True)
         self.process.start()
         child.close()
         self.ready = False  # until its imports are done: start-up time never counts against an item
@@ -134,12 +140,17 @@ class OutcomeVerifier:
     Args:
         num_workers: processes running math-verify.
         timeout_s: budget per item; past it the item scores 0 with status "timeout".
+        verifier: `module:function(response, gold) -> 0/1` run in the workers (default: math-verify on
+            the final answer, `verify_answer`).
     """
 
-    def __init__(self, num_workers: int = 2, timeout_s: float = 5.0):
+    def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, verifier: str = DEFAULT_VERIFIER):
+        from capo_fast.plugins import load_callable
+
         if num_workers < 1 or timeout_s <= 0:
             raise ValueError("num_workers must be >= 1 and timeout_s > 0")
-        self.num_workers, self.timeout_s = num_workers, timeout_s
+        load_callable(verifier, "algorithm.verifier")  # a bad name fails here, not in a worker
+        self.num_workers, self.timeout_s, self.verifier = num_workers, timeout_s, verifier
         self._ctx = mp.get_context("spawn")  # no fork of a process holding threads or devices
         self._workers: list[_Worker] = []
 
@@ -158,7 +169,7 @@ class OutcomeVerifier:
         if len(responses) != len(golds):
             raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
         while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self._ctx))
+            self._workers.append(_Worker(self._ctx, self.verifier))
         correct: list[tuple[float, Status] | None] = [None] * len(responses)
         pending = list(range(len(responses)))[::-1]
         while pending or any(w.job is not None for w in self._workers):
@@ -193,7 +204,7 @@ class OutcomeVerifier:
                     continue
                 correct[w.job] = outcome
                 w.kill()
-                self._workers[self._workers.index(w)] = _Worker(self._ctx)
+                self._workers[self._workers.index(w)] = _Worker(self._ctx, self.verifier)
         return [OutcomeScore(c[0], format_reward(r), c[1]) for c, r in zip(correct, responses, strict=True)]
 
 

@@ -459,4 +459,28 @@ class RemoteCritic(Critic):
             return list(pool.map(self._one, messages, seeds, regexes))
 
 
-CRITIC_BACKENDS = {"vllm": LocalCritic, "remote": RemoteCritic}
+class FunctionCritic(Critic):
+    """Critiques from Python (`critic.function`, `module:function`), for tasks whose steps a program can
+    check: `function(requests, num_critiques, seed)` returns, per request, N critique texts (parsed like a
+    judge's) or `Critique` objects; None marks a failed one."""
+
+    def __init__(self, config: CriticConfig, model: str = ""):
+        from capo_fast.plugins import load_callable
+
+        super().__init__(config)
+        self.function = load_callable(config.function, "critic.function")
+
+    def critique(self, requests: Sequence[CritiqueRequest], seed: int = 0) -> list[list[Critique]]:
+        out = self.function(list(requests), self.config.num_critiques, seed)
+        if len(out) != len(requests):
+            raise ValueError(f"critic.function returned {len(out)} results for {len(requests)} requests")
+        return [
+            [c if isinstance(c, Critique) else parse_critique(c, len(r.steps)) if c is not None else FAILED for c in cs]
+            for r, cs in zip(requests, out, strict=True)
+        ]
+
+    def _complete(self, messages, seeds, regexes):  # critique() is overridden: no chat model involved
+        raise NotImplementedError
+
+
+CRITIC_BACKENDS = {"vllm": LocalCritic, "remote": RemoteCritic, "function": FunctionCritic}

@@ -26,7 +26,7 @@ import torch
 
 from capo_fast.config import Config, ConfigError, describe_config, load_config, to_dict
 from capo_fast.credit import REWARD_MODES, CreditConfig, Rollout, VotingConfig, assign_credit, describe, rollout_metrics
-from capo_fast.critique import split_steps
+from capo_fast.critique import make_splitter
 from capo_fast.data import EVAL_SEED_OFFSET, DataError, DataKeys, PromptSampler, encode_prompts, load_problems
 from capo_fast.distributed import (
     all_reduce,
@@ -198,8 +198,9 @@ class Run:
                     sleep_mode=sleeps,
                 )  # fmt: skip
             else:
-                self.critic = CRITIC_BACKENDS["remote"](critic_config, c.critic.model)
-        self.verifier = OutcomeVerifier(num_workers=1, timeout_s=a.verifier_timeout_s)
+                self.critic = CRITIC_BACKENDS[c.critic.backend](critic_config, c.critic.model)
+        self.verifier = OutcomeVerifier(num_workers=1, timeout_s=a.verifier_timeout_s, verifier=a.verifier)
+        self.split_steps = make_splitter(c.critic.step_splitter)
         if self.rank == 0:
             print(f"method: {describe(self.credit_config)}, voting={a.voting}", flush=True)
         self.log = MetricsLog(
@@ -296,7 +297,7 @@ class Run:
             groups = self.policy.generate(prompts, c.rollout.sampling, n=n, seeds=seeds)
         times["time/sync"] = self.policy.last_sync_s
         rollouts = [
-            Rollout(g, comp.token_ids, comp.text, comp.finish_reason == "length", split_steps(comp.text))
+            Rollout(g, comp.token_ids, comp.text, comp.finish_reason == "length", self.split_steps(comp.text))
             for g, group in enumerate(groups)
             for comp in group
         ]
