@@ -178,6 +178,7 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # steps; 0: only before and after training
+    sets: list[str] = field(default_factory=list)  # NAME=SOURCE, scored with the held-out set: eval/NAME/pass@1
     max_tokens: int = 128  # new tokens per evaluation answer
 
 

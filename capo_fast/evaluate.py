@@ -151,11 +151,13 @@ def load_set(source: str, *, seed: int, limit: int = 0) -> list[Problem]:
 
 
 def parse_sets(specs: Sequence[str]) -> dict[str, str]:
+    from capo_fast.config import ConfigError
+
     sets = {}
     for spec in specs:
         name, sep, source = spec.partition("=")
         if not sep or not name or not source:
-            raise SystemExit(f"capo-fast evaluate: --sets takes NAME=SOURCE, got {spec!r}")
+            raise ConfigError(f"eval.sets / --sets: expected NAME=SOURCE, got {spec!r}")
         sets[name] = source
     return sets
 
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     from capo_fast.train import resolve_model
 
     try:
-        sets = {name: load_set(src, seed=args.seed, limit=args.limit) for name, src in parse_sets(args.sets).items()}
+        named = parse_sets(args.sets)
+        sets = {name: load_set(src, seed=args.seed, limit=args.limit) for name, src in named.items()}
         model = resolve_model(args.model)
     except (ConfigError, DataError) as err:
         print(f"capo-fast evaluate: {err}", file=sys.stderr)

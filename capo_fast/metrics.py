@@ -162,3 +162,46 @@ class RolloutSamples:
         with self.path.open("a") as f:
             for row in rows[: self.per_step]:
                 f.write(json.dumps(row) + "\n")
+
+
+PLOTS = (
+    ("reward/mean", "reward (mean)"),
+    ("reward/accuracy", "train accuracy"),
+    ("eval/accuracy", "held-out accuracy"),
+    ("credit/flagged_step_rate", "flagged-step rate"),
+    ("response/length", "response length (tokens)"),
+    ("actor/kl", "KL to the reference"),
+)
+
+
+def plot_run(metrics_path: Path, out: Path) -> Path | None:
+    """A PNG of the run's curves (reward, accuracy, flagged-step rate, length, KL, time per phase)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    if not rows:
+        return None
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7), constrained_layout=True)
+    panels = list(axes.flat)
+    for ax, (key, title) in zip(panels, PLOTS, strict=False):
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    phases = sorted({k for r in rows for k in r if k.startswith("time/")})
+    steps = [r for r in rows if "time/rollout" in r]
+    ax, bottom = panels[len(PLOTS)], [0.0] * len(steps)
+    for phase in phases:
+        values = [r.get(phase, 0.0) for r in steps]
+        ax.bar([r["step"] for r in steps], values, bottom=bottom, label=phase.split("/", 1)[1])
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_title("seconds per step, by phase")
+    ax.legend(fontsize=7)
+    panels[-1].axis("off")
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out

@@ -35,10 +35,10 @@ from capo_fast.distributed import (
     check_shared_folder,
     rank_and_world,
 )
-from capo_fast.evaluate import EvalOptions, evaluate_set
+from capo_fast.evaluate import EvalOptions, evaluate_set, load_set, parse_sets
 from capo_fast.launch_env import required_env
 from capo_fast.memory_budget import Architecture, kv_cache_bytes
-from capo_fast.metrics import MetricsLog, RolloutSamples, format_line, write_run_info
+from capo_fast.metrics import MetricsLog, RolloutSamples, format_line, plot_run, write_run_info
 from capo_fast.reward import OutcomeVerifier, outcome_metrics
 from capo_fast.rollout import (
     CRITIC_BACKENDS,
@@ -155,6 +155,10 @@ class Run:
         if eval_source:
             self.eval_set = load_problems(eval_source, size=d.num_eval, seed=eval_seed, keys=keys)[: d.num_eval]
         self.train_prompts = encode_prompts(self.tokenizer, self.train_set, d.system_prompt)
+        self.eval_sets = {}  # eval.sets: NAME=SOURCE, scored like the held-out set
+        for name, source in parse_sets(c.eval.sets).items():
+            problems = load_set(source, seed=c.trainer.seed)
+            self.eval_sets[name] = (problems, encode_prompts(self.tokenizer, problems, d.system_prompt))
         self.eval_prompts = encode_prompts(self.tokenizer, self.eval_set, d.system_prompt)
         too_long = [i for i, p in enumerate(self.train_prompts) if len(p) > d.max_prompt_tokens]
         if too_long:
@@ -268,21 +272,25 @@ class Run:
     # ---- one step ------------------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy pass@1, response length and truncation on the held-out problems (capo_fast.evaluate's
-        code), each rank answering its share; `eval/accuracy` is the pass@1."""
-        if not self.eval_set:
-            return {"eval/accuracy": float("nan")}
-        indices = list(range(len(self.eval_set)))[self.rank :: self.world]
+        """Greedy pass@1, response length and truncation on the held-out problems and on every set of
+        eval.sets (capo_fast.evaluate's code), each rank answering its share; `eval/accuracy` is the
+        held-out pass@1."""
         options = EvalOptions(runs=1, max_tokens=self.config.eval.max_tokens, seed=self.config.trainer.seed)
-        local = evaluate_set([self.eval_set[i] for i in indices], [self.eval_prompts[i] for i in indices],
-                             self.policy.generate, self.verifier.score, options)  # fmt: skip
-        n = local["problems"]
-        correct, length, truncated, total = all_reduce([local["pass@1"] * n, local["length"] * n,
-                                                        local["truncated"] * n, n])  # fmt: skip
-        total = max(total, 1)
-        metrics = {"eval/heldout/pass@1": correct / total, "eval/heldout/length": length / total,
-                   "eval/heldout/truncated": truncated / total}  # fmt: skip
-        return {"eval/accuracy": metrics["eval/heldout/pass@1"], **metrics}
+        metrics = {"eval/accuracy": float("nan")}
+        sets = {"heldout": (self.eval_set, self.eval_prompts), **self.eval_sets}
+        for name, (problems, prompts) in sets.items():
+            if not problems:
+                continue
+            mine = list(range(len(problems)))[self.rank :: self.world]
+            local = evaluate_set([problems[i] for i in mine], [prompts[i] for i in mine], self.policy.generate,
+                                 self.verifier.score, options)  # fmt: skip
+            n = local["problems"]
+            sums = all_reduce([local["pass@1"] * n, local["length"] * n, local["truncated"] * n, n])
+            total = max(sums[3], 1)
+            for key, value in zip(("pass@1", "length", "truncated"), sums, strict=False):
+                metrics[f"eval/{name}/{key}"] = value / total
+        metrics["eval/accuracy"] = metrics.get("eval/heldout/pass@1", float("nan"))
+        return metrics
 
     def train_step(self) -> dict[str, float]:
         c, times = self.config, {}
@@ -407,7 +415,9 @@ class Run:
         if c.checkpoint.export:
             self.trainer.export(self.out / "final", self.tokenizer, self.model_card(accuracy))
         if self.rank == 0:
-            print(f"logs: {self.log.path}  checkpoints: {self.checkpoint_dir}  final model: {self.out / 'final'}")
+            curves = plot_run(self.log.path, self.out / "curves.png")
+            print(f"logs: {self.log.path}  curves: {curves}  checkpoints: {self.checkpoint_dir}  final model: "
+                  f"{self.out / 'final'}")  # fmt: skip
         self.log.close()
         self.verifier.close()
 
