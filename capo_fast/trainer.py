@@ -188,7 +188,25 @@ def deepspeed_config(config: Config, *, fused_adam: bool) -> dict:
     return ds
 
 
-def states_to_offload(ds: dict, *, cuda: bool, wanted: bool) -> list:
+def fused_adam_available() -> bool:
+    """Whether DeepSpeed can give this run FusedAdam: prebuilt, or compiled on first use, which needs nvcc
+    (deepspeed/ops/op_builder/builder.py:43-55). Without it the run keeps torch's AdamW rather than
+    failing at its first step; ZeRO-3 then cannot offload its states while generating."""
+    if not torch.cuda.is_available():
+        return False
+    from deepspeed.git_version_info import installed_ops
+    from deepspeed.ops.op_builder.builder import installed_cuda_version
+
+    if installed_ops.get("fused_adam"):
+        return True
+    try:
+        installed_cuda_version()
+    except Exception:  # no CUDA_HOME or no nvcc in it: MissingCUDAException
+        return False
+    return True
+
+
+def states_to_offload(ds: dict, *, cuda: bool, wanted: bool, fused_adam: bool = True) -> list:
     """DeepSpeed states to move to the CPU while the engines generate, decided from the merged config.
 
     Nothing without CUDA, or with parameter offload (engine.py:6049-6050 refuses it). The bf16
@@ -200,6 +218,8 @@ def states_to_offload(ds: dict, *, cuda: bool, wanted: bool) -> list:
     zero = ds.get("zero_optimization", {})
     if not (wanted and cuda) or (zero.get("offload_param") or {}).get("device", "none") != "none":
         return []
+    if zero.get("stage") == 3 and not fused_adam and offload_device(ds) == "none":
+        return []  # runtime/zero/stage3.py:3868-3869: ZeRO-3 offloads states of FusedAdam only
     states = [st for st in State if st != State.lp_params]
     if offload_device(ds) != "none":
         dropped = {State.hp_params, State.optim_states} | ({State.lp_grads} if zero.get("stage") == 3 else set())
@@ -227,7 +247,8 @@ class PolicyTrainer:
         cuda = torch.cuda.is_available()
         attn = attention_implementation(dtype, cuda=cuda, flash_installed=_flash_attn_installed())
         self.flash = attn == "flash_attention_2"
-        ds_config = deepspeed_config(config, fused_adam=cuda)
+        fused_adam = fused_adam_available()
+        ds_config = deepspeed_config(config, fused_adam=fused_adam)
         zero3 = ds_config["zero_optimization"].get("stage", 0) == 3
         # While an HfDeepSpeedConfig lives, from_pretrained loads straight into ZeRO-3 partitions; it is
         # dropped right after, so later loads (the reference model, user code) get whole models.
@@ -255,7 +276,9 @@ class PolicyTrainer:
             lr_scheduler=(lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)),
             config=ds_config,
         )
-        self._offload = states_to_offload(ds_config, cuda=cuda, wanted=t.offload_states_while_generating)
+        self._offload = states_to_offload(
+            ds_config, cuda=cuda, wanted=t.offload_states_while_generating, fused_adam=fused_adam
+        )
         self._states_offloaded = False
         self.version = 0  # bumped by every applied optimizer step and every checkpoint load
         self._skipped_in_a_row = 0

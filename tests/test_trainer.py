@@ -14,6 +14,7 @@ from capo_fast.trainer import (
     TrainSequence,
     attention_implementation,
     deepspeed_config,
+    fused_adam_available,
     offload_device,
     pack,
     split_by_tokens,
@@ -144,6 +145,12 @@ def test_deepspeed_config_is_merged_and_decides_optimizer_and_offload(monkeypatc
     states = states_to_offload(plain3, cuda=True, wanted=True)
     assert State.optim_states in states and State.hp_params in states and State.lp_params not in states
     assert states_to_offload(plain3, cuda=False, wanted=True) == []
+    # without nvcc DeepSpeed cannot build FusedAdam: torch's AdamW, and ZeRO-3 keeps its states (stage3.py:3869)
+    assert deepspeed_config(load_config(None, ["--trainer.zero_stage=3"]), fused_adam=False)["optimizer"]["params"][
+        "torch_adam"
+    ]
+    assert states_to_offload(plain3, cuda=True, wanted=True, fused_adam=False) == []
+    assert not fused_adam_available()  # no CUDA here
     cpu = deepspeed_config(load_config(None), fused_adam=False)
     assert cpu["optimizer"]["params"]["torch_adam"] is True  # engine.py:2377-2382: torch.optim.AdamW
     # the JSON file turns CPU offload on by itself: decided from the merged config, not trainer.offload_optimizer
