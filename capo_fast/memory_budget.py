@@ -99,7 +99,8 @@ def budget(config: Config, arch: Architecture, world: int, gpu_bytes: float = 80
     stage, optimizer_offloaded = _zero(config)
     share = lambda partitioned: world if partitioned else 1  # noqa: E731
     weights = p * half / share(stage == 3)
-    reference = p * half if config.algorithm.kl_coef > 0 else 0.0  # a full copy on every GPU
+    # the reference is an inference-only ZeRO-3 engine: partitioned over the ranks (layers gathered in forward)
+    reference = p * half / world if config.algorithm.kl_coef > 0 else 0.0
     critic = config.critic.gpu_memory_utilization * gpu_bytes if config.critic.backend == "vllm" else 0.0
     tokens = config.trainer.micro_batch_tokens
     if config.model.gradient_checkpointing:  # layer inputs kept, one layer recomputed at a time
@@ -112,7 +113,7 @@ def budget(config: Config, arch: Architecture, world: int, gpu_bytes: float = 80
         "policy engine: weights": p * half,
         "policy engine: KV cache (sized from demand)": kv_cache_bytes(config, arch, world),
         "trainer: parameters (kept for the weight sync)": weights,
-        "reference model": reference,
+        "reference model (ZeRO-3 partition)": reference,
         "colocated critic (its share, all run long)": critic,
     }
     training = {
@@ -121,7 +122,7 @@ def budget(config: Config, arch: Architecture, world: int, gpu_bytes: float = 80
         "trainer: fp32 master weights + Adam moments": 0.0 if optimizer_offloaded else 12 * p / share(stage >= 1),
         "activations (micro-batch)": activations,
         "fused loss: logits chunk + fp32 grad_weight": DEFAULT_CHUNK_BUDGET_BYTES + 4 * arch.vocab * arch.hidden,
-        "reference model": reference,
+        "reference model (ZeRO-3 partition)": reference,
         "colocated critic (its share, all run long)": critic,
     }
     return {"rollout": rollout, "training": training}
