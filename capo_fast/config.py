@@ -159,8 +159,13 @@ class TrainerConfig:
     seed: int = 0  # sampling seeds, prompt order, initialisation
 
 
+Verbosity = Literal["run", "all"]
+
+
 @dataclass
 class LoggingConfig:
+    # run: the run's own lines, libraries' logs only at ERROR and their Python warnings off; all: everything
+    verbosity: Verbosity = "run"
     output_dir: str = "runs/default"  # metrics, rollout samples, checkpoints, the final model
     tensorboard: bool = True  # write tensorboard/ too
     wandb_project: str = ""  # log to this wandb project too (empty: off)

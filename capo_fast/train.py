@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -462,14 +463,31 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def quiet_libraries(verbosity: str) -> None:
+    """`run`: the run's own lines at INFO, libraries' logs at ERROR and their Python warnings off, so the
+    console shows the run (vLLM's level is read from VLLM_LOGGING_LEVEL when it is imported, later).
+    `all`: everything at INFO, as the libraries print it."""
+    logging.basicConfig(level=logging.INFO if verbosity == "all" else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")  # fmt: skip
+    logging.getLogger("capo_fast").setLevel(logging.INFO)
+    if verbosity == "all":
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+        return
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    for name in ("vllm", "deepspeed", "DeepSpeed", "datasets", "httpx", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(vllm|deepspeed|torch|transformers|triton)\b")
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, overrides)
     except ConfigError as err:
         print(f"capo-fast: {err}", file=sys.stderr)
         return 2
+    quiet_libraries(config.logging.verbosity)
     if args.print_config:
         print(describe_config(config))
         return 0
