@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -138,29 +139,28 @@ class RolloutSamples:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = []
-        for group in groups:
-            for r in group:
-                weights = r.vote.weights if r.vote else [0.0] * len(r.steps)
-                steps = [{"text": s.text, "vote": w} for s, w in zip(r.steps, weights, strict=True)]
-                rows.append({
-                    "step": step,
-                    "question": problems[r.group].question,
-                    "answer": problems[r.group].answer,
-                    "response": r.text,
-                    "truncated": r.truncated,
-                    "steps": steps,
-                    "critiques": [
-                        {"valid": c.valid, "incorrect": sorted(c.incorrect), "judgment": c.judgment,
-                         "out_of_range": c.out_of_range}
-                        for c in r.critiques
-                    ],
-                    "token_credit": [] if r.credit is None else [round(x, 4) for x in r.credit.tolist()],
-                    "correct": r.correct,
-                    "advantage": r.advantage,
-                    "group_penalty": r.penalty,
-                })  # fmt: skip
+        for r in itertools.islice((r for group in groups for r in group), self.per_step):
+            weights = r.vote.weights if r.vote else [0.0] * len(r.steps)
+            steps = [{"text": s.text, "vote": w} for s, w in zip(r.steps, weights, strict=True)]
+            rows.append({
+                "step": step,
+                "question": problems[r.group].question,
+                "answer": problems[r.group].answer,
+                "response": r.text,
+                "truncated": r.truncated,
+                "steps": steps,
+                "critiques": [
+                    {"valid": c.valid, "incorrect": sorted(c.incorrect), "judgment": c.judgment,
+                     "out_of_range": c.out_of_range}
+                    for c in r.critiques
+                ],
+                "token_credit": [] if r.credit is None else [round(x, 4) for x in r.credit.tolist()],
+                "correct": r.correct,
+                "advantage": r.advantage,
+                "group_penalty": r.penalty,
+            })  # fmt: skip
         with self.path.open("a") as f:
-            for row in rows[: self.per_step]:
+            for row in rows:
                 f.write(json.dumps(row) + "\n")
 
 

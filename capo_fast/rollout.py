@@ -349,10 +349,24 @@ class CritiqueRequest:
 
 
 class Critic(ABC):
-    """N critiques per rollout from some chat model. Backends provide `_complete`."""
+    """N critiques per rollout; a failed or unparsable one is `FAILED`, never an exception."""
 
     def __init__(self, config: CriticConfig):
         self.config = config
+
+    @abstractmethod
+    def critique(self, requests: Sequence[CritiqueRequest], seed: int = 0) -> list[list[Critique]]:
+        """Parsed critiques, N per request."""
+
+    def sleep(self) -> None:  # noqa: B027 - most backends hold nothing to free
+        """Frees what it can between critiques (a local engine's accelerator memory)."""
+
+
+class ChatCritic(Critic):
+    """A chat model as the GenPRM: the critic prompt in, judge text out. Backends provide `_complete`."""
+
+    def __init__(self, config: CriticConfig):
+        super().__init__(config)
         self.guided = config.answer_format == "guided"
         self.template = load_template(config.prompt_template or None)
 
@@ -363,7 +377,6 @@ class Critic(ABC):
         """N completions per chat (constrained by its regex when there is one); None marks a failure."""
 
     def critique(self, requests: Sequence[CritiqueRequest], seed: int = 0) -> list[list[Critique]]:
-        """Parsed critiques, N per request; a failed or unparsable one is `FAILED`, never an exception."""
         reference = lambda r: r.reference_solution if self.config.include_reference else None  # noqa: E731
         messages = [critique_messages(r.question, r.steps, reference(r), self.template) for r in requests]
         regexes = [
@@ -376,11 +389,8 @@ class Critic(ABC):
             for r, per_request in zip(requests, texts, strict=True)
         ]
 
-    def sleep(self) -> None:  # noqa: B027 - most backends hold nothing to free
-        """Frees what it can between critiques (a local engine's accelerator memory)."""
 
-
-class LocalCritic(Critic):
+class LocalCritic(ChatCritic):
     """The GenPRM as a second vLLM engine in this process; sleeps at level 1 (frozen weights)."""
 
     def __init__(self, config: CriticConfig, model: str, *, dtype: str, seed: int, sleep_mode: bool):
@@ -412,7 +422,7 @@ class LocalCritic(Critic):
         self.engine.sleep()
 
 
-class RemoteCritic(Critic):
+class RemoteCritic(ChatCritic):
     """A judge behind an OpenAI-compatible endpoint (e.g. `vllm serve` of a 72B model elsewhere).
 
     Requests run with bounded concurrency; each has a timeout and a number of retries, after which
@@ -478,9 +488,6 @@ class FunctionCritic(Critic):
             [c if isinstance(c, Critique) else parse_critique(c, len(r.steps)) if c is not None else FAILED for c in cs]
             for r, cs in zip(requests, out, strict=True)
         ]
-
-    def _complete(self, messages, seeds, regexes):  # critique() is overridden: no chat model involved
-        raise NotImplementedError
 
 
 CRITIC_BACKENDS = {"vllm": LocalCritic, "remote": RemoteCritic, "function": FunctionCritic}

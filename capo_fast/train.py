@@ -305,12 +305,11 @@ class Run:
             seeds = [sample_seed(c.trainer.seed, self.step, p) for p in positions]
             groups = self.policy.generate(prompts, c.rollout.sampling, n=n, seeds=seeds)
         times["time/sync"] = self.policy.last_sync_s
-        rollouts = [
-            Rollout(g, comp.token_ids, comp.text, comp.finish_reason == "length", self.split_steps(comp.text))
+        by_prompt = [
+            [Rollout(g, c.token_ids, c.text, c.finish_reason == "length", self.split_steps(c.text)) for c in group]
             for g, group in enumerate(groups)
-            for comp in group
         ]
-        by_prompt = [[r for r in rollouts if r.group == g] for g in range(len(groups))]
+        rollouts = [r for group in by_prompt for r in group]
 
         with timed(times, "critique"), ThreadPoolExecutor(1) as pool:  # the verifier runs meanwhile
             verified = pool.submit(self.verifier.score, [r.text for r in rollouts],

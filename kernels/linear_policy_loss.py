@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from capo_fast.kernels.policy_loss import (
-    N_LOSS_INPUTS,
     PolicyLossOptions,
     PolicyLossOutput,
     per_token,
@@ -209,7 +208,6 @@ def fused_linear_policy_loss(
         ref_logprobs,
         loss_weights,
     )
-    assert len(per_token_inputs) == N_LOSS_INPUTS
     out = torch.ops.capo.linear_policy_loss(
         hidden,
         weight,

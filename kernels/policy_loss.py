@@ -233,11 +233,6 @@ SCALE_BLOCK = 1024
 SCALE_NUM_WARPS = 4
 
 
-def launch_config(vocab_size: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) of the row kernels."""
-    return BLOCK_V, NUM_WARPS
-
-
 def _check_rows(logits: torch.Tensor, **per_token: torch.Tensor | None) -> None:
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"logits must be [N, V] with contiguous rows, got shape {tuple(logits.shape)}")
@@ -295,7 +290,6 @@ def policy_loss_fwd(
     clip = torch.empty(n, device=logits.device, dtype=torch.int8)
     advantages = _f32(advantages)
     if n > 0:
-        block_v, num_warps = launch_config(v)
         _policy_loss_fwd_kernel[(n,)](
             token_loss_ptr=token_loss,
             logprobs_ptr=logprobs,
@@ -324,8 +318,8 @@ def policy_loss_fwd(
             HAS_REF=ref_logprobs is not None,
             USE_DUAL_CLIP=options.dual_clip > 1.0,
             IN_PLACE=in_place,
-            BLOCK_V=block_v,
-            num_warps=num_warps,
+            BLOCK_V=BLOCK_V,
+            num_warps=NUM_WARPS,
         )
     return LossOutputs(token_loss.sum(), logprobs, entropy, clip, lse, dlogp, dent)
 
@@ -338,7 +332,6 @@ def logprobs_fwd(
     n, v = logits.shape
     logprobs, entropy, lse = (torch.empty(n, device=logits.device, dtype=torch.float32) for _ in range(3))
     if n > 0:
-        block_v, num_warps = launch_config(v)
         _logprobs_fwd_kernel[(n,)](
             logprobs_ptr=logprobs,
             entropy_ptr=entropy,
@@ -348,8 +341,8 @@ def logprobs_fwd(
             stride_logits=logits.stride(0),
             V=v,
             inv_t=1.0 / temperature,
-            BLOCK_V=block_v,
-            num_warps=num_warps,
+            BLOCK_V=BLOCK_V,
+            num_warps=NUM_WARPS,
         )
     return logprobs, entropy, lse
 
@@ -368,7 +361,6 @@ def logits_grad(
     _check_rows(logits, labels=labels, lse=lse, entropy=entropy, grad_logprobs=grad_logprobs, grad_entropy=grad_entropy)
     n, v = logits.shape
     if n > 0:
-        block_v, num_warps = launch_config(v)
         _logits_grad_kernel[(n,)](
             grad_ptr=out,
             logits_ptr=logits,
@@ -381,8 +373,8 @@ def logits_grad(
             stride_logits=logits.stride(0),
             V=v,
             inv_t=1.0 / temperature,
-            BLOCK_V=block_v,
-            num_warps=num_warps,
+            BLOCK_V=BLOCK_V,
+            num_warps=NUM_WARPS,
         )
     return out
 
