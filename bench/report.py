@@ -2,10 +2,11 @@
 
 python bench/report.py [--write]
 
-Four tables: the policy loss over logits (pytest-benchmark files with a `floor` row), the linear
+The tables: the policy loss over logits (pytest-benchmark files with a `floor` row), the linear
 variant (files ending in -linear.json), and the ahead-of-time compilation of the Triton kernels
 (triton-aot-ptxas.json, written by `python -m capo_fast.kernels.aot --json ...`), and the per-GPU
-memory budget of the 7B config (capo_fast.memory_budget).
+memory budget of the 7B config (capo_fast.memory_budget), and the learning experiment
+(bench/learning_experiment.py).
 """
 
 from __future__ import annotations
@@ -104,11 +105,77 @@ def memory_budget_table() -> str:
     return markdown(budget(config, QWEN25_7B, world=4))
 
 
+def _learning_result() -> dict | None:
+    paths = [p for p in sorted(RESULTS.glob("learning-*.json")) if not p.stem.endswith("-quick")]
+    return json.loads(paths[0].read_text()) if paths else None
+
+
+def _pm(mean: float, se: float) -> str:
+    return f"{mean:.3f} ± {se:.3f}" if se == se else f"{mean:.3f}"
+
+
+def learning_table() -> str:
+    """One row per arm of bench/learning_experiment.py: held-out accuracy before and after, the gain and
+    whether it exceeds two standard errors, the mean over the evaluations after the start, steps to the
+    threshold per seed, and the flagged-step rate of wrong rollouts."""
+    result = _learning_result()
+    if result is None:
+        return "(no learning result yet: python bench/learning_experiment.py)"
+    threshold = result["setup"]["threshold"]
+    lines = [
+        f"| arm | critic | before | after (± SE) | gain (± SE) | > 2 SE | mean of evals after start | "
+        f"steps to {threshold:.2f} | flagged steps of wrong rollouts |",
+        "| --- | --- | ---: | ---: | ---: | :---: | ---: | --- | ---: |",
+    ]
+    for name, arm in result["arms"].items():
+        overrides = dict(o[2:].split("=", 1) for o in arm["overrides"])
+        if overrides.get("algorithm.reward_mode") == "outcome":
+            critic = "none (GRPO-Rule)"
+        else:
+            n = overrides.get("critic.num_critiques", "1")
+            noise = f"r={arm['critic_recall']}, f={arm['critic_false_flag']}"
+            critic = f"N={n} {overrides.get('algorithm.voting', 'majority')}, {noise}"
+        reached = ", ".join("-" if s is None else str(s) for s in arm["steps_to_threshold"])
+        after = _pm(arm["accuracy_after"], arm["accuracy_after_se"])
+        gain = f"{arm['gain']:+.3f} ± {arm['gain_se']:.3f}"
+        learned = "yes" if arm["learned"] else "no"
+        mean = _pm(*arm["mean_eval_accuracy_after_start"])
+        lines.append(
+            f"| {name} | {critic} | {arm['accuracy_before']:.3f} | {after} | {gain} | {learned} | {mean} | {reached} | "
+            f"{arm['flagged_step_rate_incorrect']:.3f} |"
+        )
+    diff = result["capo_minus_grpo"]
+    lines.append("")
+    lines.append(
+        f"CAPO minus GRPO-Rule: final accuracy {_pm(diff['final_accuracy_diff'], diff['final_accuracy_diff_se'])}, "
+        f"mean of the evaluations after the start {_pm(diff['mean_accuracy_diff'], diff['mean_accuracy_diff_se'])}; "
+        f"{len(result['setup']['seeds'])} seeds, {result['setup']['heldout_problems']} held-out problems, "
+        f"{result['wall_seconds'] / 60:.0f} min in all."
+    )
+    judge = result.get("self_judge")
+    if judge:
+        c = judge["confusion"]
+        lines += [
+            "",
+            "| SmolLM2 as its own judge | value |",
+            "| --- | ---: |",
+            f"| rollouts, steps, steps with an equation a program can check | {judge['rollouts']}, {judge['steps']}, "
+            f"{judge['steps_with_a_checkable_equation']} |",
+            f"| flagged by both / judge only / program only / neither | {c['both']} / {c['judge_only']} / "
+            f"{c['program_only']} / {c['neither']} |",
+            f"| step agreement, judge precision, judge recall | {judge['step_agreement']:.2f}, "
+            f"{judge['judge_precision']:.2f}, {judge['judge_recall']:.2f} |",
+            f"| judge's verdict agrees with the verifier | {judge['verdict_agreement_with_verifier']:.2f} |",
+        ]
+    return "\n".join(lines)
+
+
 TABLES = {
     "bench-table": policy_loss_table,
     "bench-linear-table": linear_table,
     "aot-table": aot_table,
     "memory-budget": memory_budget_table,
+    "learning-table": learning_table,
 }
 
 

@@ -167,6 +167,7 @@ class LoggingConfig:
     # run: the run's own lines, libraries' logs only at ERROR and their Python warnings off; all: everything
     verbosity: Verbosity = "run"
     output_dir: str = "runs/default"  # metrics, rollout samples, checkpoints, the final model
+    rollout_samples: int = 8  # rollouts per step written to rollouts.jsonl (rank 0's first ones)
     tensorboard: bool = True  # write tensorboard/ too
     wandb_project: str = ""  # log to this wandb project too (empty: off)
 
@@ -265,6 +266,7 @@ class Config:
         )
         _check(self.data.num_eval >= 0, "data.num_eval", "must be >= 0")
         _check(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+        _check(self.logging.rollout_samples >= 0, "logging.rollout_samples", "must be >= 0")
         return self
 
     def check_world_size(self, world: int) -> None:

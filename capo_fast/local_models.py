@@ -37,8 +37,17 @@ def _tokenizer_corpus() -> list[str]:
     return lines
 
 
-def build_tiny_model(out_dir: str | Path, *, vocab_size: int = 512, seed: int = 0) -> Path:
-    """A random Qwen2 (hidden 64, 2 heads of 32, 2 layers) with a byte-level BPE tokenizer trained here."""
+def build_tiny_model(
+    out_dir: str | Path,
+    *,
+    vocab_size: int = 512,
+    seed: int = 0,
+    corpus: list[str] | None = None,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+) -> Path:
+    """A random Qwen2 (heads of 32, 2 layers and hidden 64 unless told) with a byte-level BPE tokenizer
+    trained here on `corpus` (default: arithmetic questions and judge tags)."""
     out = Path(out_dir)
     if _is_model_folder(out):
         return out
@@ -52,7 +61,7 @@ def build_tiny_model(out_dir: str | Path, *, vocab_size: int = 512, seed: int = 
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    bpe.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    bpe.train_from_iterator(corpus or _tokenizer_corpus(), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
     )
@@ -60,11 +69,11 @@ def build_tiny_model(out_dir: str | Path, *, vocab_size: int = 512, seed: int = 
 
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // 32,
+        num_key_value_heads=hidden_size // 32,
         head_dim=32,
         max_position_embeddings=2048,
         tie_word_embeddings=True,

@@ -212,7 +212,9 @@ class Run:
             self.out, enabled=self.rank == 0, tensorboard=c.logging.tensorboard,
             wandb_project=c.logging.wandb_project, config=to_dict(c),
         )  # fmt: skip
-        self.samples = RolloutSamples(self.out / "rollouts.jsonl", enabled=self.rank == 0)
+        self.samples = RolloutSamples(
+            self.out / "rollouts.jsonl", enabled=self.rank == 0, per_step=c.logging.rollout_samples
+        )
         if self.rank == 0:
             write_run_info(self.out, to_dict(c))
         self.step = 0

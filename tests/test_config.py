@@ -42,6 +42,7 @@ def test_yaml_and_overrides(tmp_path):
         ("trainer: 3\n", "run.yaml:1: trainer: expected a mapping"),
         ("trainer:\n  steps: 2.5\n", "run.yaml:2: trainer.steps: expected int, got 2.5"),
         ("critic:\n  num_critiques: 2\nalgorithm:\n  voting: greedy\n", "run.yaml:4: algorithm.voting: greedy needs"),
+        ("logging:\n  rollout_samples: -1\n", "run.yaml:2: logging.rollout_samples: must be >= 0"),
         ("model: [\n", "not valid YAML"),
     ],
 )

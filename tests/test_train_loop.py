@@ -82,7 +82,7 @@ def test_grpo_baseline_runs_without_a_judge(tmp_path):
     extra = tmp_path / "extra.jsonl"
     extra.write_text("".join(json.dumps({"question": f"{i} + 1 = ?", "answer": i + 1}) + "\n" for i in range(3)))
     _run(1, tmp_path, "--algorithm.reward_mode=outcome", "--trainer.steps=1", "--checkpoint.every=0",
-         f"--eval.sets=extra={extra}")  # fmt: skip
+         f"--eval.sets=extra={extra}", "--logging.rollout_samples=3")  # fmt: skip
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"eval/extra/pass@1", "eval/heldout/pass@1", "eval/extra/truncated"} <= set().union(
         *rows[-2:]
@@ -91,7 +91,7 @@ def test_grpo_baseline_runs_without_a_judge(tmp_path):
     assert row["credit/flagged_step_rate"] == 0 and row["credit/failed_critique_rate"] == 0
     assert math.isfinite(row["actor/loss"])
     samples = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
-    assert samples and all(s["critiques"] == [] and len(s["steps"]) >= 1 for s in samples)
+    assert len(samples) == 3 and all(s["critiques"] == [] and len(s["steps"]) >= 1 for s in samples)
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["config"]["algorithm"]["reward_mode"] == "outcome" and "torch" in run["packages"]
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,377 @@
+"""Does capo-fast learn, and when does step credit beat outcome-only reward? A controlled CPU experiment.
+
+    python bench/learning_experiment.py                # the whole experiment (about an hour on 2 cores)
+    python bench/learning_experiment.py --quick        # one seed, two arms, a few steps (the slow test)
+
+The task, its step critic and the warmed-up policy are in bench/chain_arithmetic.py. Every arm is an
+ordinary run of the training loop (`deepspeed capo_fast/train.py --config bench/chain_arithmetic.yaml`);
+the arms differ in their overrides and in the critic's noise only. Arms, each over several seeds:
+  grpo, capo                     GRPO-Rule against CAPO (C=2, P=1) with an accurate critic (questions 1, 2)
+  noisy-N{1,2,4,8}-{voting}      CAPO with a noisy critic (recall r, false flags f), N critiques combined
+                                 by intersection or majority (question 3)
+  self-judge                     SmolLM2-135M-Instruct as policy and judge for a few steps; its flags
+                                 against the program's (question 4)
+Finished runs are kept under --work and not run again, so an interrupted experiment resumes. Results:
+bench/results/learning-<machine>.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from queue import Queue
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.chain_arithmetic import equation_error, warm_up_policy, write_split  # noqa: E402
+
+CONFIG = ROOT / "bench" / "chain_arithmetic.yaml"
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    overrides: tuple[str, ...] = ()
+    recall: float = 1.0  # r of the critic
+    false_flag: float = 0.0  # f of the critic
+    group: str = "credit"  # credit: question 2; noise: question 3
+
+
+@dataclass
+class Setup:
+    work: Path
+    steps: int
+    seeds: list[int]
+    eval_every: int
+    num_eval: int
+    warmup_steps: int
+    recall: float
+    false_flag: float
+    parallel: int
+    threshold: float
+    arms: list[Arm] = field(default_factory=list)
+
+
+def arms_for(recall: float, false_flag: float, quick: bool) -> list[Arm]:
+    arms = [Arm("grpo", ("--algorithm.reward_mode=outcome",)), Arm("capo")]
+    if quick:
+        return arms
+    arms.append(Arm("noisy-N1", ("--critic.num_critiques=1",), recall, false_flag, "noise"))
+    for n in (2, 4, 8):
+        for voting in ("intersection", "majority"):
+            overrides = (f"--critic.num_critiques={n}", f"--algorithm.voting={voting}")
+            arms.append(Arm(f"noisy-N{n}-{voting}", overrides, recall, false_flag, "noise"))
+    return arms
+
+
+# ---- running the arms ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cores(slot: int, per: int) -> str:
+    first = slot * per
+    return str(first) if per == 1 else f"{first}-{first + per - 1}"
+
+
+def launch(out: Path, overrides: list[str], env: dict[str, str], log: Path) -> None:
+    """One training run under the deepspeed launcher; raises naming the log when it fails."""
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    command = [str(deepspeed), "--num_gpus", "1", "--master_port", str(_free_port()),
+               str(ROOT / "capo_fast" / "train.py"), "--config", str(CONFIG), f"--logging.output_dir={out}",
+               *overrides]  # fmt: skip
+    environment = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **env}
+    with log.open("w") as f:
+        result = subprocess.run(command, cwd=ROOT, env=environment, stdout=f, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"run {out} failed (exit {result.returncode}); its log: {log}\n{tail}")
+
+
+def finished(out: Path) -> bool:
+    metrics = out / "metrics.jsonl"
+    return metrics.exists() and "eval/accuracy_final" in metrics.read_text()
+
+
+def run_arms(setup: Setup, data: dict[str, Path], policy: Path) -> None:
+    """Every (arm, seed) run, `setup.parallel` at a time, each pinned to its own cores."""
+    per = max((os.cpu_count() or 1) // setup.parallel, 1)
+    slots: Queue[int] = Queue()
+    for slot in range(setup.parallel):
+        slots.put(slot)
+    common = [
+        f"--model.path={policy}", f"--data.train={data['train']}", f"--data.eval={data['heldout']}",
+        f"--data.num_eval={setup.num_eval}", f"--trainer.steps={setup.steps}", f"--eval.every={setup.eval_every}",
+    ]  # fmt: skip
+
+    def one(arm: Arm, seed: int) -> None:
+        out = setup.work / arm.name / f"seed{seed}"
+        if finished(out):
+            return
+        slot = slots.get()
+        try:
+            env = {"CHAIN_CRITIC_RECALL": str(arm.recall), "CHAIN_CRITIC_FALSE_FLAG": str(arm.false_flag),
+                   "OMP_NUM_THREADS": str(per), "VLLM_CPU_OMP_THREADS_BIND": _cores(slot, per)}  # fmt: skip
+            start = time.perf_counter()
+            launch(out, [*common, f"--trainer.seed={seed}", *arm.overrides], env, out.with_suffix(".log"))
+            print(f"  {arm.name} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+        finally:
+            slots.put(slot)
+
+    jobs = [(arm, seed) for seed in setup.seeds for arm in setup.arms]
+    for job in jobs:
+        (setup.work / job[0].name).mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(setup.parallel) as pool:
+        for future in [pool.submit(one, *job) for job in jobs]:
+            future.result()
+
+
+# ---- summarising -----------------------------------------------------------------------------------
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else float("nan")
+    return mean, se
+
+
+def read_run(out: Path) -> dict:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r}
+    train = [r for r in rows if "actor/loss" in r]
+    return {
+        "eval_steps": sorted(evals),
+        "eval_accuracy": [evals[s] for s in sorted(evals)],
+        "train_accuracy": [r["reward/accuracy"] for r in train],
+        "flagged_step_rate_incorrect": [r.get("credit/flagged_step_rate_incorrect", 0.0) for r in train],
+        "flagged_step_rate_correct": [r.get("credit/flagged_step_rate_correct", 0.0) for r in train],
+        "seconds": sum(v for r in train for k, v in r.items() if k.startswith("time/") and k != "time/sync"),
+    }
+
+
+def summarise_arm(setup: Setup, arm: Arm) -> dict:
+    runs = {seed: read_run(setup.work / arm.name / f"seed{seed}") for seed in setup.seeds}
+    steps = runs[setup.seeds[0]]["eval_steps"]
+    curves = [runs[s]["eval_accuracy"] for s in setup.seeds]
+    before = [c[0] for c in curves]
+    after = [c[-1] for c in curves]
+    gains = [a - b for a, b in zip(after, before, strict=True)]
+    gain, gain_se_seeds = mean_se(gains)
+    p = sum(after) / len(after)
+    # The held-out set is finite too: the binomial SE of the mean accuracy over all seeds' evaluations.
+    binomial_se = math.sqrt(max(p * (1 - p), 1e-12) / (setup.num_eval * len(after)))
+    se = max(gain_se_seeds if math.isfinite(gain_se_seeds) else 0.0, binomial_se)
+    reached = [next((st for st, a in zip(steps, c, strict=True) if a >= setup.threshold), None) for c in curves]
+    by_step = [mean_se([c[i] for c in curves]) for i in range(len(steps))]
+    train_curves = [runs[s]["train_accuracy"] for s in setup.seeds]
+
+    def pooled(key: str) -> float:  # over every step of every seed
+        values = [v for s in setup.seeds for v in runs[s][key]]
+        return sum(values) / max(len(values), 1)
+
+    return {
+        "overrides": list(arm.overrides),
+        "critic_recall": arm.recall,
+        "critic_false_flag": arm.false_flag,
+        "group": arm.group,
+        "eval_steps": steps,
+        "eval_accuracy_mean": [m for m, _ in by_step],
+        "eval_accuracy_se": [s for _, s in by_step],
+        "accuracy_before": mean_se(before)[0],
+        "accuracy_after": mean_se(after)[0],
+        "accuracy_after_se": mean_se(after)[1],
+        "gain": gain,
+        "gain_se": se,
+        "learned": gain > 2 * se,  # question 1: after above before by more than two standard errors
+        "mean_eval_accuracy_after_start": mean_se([sum(c[1:]) / max(len(c) - 1, 1) for c in curves]),
+        "steps_to_threshold": reached,
+        "train_accuracy_mean": [sum(v) / len(v) for v in zip(*train_curves, strict=True)],
+        "flagged_step_rate_incorrect": pooled("flagged_step_rate_incorrect"),
+        "flagged_step_rate_correct": pooled("flagged_step_rate_correct"),
+        "per_seed": {str(s): runs[s] for s in setup.seeds},
+    }
+
+
+def compare(a: dict, b: dict) -> dict:
+    """a - b in final accuracy and in mean accuracy over the evaluations after the start, with SEs."""
+    final = a["accuracy_after"] - b["accuracy_after"]
+    final_se = math.hypot(a["accuracy_after_se"], b["accuracy_after_se"])
+    area = a["mean_eval_accuracy_after_start"][0] - b["mean_eval_accuracy_after_start"][0]
+    area_se = math.hypot(a["mean_eval_accuracy_after_start"][1], b["mean_eval_accuracy_after_start"][1])
+    return {"final_accuracy_diff": final, "final_accuracy_diff_se": final_se,
+            "mean_accuracy_diff": area, "mean_accuracy_diff_se": area_se}  # fmt: skip
+
+
+# ---- question 4: SmolLM2 judging its own rollouts ----------------------------------------------------
+
+
+def self_judge(setup: Setup, data: dict[str, Path], steps: int) -> dict:
+    """SmolLM2-135M-Instruct as policy and judge (the default run's pipeline) on this task; its step flags
+    against the program's on every step that holds an equation a program can check."""
+    out = setup.work / "self-judge"
+    if not finished(out):
+        overrides = [
+            "--model.path=smollm2", f"--data.train={data['train']}", "--data.num_eval=0", f"--trainer.steps={steps}",
+            "--trainer.prompts_per_step=4", "--rollout.n=4", "--rollout.sampling.max_tokens=160",
+            "--rollout.sampling.temperature=0.7", "--rollout.max_model_len=1024", "--critic.backend=vllm",
+            "--critic.function=", "--critic.num_critiques=2", "--critic.max_model_len=2048",
+            "--critic.sampling.max_tokens=256", "--trainer.lr=2e-6", "--trainer.micro_batch_tokens=1024",
+            "--data.system_prompt=Solve the problem step by step, one calculation per step. Separate steps with a "
+            "blank line. Put the final answer in \\boxed{}.",
+            f"--logging.rollout_samples={4 * 4}", "--eval.every=0",
+        ]  # fmt: skip
+        launch(out, overrides, {}, out.with_suffix(".log"))
+    rows = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    confusion = {"both": 0, "judge_only": 0, "program_only": 0, "neither": 0}
+    verdicts = agree = steps_seen = 0
+    for row in rows:
+        for critique in row["critiques"]:
+            if critique["judgment"] is not None:
+                verdicts += 1
+                agree += critique["judgment"] == bool(row["correct"])
+        for step in row["steps"]:
+            steps_seen += 1
+            wrong = equation_error(step["text"])
+            if wrong is None:
+                continue
+            flagged = step["vote"] > 0.5
+            key = "both" if flagged and wrong else "judge_only" if flagged else "program_only" if wrong else "neither"
+            confusion[key] += 1
+    checked = sum(confusion.values())
+    return {
+        "rollouts": len(rows),
+        "steps": steps_seen,
+        "steps_with_a_checkable_equation": checked,
+        "confusion": confusion,
+        "step_agreement": (confusion["both"] + confusion["neither"]) / checked if checked else float("nan"),
+        "judge_precision": confusion["both"] / max(confusion["both"] + confusion["judge_only"], 1),
+        "judge_recall": confusion["both"] / max(confusion["both"] + confusion["program_only"], 1),
+        "verdict_agreement_with_verifier": agree / verdicts if verdicts else float("nan"),
+        "train_accuracy": [r["reward/accuracy"] for r in map(json.loads, (out / "metrics.jsonl").open())
+                           if "actor/loss" in r],
+    }  # fmt: skip
+
+
+# ---- the plot --------------------------------------------------------------------------------------
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    noise = result["critic_noise"]
+    groups = [("credit", "accurate critic: CAPO vs GRPO-Rule"),
+              ("noise", f"noisy critic (r={noise['recall']}, f={noise['false_flag']}), GRPO-Rule dashed")]  # fmt: skip
+    groups = [(g, t) for g, t in groups if any(a["group"] == g for a in result["arms"].values())]
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.5), squeeze=False)
+    for ax, (group, title) in zip(axes[0], groups, strict=True):
+        for name, arm in result["arms"].items():
+            if arm["group"] != group and not (group == "noise" and name == "grpo"):
+                continue
+            steps, mean, se = arm["eval_steps"], arm["eval_accuracy_mean"], arm["eval_accuracy_se"]
+            se = [0.0 if math.isnan(s) else s for s in se]
+            line = ax.plot(steps, mean, marker="o", ms=3, label=name, ls="--" if name == "grpo" else "-")[0]
+            low, high = [m - s for m, s in zip(mean, se, strict=True)], [m + s for m, s in zip(mean, se, strict=True)]
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
+        ax.set(title=title, xlabel="training step", ylabel="held-out greedy accuracy (mean ± SE over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- main ------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--machine", default="cpu-2core-x86_64", help="names the result files")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results", help="where JSON and PNG go")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "learning", help="runs, data and the policy")
+    parser.add_argument("--quick", action="store_true", help="one seed, grpo and capo, 4 steps: the slow test")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30, help="training steps per run")
+    parser.add_argument("--recall", type=float, default=0.7, help="r of the noisy critic")
+    parser.add_argument("--false-flag", type=float, default=0.3, help="f of the noisy critic")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time, each on its share of the cores")
+    parser.add_argument("--threshold", type=float, default=0.6, help="accuracy for steps-to-threshold")
+    parser.add_argument("--self-judge-steps", type=int, default=3, help="0 skips question 4")
+    args = parser.parse_args(argv)
+
+    quick = args.quick
+    setup = Setup(
+        work=args.work, steps=4 if quick else args.steps, seeds=[0] if quick else list(range(args.seeds)),
+        eval_every=2 if quick else 5, num_eval=40 if quick else 200, warmup_steps=150 if quick else 900,
+        recall=args.recall, false_flag=args.false_flag, parallel=args.parallel, threshold=args.threshold,
+    )  # fmt: skip
+    setup.arms = arms_for(args.recall, args.false_flag, quick)
+    started = time.perf_counter()
+    data_dir = setup.work / "data"
+    data = {  # the warm-up's demonstrations forget 60% of carries; RL prompts and held-out problems are apart
+        "sft": data_dir / "sft.jsonl", "train": data_dir / "train.jsonl", "heldout": data_dir / "heldout.jsonl",
+    }  # fmt: skip
+    if not data["heldout"].exists():
+        write_split(data["sft"], 8000, seed=1, slip=0.6)
+        write_split(data["train"], 2000, seed=3)
+        write_split(data["heldout"], setup.num_eval, seed=2)
+    print(f"warming up the policy ({setup.warmup_steps} supervised steps) ...", flush=True)
+    policy = warm_up_policy(setup.work / "policy", data["sft"], steps=setup.warmup_steps)
+    print(f"{len(setup.arms)} arms x {len(setup.seeds)} seeds, {setup.steps} steps each, {setup.parallel} at a time",
+          flush=True)  # fmt: skip
+    run_arms(setup, data, policy)
+
+    arms = {arm.name: summarise_arm(setup, arm) for arm in setup.arms}
+    result = {
+        "machine": args.machine,
+        "command": "python bench/learning_experiment.py" + (" --quick" if quick else ""),
+        "setup": {
+            "steps": setup.steps,
+            "seeds": setup.seeds,
+            "eval_every": setup.eval_every,
+            "heldout_problems": setup.num_eval,
+            "prompts_per_step": 16,
+            "rollouts_per_prompt": 8,
+            "warmup": json.loads((policy / "warmup.json").read_text()),
+            "config": str(CONFIG.relative_to(ROOT)),
+            "threshold": setup.threshold,
+        },  # fmt: skip
+        "critic_noise": {"recall": setup.recall, "false_flag": setup.false_flag},
+        "arms": arms,
+        "capo_minus_grpo": compare(arms["capo"], arms["grpo"]),
+    }
+    if args.self_judge_steps and not quick:
+        print(f"SmolLM2-135M-Instruct judging its own rollouts ({args.self_judge_steps} steps) ...", flush=True)
+        result["self_judge"] = self_judge(setup, data, args.self_judge_steps)
+    result["wall_seconds"] = time.perf_counter() - started
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = f"learning-{args.machine}" + ("-quick" if quick else "")
+    (args.results / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, args.results / f"{stem}.png")
+    for name, arm in arms.items():
+        print(f"{name:24s} before {arm['accuracy_before']:.3f}  after {arm['accuracy_after']:.3f} "
+              f"± {arm['accuracy_after_se']:.3f}  gain {arm['gain']:+.3f} ± {arm['gain_se']:.3f}  "
+              f"learned={arm['learned']}")  # fmt: skip
+    print(f"results: {args.results / stem}.json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The learning experiment's task and step critic (bench/chain_arithmetic.py): the program judges steps as
+DESIGN.md 1.3 asks of a GenPRM, and its noise has the rates it is given."""
+
+import json
+import random
+
+import pytest
+
+from bench.chain_arithmetic import (
+    Chain,
+    chain_of,
+    critique,
+    equation_error,
+    final_answer,
+    forgot_carry,
+    needs_carry,
+    random_chain,
+    write_split,
+    wrong_steps,
+)
+from capo_fast.config import load_config
+from capo_fast.critique import split_steps
+from capo_fast.rollout import CritiqueRequest, FunctionCritic
+
+CHAIN = Chain(7, (("+", 5), ("*", 3), ("-", 4)))  # 7 + 5 = 12, 12 * 3 = 36, 36 - 4 = 32
+
+
+def _steps(text: str) -> list[str]:
+    return [s.text for s in split_steps(text)]
+
+
+def test_a_correct_solution_has_no_wrong_step_and_the_right_answer():
+    assert CHAIN.values == [7, 12, 36, 32]
+    assert wrong_steps(CHAIN, _steps(CHAIN.solution())) == set()
+    assert chain_of(CHAIN.question(), CHAIN.solution()) == CHAIN
+
+
+def test_each_step_is_judged_on_its_own():
+    # Step 0 is wrong; step 1 applies the right operation correctly to the wrong result: not wrong.
+    text = "7 + 5 = 13\n\n13 * 3 = 39\n\n39 - 4 = 35\n\nThe answer is \\boxed{35}."
+    assert wrong_steps(CHAIN, _steps(text)) == {0}
+    # Wrong operand, a left side that is not the previous result, an early answer, chatter.
+    assert wrong_steps(CHAIN, _steps("7 + 6 = 13\n\n12 * 3 = 36\n\nThe answer is \\boxed{36}.")) == {0, 1, 2}
+    assert wrong_steps(CHAIN, _steps("Let me think.\n\n7 + 5 = 12")) == {0}
+
+
+def test_the_demonstrator_forgets_carries_only_where_there_are_some():
+    assert needs_carry(38, "+", 5) and forgot_carry(38, "+", 5) == 33
+    assert needs_carry(42, "-", 7) and forgot_carry(42, "-", 7) == 45
+    assert not needs_carry(31, "+", 5) and not needs_carry(7, "-", 5) and not needs_carry(12, "*", 3)
+    chain = Chain(38, (("+", 5), ("-", 1)))
+    slipped = chain.solution(random.Random(0), slip=1.0)
+    assert slipped.startswith("38 + 5 = 33\n\n33 - 1 = 32")
+    assert wrong_steps(chain, _steps(slipped)) == {0}
+
+
+def test_random_chains_stay_in_range(tmp_path):
+    rng = random.Random(0)
+    for _ in range(200):
+        chain = random_chain(rng)
+        assert 3 <= len(chain.operations) <= 4 and all(0 <= v <= 99 for v in chain.values)
+    rows = [
+        json.loads(line) for line in write_split(tmp_path / "t.jsonl", 5, seed=1, slip=0.5).read_text().splitlines()
+    ]
+    assert {"question", "answer", "reference_solution", "demonstration"} <= rows[0].keys()
+
+
+def _requests(n: int) -> list[CritiqueRequest]:
+    wrong = "7 + 5 = 13\n\n13 * 3 = 39\n\n39 - 4 = 35\n\nThe answer is \\boxed{35}."  # step 0 wrong, 3 correct
+    return [CritiqueRequest(CHAIN.question(), split_steps(wrong), CHAIN.solution()) for _ in range(n)]
+
+
+def test_the_critic_says_yes_to_a_right_answer_and_names_only_wrong_steps_when_accurate():
+    right = CritiqueRequest(CHAIN.question(), split_steps(CHAIN.solution()), CHAIN.solution())
+    [[yes]], [[no]] = critique([right], 1, seed=0), critique(_requests(1), 1, seed=0)
+    assert yes.judgment is True and not yes.incorrect
+    assert no.judgment is False and no.incorrect == {0}
+
+
+def test_the_critics_verdict_reads_the_answer_as_the_verifier_does():
+    # The last \\boxed{} decides, wherever it is: a step after the answer does not make it wrong.
+    after = CHAIN.solution() + "\n\n32 + 0 = 32"
+    [[yes]] = critique([CritiqueRequest(CHAIN.question(), split_steps(after), CHAIN.solution())], 1, seed=0)
+    assert yes.judgment is True
+    assert final_answer(["\\boxed{32.0}"]) == 32 and final_answer(["\\boxed{x}"]) is None
+
+
+def test_the_noisy_critic_flags_at_its_rates(monkeypatch):
+    monkeypatch.setenv("CHAIN_CRITIC_RECALL", "0.7")
+    monkeypatch.setenv("CHAIN_CRITIC_FALSE_FLAG", "0.3")
+    critiques = [c for cs in critique(_requests(500), 4, seed=3) for c in cs]
+    recall = sum(0 in c.incorrect for c in critiques) / len(critiques)
+    false_flags = sum(len(c.incorrect - {0}) for c in critiques) / (3 * len(critiques))
+    assert recall == pytest.approx(0.7, abs=0.03) and false_flags == pytest.approx(0.3, abs=0.03)
+    assert critique(_requests(3), 2, seed=5) == critique(_requests(3), 2, seed=5)  # seeded
+
+
+def test_the_loop_runs_it_as_a_function_critic():
+    config = load_config("bench/chain_arithmetic.yaml", [])
+    assert config.critic.backend == "function"
+    [[c]] = FunctionCritic(config.critic).critique(_requests(1), seed=0)
+    assert c.valid and c.incorrect == {0}
+
+
+def test_equations_in_free_text():
+    assert equation_error("First, 7 + 5 = 12.") is False
+    assert equation_error("Then 12 × 3 = 35, so") is True
+    assert equation_error("We start with seven.") is None
