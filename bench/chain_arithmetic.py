@@ -18,17 +18,19 @@ import math
 import os
 import random
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from capo_fast.critique import Critique
+from capo_fast.reward import verify_answer
 
 OPERATIONS = {"Add": "+", "Subtract": "-", "Multiply by": "*"}
 MAX_VALUE = 99
-_EQUATION = re.compile(r"^\s*(\d+)\s*([-+*])\s*(\d+)\s*=\s*(\d+)\s*$")
-_ANSWER = re.compile(r"^\s*The answer is \\boxed\{(\d+)\}\.\s*$")
+# Results go below zero once a forgotten carry has been carried on (2 - 5 = -3): signed numbers throughout.
+_EQUATION = re.compile(r"^\s*(-?\d+)\s*([-+*])\s*(\d+)\s*=\s*(-?\d+)\s*$")
+_ANSWER = re.compile(r"^\s*The answer is \\boxed\{(-?\d+)\}\.\s*$")
 _START = re.compile(r"Start with (\d+)\.")
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
 def apply(a: int, op: str, b: int) -> int:
@@ -89,14 +91,17 @@ def random_chain(rng: random.Random, min_steps: int = 3, max_steps: int = 4) -> 
     return Chain(start, tuple(operations))
 
 
-def write_split(path: Path, size: int, seed: int, slip: float = 0.0) -> Path:
-    """`size` problems as jsonl rows (question, answer, reference_solution) that data.py loads unchanged;
-    `slip` > 0 adds `demonstration`, a solution that forgets carries (the warm-up's data)."""
+def write_split(path: Path, size: int, seed: int, slip: float = 0.0, exclude: set[str] = frozenset()) -> Path:
+    """`size` problems as jsonl rows (question, answer, reference_solution) that data.py loads unchanged,
+    none of whose questions is in `exclude`; `slip` > 0 adds `demonstration`, a solution that forgets
+    carries (the warm-up's data)."""
     rng = random.Random(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for _ in range(size):
             chain = random_chain(rng)
+            while chain.question() in exclude:
+                chain = random_chain(rng)
             row = {
                 "question": chain.question(),
                 "answer": str(chain.values[-1]),
@@ -106,6 +111,10 @@ def write_split(path: Path, size: int, seed: int, slip: float = 0.0) -> Path:
                 row["demonstration"] = chain.solution(rng, slip)
             f.write(json.dumps(row) + "\n")
     return path
+
+
+def questions(path: Path) -> set[str]:
+    return {json.loads(line)["question"] for line in path.read_text().splitlines()}
 
 
 def chain_of(question: str, reference_solution: str) -> Chain:
@@ -141,37 +150,40 @@ def wrong_steps(chain: Chain, steps: list[str]) -> set[int]:
     return wrong
 
 
-_FREE_EQUATION = re.compile(r"(-?\d+(?:\.\d+)?)\s*([-+*×x·−/])\s*(-?\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)")
+_NUMBER = r"-?\d+(?:\.\d+)?"
+_OPERATOR = r"[-+*×x·−/]"
+# One operation and its result, not the tail of a longer expression (7 + 5 + 3 = 15) nor its head.
+_FREE_EQUATION = re.compile(
+    rf"(?<![\d.]\s)(?<![\d.])(?<!{_OPERATOR}\s)(?<!{_OPERATOR})({_NUMBER})\s*({_OPERATOR})\s*({_NUMBER})\s*=\s*({_NUMBER})"
+    rf"(?!\s*{_OPERATOR}\s*\d)"
+)
 _SYMBOLS = {"×": "*", "x": "*", "·": "*", "−": "-"}
 
 
 def equation_error(text: str) -> bool | None:
     """For free text (another model's steps): True when an equation `a op b = c` in it is false, False
-    when every one holds, None when it has none a program can check."""
+    when every one holds, None when it has none a program can check. Only the arithmetic is checked
+    (not whether the operation is the one the question asks for); a result rounded to two decimals
+    counts as right."""
     found = _FREE_EQUATION.findall(text)
     if not found:
         return None
     for a, op, b, c in found:
         a, b, c, op = float(a), float(b), float(c), _SYMBOLS.get(op, op)
-        value = a / b if op == "/" and b != 0 else apply(a, op, b) if op != "/" else math.nan
-        if not math.isclose(value, c, rel_tol=1e-6, abs_tol=1e-6):
+        if op == "/":
+            value = a / b if b else math.nan
+        else:
+            value = apply(a, op, b)
+        if not abs(value - c) <= 0.005 + 1e-9:
             return True
     return False
 
 
-def final_answer(steps: list[str]) -> float | None:
-    """The last \\boxed{} of the response, as the outcome verifier reads it."""
-    boxed = _BOXED.findall("".join(steps))
-    try:
-        return float(boxed[-1]) if boxed else None
-    except ValueError:
-        return None
-
-
 def judge(chain: Chain, steps: list[str], rng: random.Random, recall: float, false_flag: float) -> Critique:
-    """One critique: Yes for a right final answer (the verifier's reading); else No and each truly wrong step named with probability
-    `recall`, each other step with probability `false_flag`."""
-    if final_answer(steps) == chain.values[-1]:
+    """One critique: Yes for a right final answer (read by the outcome verifier itself, so the two never
+    disagree); else No and each truly wrong step named with probability `recall`, each other step with
+    probability `false_flag`. The verdict itself is never wrong: the noise is in the step flags only."""
+    if verify_answer("".join(steps), str(chain.values[-1])) == 1.0:
         return Critique(valid=True, judgment=True)
     truly_wrong = wrong_steps(chain, steps)
     named = {k for k in range(len(steps)) if rng.random() < (recall if k in truly_wrong else false_flag)}
@@ -230,9 +242,11 @@ def warm_up_policy(out_dir: Path, train_file: Path, *, steps: int, lr: float = 2
     )  # fmt: skip
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator)
+    start = time.perf_counter()
     result = trainer.train()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    record = {"steps": steps, "lr": lr, "batch_size": batch_size, "examples": len(examples)}
+    record = {"steps": steps, "lr": lr, "batch_size": batch_size, "examples": len(examples),
+              "seconds": time.perf_counter() - start}  # fmt: skip
     (out_dir / "warmup.json").write_text(json.dumps({**record, "loss": result.training_loss}))
     return out_dir

@@ -8,7 +8,7 @@ ordinary run of the training loop (`deepspeed capo_fast/train.py --config bench/
 the arms differ in their overrides and in the critic's noise only. Arms, each over several seeds:
   grpo, capo                     GRPO-Rule against CAPO (C=2, P=1) with an accurate critic (questions 1, 2)
   noisy-N{1,2,4,8}-{voting}      CAPO with a noisy critic (recall r, false flags f), N critiques combined
-                                 by intersection or majority (question 3)
+                                 by intersection or majority (question 3; for N=2 they are the same)
   self-judge                     SmolLM2-135M-Instruct as policy and judge for a few steps; its flags
                                  against the program's (question 4)
 Finished runs are kept under --work and not run again, so an interrupted experiment resumes. Results:
@@ -21,19 +21,23 @@ import argparse
 import json
 import math
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from queue import Queue
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.chain_arithmetic import equation_error, warm_up_policy, write_split  # noqa: E402
+from bench.chain_arithmetic import equation_error, questions, warm_up_policy, write_split  # noqa: E402
+from capo_fast.config import load_config  # noqa: E402
 
 CONFIG = ROOT / "bench" / "chain_arithmetic.yaml"
 
@@ -68,10 +72,24 @@ def arms_for(recall: float, false_flag: float, quick: bool) -> list[Arm]:
         return arms
     arms.append(Arm("noisy-N1", ("--critic.num_critiques=1",), recall, false_flag, "noise"))
     for n in (2, 4, 8):
-        for voting in ("intersection", "majority"):
+        # A strict majority of 2 is both of them: N=2 majority is the N=2 intersection arm, not run twice.
+        for voting in ("intersection",) if n == 2 else ("intersection", "majority"):
             overrides = (f"--critic.num_critiques={n}", f"--algorithm.voting={voting}")
             arms.append(Arm(f"noisy-N{n}-{voting}", overrides, recall, false_flag, "noise"))
     return arms
+
+
+def check_stamp(setup: Setup) -> None:
+    """The work folder keeps the data, the policy and finished runs of one setup: reusing them under
+    other settings would mix runs that are not comparable."""
+    stamp = {"steps": setup.steps, "eval_every": setup.eval_every, "num_eval": setup.num_eval,
+             "warmup_steps": setup.warmup_steps, "recall": setup.recall, "false_flag": setup.false_flag}  # fmt: skip
+    path = setup.work / "setup.json"
+    if path.exists() and json.loads(path.read_text()) != stamp:
+        raise SystemExit(f"{setup.work} holds runs of another setup ({path.read_text().strip()}); "
+                         "pass another --work or delete it")  # fmt: skip
+    setup.work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stamp) + "\n")
 
 
 # ---- running the arms ------------------------------------------------------------------------------
@@ -109,7 +127,7 @@ def finished(out: Path) -> bool:
 
 def run_arms(setup: Setup, data: dict[str, Path], policy: Path) -> None:
     """Every (arm, seed) run, `setup.parallel` at a time, each pinned to its own cores."""
-    per = max((os.cpu_count() or 1) // setup.parallel, 1)
+    per = max(len(os.sched_getaffinity(0)) // setup.parallel, 1)
     slots: Queue[int] = Queue()
     for slot in range(setup.parallel):
         slots.put(slot)
@@ -122,6 +140,7 @@ def run_arms(setup: Setup, data: dict[str, Path], policy: Path) -> None:
         out = setup.work / arm.name / f"seed{seed}"
         if finished(out):
             return
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted run starts again from step 0, with empty logs
         slot = slots.get()
         try:
             env = {"CHAIN_CRITIC_RECALL": str(arm.recall), "CHAIN_CRITIC_FALSE_FLAG": str(arm.false_flag),
@@ -144,10 +163,22 @@ def run_arms(setup: Setup, data: dict[str, Path], policy: Path) -> None:
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error over seeds (NaN for one seed)."""
     n = len(values)
     mean = sum(values) / n
     se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else float("nan")
     return mean, se
+
+
+def mean_and_se(values: list[float], heldout_variance: float) -> tuple[float, float]:
+    """Mean over seeds and its SE from two sources in quadrature: the spread over seeds, and the finite
+    held-out set (every seed is scored on the same problems, so that part does not shrink with seeds)."""
+    mean, seed_se = mean_se(values)
+    return mean, math.sqrt((seed_se if math.isfinite(seed_se) else 0.0) ** 2 + heldout_variance)
+
+
+def binomial_variance(p: float, n: int) -> float:
+    return p * (1 - p) / n
 
 
 def read_run(out: Path) -> dict:
@@ -168,16 +199,22 @@ def summarise_arm(setup: Setup, arm: Arm) -> dict:
     runs = {seed: read_run(setup.work / arm.name / f"seed{seed}") for seed in setup.seeds}
     steps = runs[setup.seeds[0]]["eval_steps"]
     curves = [runs[s]["eval_accuracy"] for s in setup.seeds]
-    before = [c[0] for c in curves]
-    after = [c[-1] for c in curves]
+    n = setup.num_eval
+
+    def at(values: list[float]) -> tuple[float, float]:  # mean ± SE of one evaluation over seeds
+        return mean_and_se(values, binomial_variance(sum(values) / len(values), n))
+
+    before, after = [c[0] for c in curves], [c[-1] for c in curves]
+    accuracy_before, accuracy_after = at(before), at(after)
     gains = [a - b for a, b in zip(after, before, strict=True)]
-    gain, gain_se_seeds = mean_se(gains)
-    p = sum(after) / len(after)
-    # The held-out set is finite too: the binomial SE of the mean accuracy over all seeds' evaluations.
-    binomial_se = math.sqrt(max(p * (1 - p), 1e-12) / (setup.num_eval * len(after)))
-    se = max(gain_se_seeds if math.isfinite(gain_se_seeds) else 0.0, binomial_se)
+    # Before and after are both estimates on 200 problems: both variances count (conservative, as the
+    # problems are the same ones and the two estimates are positively correlated).
+    gain, gain_se = mean_and_se(
+        gains, binomial_variance(accuracy_after[0], n) + binomial_variance(accuracy_before[0], n)
+    )
     reached = [next((st for st, a in zip(steps, c, strict=True) if a >= setup.threshold), None) for c in curves]
-    by_step = [mean_se([c[i] for c in curves]) for i in range(len(steps))]
+    by_step = [at([c[i] for c in curves]) for i in range(len(steps))]
+    later = [sum(c[1:]) / max(len(c) - 1, 1) for c in curves]  # mean of the evaluations after the start
     train_curves = [runs[s]["train_accuracy"] for s in setup.seeds]
 
     def pooled(key: str) -> float:  # over every step of every seed
@@ -192,13 +229,13 @@ def summarise_arm(setup: Setup, arm: Arm) -> dict:
         "eval_steps": steps,
         "eval_accuracy_mean": [m for m, _ in by_step],
         "eval_accuracy_se": [s for _, s in by_step],
-        "accuracy_before": mean_se(before)[0],
-        "accuracy_after": mean_se(after)[0],
-        "accuracy_after_se": mean_se(after)[1],
+        "accuracy_before": accuracy_before[0],
+        "accuracy_after": accuracy_after[0],
+        "accuracy_after_se": accuracy_after[1],
         "gain": gain,
-        "gain_se": se,
-        "learned": gain > 2 * se,  # question 1: after above before by more than two standard errors
-        "mean_eval_accuracy_after_start": mean_se([sum(c[1:]) / max(len(c) - 1, 1) for c in curves]),
+        "gain_se": gain_se,
+        "learned": gain > 2 * gain_se,  # question 1: after above before by more than two standard errors
+        "mean_eval_accuracy_after_start": mean_and_se(later, binomial_variance(sum(later) / len(later), n)),
         "steps_to_threshold": reached,
         "train_accuracy_mean": [sum(v) / len(v) for v in zip(*train_curves, strict=True)],
         "flagged_step_rate_incorrect": pooled("flagged_step_rate_incorrect"),
@@ -208,7 +245,8 @@ def summarise_arm(setup: Setup, arm: Arm) -> dict:
 
 
 def compare(a: dict, b: dict) -> dict:
-    """a - b in final accuracy and in mean accuracy over the evaluations after the start, with SEs."""
+    """a - b in final accuracy and in mean accuracy over the evaluations after the start; SEs in
+    quadrature (conservative: the arms share problems and seeds)."""
     final = a["accuracy_after"] - b["accuracy_after"]
     final_se = math.hypot(a["accuracy_after_se"], b["accuracy_after_se"])
     area = a["mean_eval_accuracy_after_start"][0] - b["mean_eval_accuracy_after_start"][0]
@@ -237,6 +275,7 @@ def self_judge(setup: Setup, data: dict[str, Path], steps: int) -> dict:
         ]  # fmt: skip
         launch(out, overrides, {}, out.with_suffix(".log"))
     rows = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if any(c["valid"] for c in r["critiques"])]  # a failed judge flags nothing
     confusion = {"both": 0, "judge_only": 0, "program_only": 0, "neither": 0}
     verdicts = agree = steps_seen = 0
     for row in rows:
@@ -258,13 +297,50 @@ def self_judge(setup: Setup, data: dict[str, Path], steps: int) -> dict:
         "steps": steps_seen,
         "steps_with_a_checkable_equation": checked,
         "confusion": confusion,
-        "step_agreement": (confusion["both"] + confusion["neither"]) / checked if checked else float("nan"),
-        "judge_precision": confusion["both"] / max(confusion["both"] + confusion["judge_only"], 1),
-        "judge_recall": confusion["both"] / max(confusion["both"] + confusion["program_only"], 1),
-        "verdict_agreement_with_verifier": agree / verdicts if verdicts else float("nan"),
+        "step_agreement": ratio(confusion["both"] + confusion["neither"], checked),
+        "judge_precision": ratio(confusion["both"], confusion["both"] + confusion["judge_only"]),
+        "judge_recall": ratio(confusion["both"], confusion["both"] + confusion["program_only"]),
+        "verdict_agreement_with_verifier": ratio(agree, verdicts),
         "train_accuracy": [r["reward/accuracy"] for r in map(json.loads, (out / "metrics.jsonl").open())
                            if "actor/loss" in r],
     }  # fmt: skip
+
+
+def ratio(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+_STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", re.M)
+
+
+def elapsed(logs: list[Path]) -> dict:
+    """From the launcher's timestamps in the runs' logs: wall time from the first start to the last end,
+    and the sum of the runs' own times (what one run at a time would take)."""
+    spans = []
+    for log in logs:
+        stamps = [datetime.fromisoformat(t) for t in _STAMP.findall(log.read_text())] if log.exists() else []
+        if stamps:
+            spans.append((min(stamps), max(stamps)))
+    if not spans:
+        return {}
+    return {"wall_minutes": (max(e for _, e in spans) - min(s for s, _ in spans)).total_seconds() / 60,
+            "run_minutes": sum((e - s).total_seconds() for s, e in spans) / 60, "runs": len(spans)}  # fmt: skip
+
+
+def finite(value):
+    """NaN -> None, so the JSON is valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def write_result(result: dict, stem: Path) -> None:
+    stem.with_suffix(".json").write_text(json.dumps(finite(result), indent=1, allow_nan=False) + "\n")
+    plot(finite(result), stem.with_suffix(".png"))
 
 
 # ---- the plot --------------------------------------------------------------------------------------
@@ -286,7 +362,7 @@ def plot(result: dict, path: Path) -> None:
             if arm["group"] != group and not (group == "noise" and name == "grpo"):
                 continue
             steps, mean, se = arm["eval_steps"], arm["eval_accuracy_mean"], arm["eval_accuracy_se"]
-            se = [0.0 if math.isnan(s) else s for s in se]
+            se = [0.0 if s is None or math.isnan(s) else s for s in se]  # one seed: no band
             line = ax.plot(steps, mean, marker="o", ms=3, label=name, ls="--" if name == "grpo" else "-")[0]
             low, high = [m - s for m, s in zip(mean, se, strict=True)], [m + s for m, s in zip(mean, se, strict=True)]
             ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
@@ -305,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--machine", default="cpu-2core-x86_64", help="names the result files")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results", help="where JSON and PNG go")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "learning", help="runs, data and the policy")
+    parser.add_argument("--work", type=Path, default=None, help="runs, data and the policy (runs/learning[-quick])")
     parser.add_argument("--quick", action="store_true", help="one seed, grpo and capo, 4 steps: the slow test")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30, help="training steps per run")
@@ -317,21 +393,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     quick = args.quick
+    work = args.work or ROOT / "runs" / ("learning-quick" if quick else "learning")
     setup = Setup(
-        work=args.work, steps=4 if quick else args.steps, seeds=[0] if quick else list(range(args.seeds)),
+        work=work, steps=4 if quick else args.steps, seeds=[0] if quick else list(range(args.seeds)),
         eval_every=2 if quick else 5, num_eval=40 if quick else 200, warmup_steps=150 if quick else 900,
         recall=args.recall, false_flag=args.false_flag, parallel=args.parallel, threshold=args.threshold,
     )  # fmt: skip
     setup.arms = arms_for(args.recall, args.false_flag, quick)
-    started = time.perf_counter()
     data_dir = setup.work / "data"
     data = {  # the warm-up's demonstrations forget 60% of carries; RL prompts and held-out problems are apart
         "sft": data_dir / "sft.jsonl", "train": data_dir / "train.jsonl", "heldout": data_dir / "heldout.jsonl",
     }  # fmt: skip
+    check_stamp(setup)
     if not data["heldout"].exists():
         write_split(data["sft"], 8000, seed=1, slip=0.6)
         write_split(data["train"], 2000, seed=3)
-        write_split(data["heldout"], setup.num_eval, seed=2)
+        seen = questions(data["sft"]) | questions(data["train"])
+        write_split(data["heldout"], setup.num_eval, seed=2, exclude=seen)  # never seen in training
     print(f"warming up the policy ({setup.warmup_steps} supervised steps) ...", flush=True)
     policy = warm_up_policy(setup.work / "policy", data["sft"], steps=setup.warmup_steps)
     print(f"{len(setup.arms)} arms x {len(setup.seeds)} seeds, {setup.steps} steps each, {setup.parallel} at a time",
@@ -339,16 +417,17 @@ def main(argv: list[str] | None = None) -> int:
     run_arms(setup, data, policy)
 
     arms = {arm.name: summarise_arm(setup, arm) for arm in setup.arms}
+    config = load_config(CONFIG)
     result = {
         "machine": args.machine,
-        "command": "python bench/learning_experiment.py" + (" --quick" if quick else ""),
+        "command": " ".join(["python bench/learning_experiment.py", *(sys.argv[1:] if argv is None else argv)]),
         "setup": {
             "steps": setup.steps,
             "seeds": setup.seeds,
             "eval_every": setup.eval_every,
             "heldout_problems": setup.num_eval,
-            "prompts_per_step": 16,
-            "rollouts_per_prompt": 8,
+            "prompts_per_step": config.trainer.prompts_per_step,
+            "rollouts_per_prompt": config.rollout.n,
             "warmup": json.loads((policy / "warmup.json").read_text()),
             "config": str(CONFIG.relative_to(ROOT)),
             "threshold": setup.threshold,
@@ -356,15 +435,20 @@ def main(argv: list[str] | None = None) -> int:
         "critic_noise": {"recall": setup.recall, "false_flag": setup.false_flag},
         "arms": arms,
         "capo_minus_grpo": compare(arms["capo"], arms["grpo"]),
+        "elapsed": elapsed([setup.work / a.name / f"seed{s}.log" for a in setup.arms for s in setup.seeds]),
     }
-    if args.self_judge_steps and not quick:
-        print(f"SmolLM2-135M-Instruct judging its own rollouts ({args.self_judge_steps} steps) ...", flush=True)
-        result["self_judge"] = self_judge(setup, data, args.self_judge_steps)
-    result["wall_seconds"] = time.perf_counter() - started
     args.results.mkdir(parents=True, exist_ok=True)
     stem = f"learning-{args.machine}" + ("-quick" if quick else "")
-    (args.results / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, args.results / f"{stem}.png")
+    write_result(result, args.results / stem)  # before question 4, whose failure must not lose the arms
+    if args.self_judge_steps and not quick:
+        print(f"SmolLM2-135M-Instruct judging its own rollouts ({args.self_judge_steps} steps) ...", flush=True)
+        try:
+            result["self_judge"] = self_judge(setup, data, args.self_judge_steps)
+            result["self_judge"]["elapsed"] = elapsed([setup.work / "self-judge.log"])
+        except (RuntimeError, OSError) as err:
+            result["self_judge"] = {"error": str(err)}
+            print(f"self-judge run failed: {err}", file=sys.stderr)
+        write_result(result, args.results / stem)
     for name, arm in arms.items():
         print(f"{name:24s} before {arm['accuracy_before']:.3f}  after {arm['accuracy_after']:.3f} "
               f"± {arm['accuracy_after_se']:.3f}  gain {arm['gain']:+.3f} ± {arm['gain_se']:.3f}  "

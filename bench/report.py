@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -110,8 +111,8 @@ def _learning_result() -> dict | None:
     return json.loads(paths[0].read_text()) if paths else None
 
 
-def _pm(mean: float, se: float) -> str:
-    return f"{mean:.3f} ± {se:.3f}" if se == se else f"{mean:.3f}"
+def _pm(mean: float, se: float | None) -> str:
+    return f"{mean:.3f} ± {se:.3f}" if se is not None and math.isfinite(se) else f"{mean:.3f}"
 
 
 def learning_table() -> str:
@@ -150,7 +151,7 @@ def learning_table() -> str:
         f"CAPO minus GRPO-Rule: final accuracy {_pm(diff['final_accuracy_diff'], diff['final_accuracy_diff_se'])}, "
         f"mean of the evaluations after the start {_pm(diff['mean_accuracy_diff'], diff['mean_accuracy_diff_se'])}; "
         f"{len(result['setup']['seeds'])} seeds, {result['setup']['heldout_problems']} held-out problems, "
-        f"{result['wall_seconds'] / 60:.0f} min in all."
+        f"{result['elapsed'].get('wall_minutes', float('nan')):.0f} min from the first run's start to the last's end."
     )
     judge = result.get("self_judge")
     if judge:

@@ -3,6 +3,7 @@ DESIGN.md 1.3 asks of a GenPRM, and its noise has the rates it is given."""
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,6 @@ from bench.chain_arithmetic import (
     chain_of,
     critique,
     equation_error,
-    final_answer,
     forgot_carry,
     needs_carry,
     random_chain,
@@ -42,6 +42,13 @@ def test_each_step_is_judged_on_its_own():
     # Wrong operand, a left side that is not the previous result, an early answer, chatter.
     assert wrong_steps(CHAIN, _steps("7 + 6 = 13\n\n12 * 3 = 36\n\nThe answer is \\boxed{36}.")) == {0, 1, 2}
     assert wrong_steps(CHAIN, _steps("Let me think.\n\n7 + 5 = 12")) == {0}
+
+
+def test_results_below_zero_are_ordinary_steps():
+    # A forgotten carry carried on can go below zero: only the step that forgot is wrong.
+    chain = Chain(18, (("+", 2), ("-", 8), ("-", 5), ("*", 3)))
+    text = "18 + 2 = 10\n\n10 - 8 = 2\n\n2 - 5 = -3\n\n-3 * 3 = -9\n\nThe answer is \\boxed{-9}."
+    assert wrong_steps(chain, _steps(text)) == {0}
 
 
 def test_the_demonstrator_forgets_carries_only_where_there_are_some():
@@ -82,7 +89,9 @@ def test_the_critics_verdict_reads_the_answer_as_the_verifier_does():
     after = CHAIN.solution() + "\n\n32 + 0 = 32"
     [[yes]] = critique([CritiqueRequest(CHAIN.question(), split_steps(after), CHAIN.solution())], 1, seed=0)
     assert yes.judgment is True
-    assert final_answer(["\\boxed{32.0}"]) == 32 and final_answer(["\\boxed{x}"]) is None
+    stated = CHAIN.solution().replace("\\boxed{32}", "32")  # no box, an explicit final statement
+    [[also_yes]] = critique([CritiqueRequest(CHAIN.question(), split_steps(stated), CHAIN.solution())], 1, seed=0)
+    assert also_yes.judgment is True
 
 
 def test_the_noisy_critic_flags_at_its_rates(monkeypatch):
@@ -96,7 +105,7 @@ def test_the_noisy_critic_flags_at_its_rates(monkeypatch):
 
 
 def test_the_loop_runs_it_as_a_function_critic():
-    config = load_config("bench/chain_arithmetic.yaml", [])
+    config = load_config(Path(__file__).parent.parent / "bench" / "chain_arithmetic.yaml", [])
     assert config.critic.backend == "function"
     [[c]] = FunctionCritic(config.critic).critique(_requests(1), seed=0)
     assert c.valid and c.incorrect == {0}
@@ -106,3 +115,5 @@ def test_equations_in_free_text():
     assert equation_error("First, 7 + 5 = 12.") is False
     assert equation_error("Then 12 × 3 = 35, so") is True
     assert equation_error("We start with seven.") is None
+    assert equation_error("7 + 5 + 3 = 15") is None and equation_error("2 * 3 + 4 = 10") is None  # not one operation
+    assert equation_error("10 / 3 = 3.33") is False

@@ -2,18 +2,14 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).parent.parent
 
-
-def test_quick_experiment_runs_both_arms_and_reports_them(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT))
+def test_quick_experiment_runs_both_arms_and_reports_them(tmp_path):
     from bench import learning_experiment
 
     assert learning_experiment.main(["--quick", "--work", str(tmp_path / "work"), "--results", str(tmp_path)]) == 0
