@@ -245,14 +245,28 @@ def summarise_arm(setup: Setup, arm: Arm) -> dict:
 
 
 def compare(a: dict, b: dict) -> dict:
-    """a - b in final accuracy and in mean accuracy over the evaluations after the start; SEs in
-    quadrature (conservative: the arms share problems and seeds)."""
-    final = a["accuracy_after"] - b["accuracy_after"]
-    final_se = math.hypot(a["accuracy_after_se"], b["accuracy_after_se"])
-    area = a["mean_eval_accuracy_after_start"][0] - b["mean_eval_accuracy_after_start"][0]
-    area_se = math.hypot(a["mean_eval_accuracy_after_start"][1], b["mean_eval_accuracy_after_start"][1])
-    return {"final_accuracy_diff": final, "final_accuracy_diff_se": final_se,
-            "mean_accuracy_diff": area, "mean_accuracy_diff_se": area_se}  # fmt: skip
+    """a - b in final accuracy and in mean accuracy over the evaluations after the start. Two SEs: the
+    arms' SEs in quadrature (conservative), and the SE of the per-seed differences (seed k of both arms
+    draws the same prompts; this one leaves out the held-out set's sampling, which both arms share)."""
+
+    def per_seed(arm: dict) -> list[tuple[float, float]]:  # (final, mean after start) per seed
+        curves = [arm["per_seed"][k]["eval_accuracy"] for k in sorted(arm["per_seed"])]
+        return [(c[-1], sum(c[1:]) / max(len(c) - 1, 1)) for c in curves]
+
+    pairs = list(zip(per_seed(a), per_seed(b), strict=True))
+    final, final_paired_se = mean_se([x[0] - y[0] for x, y in pairs])
+    area, area_paired_se = mean_se([x[1] - y[1] for x, y in pairs])
+    return {
+        "final_accuracy_diff": final,
+        "final_accuracy_diff_se": math.hypot(a["accuracy_after_se"], b["accuracy_after_se"]),
+        "final_accuracy_diff_paired_se": final_paired_se,
+        "mean_accuracy_diff": area,
+        "mean_accuracy_diff_se": math.hypot(
+            a["mean_eval_accuracy_after_start"][1], b["mean_eval_accuracy_after_start"][1]
+        ),
+        "mean_accuracy_diff_paired_se": area_paired_se,
+        "seeds_ahead": sum(x[1] > y[1] for x, y in pairs),  # seeds whose mean after the start is higher
+    }
 
 
 # ---- question 4: SmolLM2 judging its own rollouts ----------------------------------------------------
@@ -366,7 +380,7 @@ def plot(result: dict, path: Path) -> None:
             line = ax.plot(steps, mean, marker="o", ms=3, label=name, ls="--" if name == "grpo" else "-")[0]
             low, high = [m - s for m, s in zip(mean, se, strict=True)], [m + s for m, s in zip(mean, se, strict=True)]
             ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
-        ax.set(title=title, xlabel="training step", ylabel="held-out greedy accuracy (mean ± SE over seeds)")
+        ax.set(title=title, xlabel="training step", ylabel="held-out greedy accuracy (seeds' mean ± SE)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -435,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         "critic_noise": {"recall": setup.recall, "false_flag": setup.false_flag},
         "arms": arms,
         "capo_minus_grpo": compare(arms["capo"], arms["grpo"]),
+        "noisy_minus_grpo": {name: compare(arm, arms["grpo"]) for name, arm in arms.items() if arm["group"] == "noise"},
         "elapsed": elapsed([setup.work / a.name / f"seed{s}.log" for a in setup.arms for s in setup.seeds]),
     }
     args.results.mkdir(parents=True, exist_ok=True)

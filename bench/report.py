@@ -125,9 +125,10 @@ def learning_table() -> str:
     threshold = result["setup"]["threshold"]
     lines = [
         f"| arm | critic | before | after (± SE) | gain (± SE) | > 2 SE | mean of evals after start | "
-        f"steps to {threshold:.2f} | flagged steps of wrong rollouts |",
-        "| --- | --- | ---: | ---: | ---: | :---: | ---: | --- | ---: |",
+        f"steps to {threshold:.2f} | minus GRPO-Rule (paired SE) | flagged steps of wrong rollouts |",
+        "| --- | --- | ---: | ---: | ---: | :---: | ---: | --- | ---: | ---: |",
     ]
+    versus = {"capo": result["capo_minus_grpo"], **result.get("noisy_minus_grpo", {})}
     for name, arm in result["arms"].items():
         overrides = dict(o[2:].split("=", 1) for o in arm["overrides"])
         if overrides.get("algorithm.reward_mode") == "outcome":
@@ -141,16 +142,20 @@ def learning_table() -> str:
         gain = f"{arm['gain']:+.3f} ± {arm['gain_se']:.3f}"
         learned = "yes" if arm["learned"] else "no"
         mean = _pm(*arm["mean_eval_accuracy_after_start"])
+        diff = versus.get(name)
+        ahead = f"{diff['mean_accuracy_diff']:+.3f} ± {diff['mean_accuracy_diff_paired_se']:.3f}" if diff else "-"
         lines.append(
             f"| {name} | {critic} | {arm['accuracy_before']:.3f} | {after} | {gain} | {learned} | {mean} | {reached} | "
-            f"{arm['flagged_step_rate_incorrect']:.3f} |"
+            f"{ahead} | {arm['flagged_step_rate_incorrect']:.3f} |"
         )
-    diff = result["capo_minus_grpo"]
+    diff, seeds = result["capo_minus_grpo"], len(result["setup"]["seeds"])
     lines.append("")
     lines.append(
         f"CAPO minus GRPO-Rule: final accuracy {_pm(diff['final_accuracy_diff'], diff['final_accuracy_diff_se'])}, "
-        f"mean of the evaluations after the start {_pm(diff['mean_accuracy_diff'], diff['mean_accuracy_diff_se'])}; "
-        f"{len(result['setup']['seeds'])} seeds, {result['setup']['heldout_problems']} held-out problems, "
+        f"mean of the evaluations after the start {_pm(diff['mean_accuracy_diff'], diff['mean_accuracy_diff_se'])} "
+        f"(SEs of both arms in quadrature; paired by seed: ± {diff['final_accuracy_diff_paired_se']:.3f} and "
+        f"± {diff['mean_accuracy_diff_paired_se']:.3f}; ahead in {diff['seeds_ahead']} of {seeds} seeds); "
+        f"{seeds} seeds, {result['setup']['heldout_problems']} held-out problems, "
         f"{result['elapsed'].get('wall_minutes', float('nan')):.0f} min from the first run's start to the last's end."
     )
     judge = result.get("self_judge")

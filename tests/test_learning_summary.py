@@ -48,6 +48,8 @@ def test_learned_needs_a_gain_above_two_standard_errors_of_seeds_and_heldout(tmp
     assert capo["flagged_step_rate_incorrect"] == pytest.approx(0.3)
     diff = lx.compare(capo, grpo)
     assert diff["final_accuracy_diff"] == pytest.approx(0.17)
+    # Seed k of both arms is paired: per-seed differences 0.18, 0.17, 0.16.
+    assert diff["final_accuracy_diff_paired_se"] == pytest.approx(0.01 / math.sqrt(3)) and diff["seeds_ahead"] == 3
     assert diff["final_accuracy_diff_se"] == pytest.approx(
         math.hypot(capo["accuracy_after_se"], grpo["accuracy_after_se"])
     )
