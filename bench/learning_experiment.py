@@ -424,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         write_split(data["train"], 2000, seed=3)
         seen = questions(data["sft"]) | questions(data["train"])
         write_split(data["heldout"], setup.num_eval, seed=2, exclude=seen)  # never seen in training
-    print(f"warming up the policy ({setup.warmup_steps} supervised steps) ...", flush=True)
+    if not (setup.work / "policy" / "warmup.json").exists():
+        print(f"warming up the policy ({setup.warmup_steps} supervised steps) ...", flush=True)
     policy = warm_up_policy(setup.work / "policy", data["sft"], steps=setup.warmup_steps)
     print(f"{len(setup.arms)} arms x {len(setup.seeds)} seeds, {setup.steps} steps each, {setup.parallel} at a time",
           flush=True)  # fmt: skip
