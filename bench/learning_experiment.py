@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results", help="where JSON and PNG go")
     parser.add_argument("--work", type=Path, default=None, help="runs, data and the policy (runs/learning[-quick])")
     parser.add_argument("--quick", action="store_true", help="one seed, grpo and capo, 4 steps: the slow test")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per arm")
     parser.add_argument("--steps", type=int, default=30, help="training steps per run")
     parser.add_argument("--recall", type=float, default=0.7, help="r of the noisy critic")
     parser.add_argument("--false-flag", type=float, default=0.3, help="f of the noisy critic")
@@ -405,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=0.6, help="accuracy for steps-to-threshold")
     parser.add_argument("--self-judge-steps", type=int, default=3, help="0 skips question 4")
     args = parser.parse_args(argv)
+    if args.seeds < 1 or args.steps < 1 or args.parallel < 1:
+        parser.error("--seeds, --steps and --parallel must be at least 1")
 
     quick = args.quick
     work = args.work or ROOT / "runs" / ("learning-quick" if quick else "learning")
@@ -441,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             "seeds": setup.seeds,
             "eval_every": setup.eval_every,
             "heldout_problems": setup.num_eval,
+            "parallel": setup.parallel,
             "prompts_per_step": config.trainer.prompts_per_step,
             "rollouts_per_prompt": config.rollout.n,
             "warmup": json.loads((policy / "warmup.json").read_text()),

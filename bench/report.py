@@ -156,7 +156,8 @@ def learning_table() -> str:
         f"(SEs of both arms in quadrature; paired by seed: ± {diff['final_accuracy_diff_paired_se']:.3f} and "
         f"± {diff['mean_accuracy_diff_paired_se']:.3f}; ahead in {diff['seeds_ahead']} of {seeds} seeds); "
         f"{seeds} seeds, {result['setup']['heldout_problems']} held-out problems, "
-        f"{result['elapsed'].get('wall_minutes', float('nan')):.0f} min from the first run's start to the last's end."
+        f"{result['elapsed'].get('runs', 0)} runs of {result['elapsed'].get('run_minutes', float('nan')):.0f} "
+        f"run-minutes in all, {result['setup'].get('parallel', 1)} at a time."
     )
     judge = result.get("self_judge")
     if judge:
