@@ -135,7 +135,7 @@ class AlgorithmConfig:
     dual_clip: float = 0.0  # 0: off; otherwise the dual-clip constant c > 1
     kl_coef: float = 0.0  # k3 KL to the starting policy (paper: 0.01)
     entropy_coef: float = 0.0  # entropy bonus
-    aggregation: str = "seq-mean-token-mean"  # kernels.AGGREGATIONS: or token-mean (DAPO), seq-mean-token-sum-norm
+    aggregation: str = "seq-mean-token-mean"  # token-mean (DAPO), seq-mean-token-sum-norm (kernels.aggregation)
     mini_epochs: int = 1  # PPO passes over each rollout batch (paper: 4)
     verifier_timeout_s: float = 5.0  # math-verify budget per answer; past it the answer scores 0
 
@@ -230,6 +230,12 @@ class Config:
         from capo_fast.critique import VOTING
 
         _check(a.voting in VOTING, "algorithm.voting", f"{a.voting!r} is not one of {sorted(VOTING)}")
+        from capo_fast.kernels.aggregation import AGGREGATIONS
+        from capo_fast.rollout import CRITIC_BACKENDS
+
+        _check(a.aggregation in AGGREGATIONS, "algorithm.aggregation",
+               f"{a.aggregation!r} is not one of {sorted(AGGREGATIONS)}")  # fmt: skip
+        _check(c.backend in CRITIC_BACKENDS, "critic.backend", f"{c.backend!r} is not one of {sorted(CRITIC_BACKENDS)}")
         modes = sorted(REWARD_MODES)
         _check(a.reward_mode in REWARD_MODES, "algorithm.reward_mode", f"{a.reward_mode!r} is not one of {modes}")
         _check(a.voting != "greedy" or c.num_critiques == 1, "algorithm.voting", "greedy needs critic.num_critiques=1")

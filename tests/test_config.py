@@ -43,6 +43,8 @@ def test_yaml_and_overrides(tmp_path):
         ("trainer:\n  steps: 2.5\n", "run.yaml:2: trainer.steps: expected int, got 2.5"),
         ("critic:\n  num_critiques: 2\nalgorithm:\n  voting: greedy\n", "run.yaml:4: algorithm.voting: greedy needs"),
         ("logging:\n  rollout_samples: -1\n", "run.yaml:2: logging.rollout_samples: must be >= 0"),
+        ("algorithm:\n  aggregation: mean\n", "run.yaml:2: algorithm.aggregation: 'mean' is not one of"),
+        ("critic:\n  backend: vlm\n", "run.yaml:2: critic.backend: 'vlm' is not one of"),
         ("model: [\n", "not valid YAML"),
     ],
 )
