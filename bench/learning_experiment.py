@@ -40,6 +40,7 @@ from bench.chain_arithmetic import equation_error, questions, warm_up_policy, wr
 from capo_fast.config import load_config  # noqa: E402
 
 CONFIG = ROOT / "bench" / "chain_arithmetic.yaml"
+CONTRASTS = [("capo", "noisy-N1"), ("noisy-N8-majority", "noisy-N8-intersection"), ("noisy-N8-majority", "noisy-N1")]
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,6 @@ def read_run(out: Path) -> dict:
         "train_accuracy": [r["reward/accuracy"] for r in train],
         "flagged_step_rate_incorrect": [r.get("credit/flagged_step_rate_incorrect", 0.0) for r in train],
         "flagged_step_rate_correct": [r.get("credit/flagged_step_rate_correct", 0.0) for r in train],
-        "seconds": sum(v for r in train for k, v in r.items() if k.startswith("time/") and k != "time/sync"),
     }
 
 
@@ -454,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
         "arms": arms,
         "capo_minus_grpo": compare(arms["capo"], arms["grpo"]),
         "noisy_minus_grpo": {name: compare(arm, arms["grpo"]) for name, arm in arms.items() if arm["group"] == "noise"},
+        # question 3's contrasts: what noise costs, and N = 8 under each voting mode
+        "contrasts": {f"{x} minus {y}": compare(arms[x], arms[y]) for x, y in CONTRASTS if x in arms and y in arms},
         "elapsed": elapsed([setup.work / a.name / f"seed{s}.log" for a in setup.arms for s in setup.seeds]),
     }
     args.results.mkdir(parents=True, exist_ok=True)
