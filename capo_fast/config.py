@@ -97,7 +97,7 @@ class CriticConfig:
     answer_format: AnswerFormat = "guided"  # guided | free, see the comment above
     guided_reasoning_chars: int = 200  # room for reasoning before the closing lines when guided
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=128))
-    include_reference: bool = True  # the ground-truth solution in the prompt whenever the data has one
+    include_reference: bool = True  # the reference solution in the prompt, else the gold answer
     function: str = ""  # backend function: module:function returning critiques (see rollout.FunctionCritic)
     step_splitter: str = ""  # empty: blank lines; a regex whose matches end a step; or module:function
     prompt_template: str = ""  # a text file with {question}, {reference_solution}, {steps}; empty: the packaged one
@@ -238,7 +238,8 @@ class Config:
         _check(c.backend in CRITIC_BACKENDS, "critic.backend", f"{c.backend!r} is not one of {sorted(CRITIC_BACKENDS)}")
         modes = sorted(REWARD_MODES)
         _check(a.reward_mode in REWARD_MODES, "algorithm.reward_mode", f"{a.reward_mode!r} is not one of {modes}")
-        _check(a.voting != "greedy" or c.num_critiques == 1, "algorithm.voting", "greedy needs critic.num_critiques=1")
+        needed = VOTING[a.voting].num_critiques
+        _check(needed in (None, c.num_critiques), "algorithm.voting", f"{a.voting} needs critic.num_critiques={needed}")
         _check(
             1 <= a.min_valid_critiques <= c.num_critiques,
             "algorithm.min_valid_critiques",

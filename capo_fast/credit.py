@@ -146,6 +146,14 @@ def _genorm_score(sig: RolloutSignals, cfg: CreditConfig) -> float:
     return 1.0 / (1.0 + math.exp(-cfg.genorm_alpha * sig.judge_verdict)) + cfg.genorm_beta * sig.correct - 1.0
 
 
+def _critique_has_steps(c: Critique) -> bool:
+    return c.valid
+
+
+def _critique_has_verdict(c: Critique) -> bool:
+    return c.valid or c.judgment is not None
+
+
 @dataclass(frozen=True)
 class RewardMode:
     """How a run scores and normalises a prompt group (DESIGN.md 1.5-1.6)."""
@@ -155,22 +163,31 @@ class RewardMode:
     per_response: bool  # GRPO: normalise the n scores (each response once); else Eq. 2's token pooling
     needs_judge: Callable[[CreditConfig], bool]
     name: str  # what the logs call the run
+    params: Callable[[CreditConfig], str]  # the constants the logs name
+    usable: Callable[[Critique], bool] = _critique_has_steps  # a critique this mode reads (else: failed)
 
 
 REWARD_MODES: dict[str, RewardMode] = {
-    "capo": RewardMode(_capo_score, True, False, lambda cfg: cfg.penalty > 0, "CAPO (Eq. 1-2)"),
-    "outcome": RewardMode(_capo_score, False, True, lambda cfg: False, "GRPO-Rule"),
-    "genorm": RewardMode(_genorm_score, False, True, lambda cfg: True, "GRPO-GenORM (Eq. 3)"),
-}
+    "capo": RewardMode(
+        _capo_score, True, False, lambda cfg: cfg.penalty > 0, "CAPO (Eq. 1-2)",
+        lambda cfg: f", C={cfg.correct_reward}, P={cfg.penalty}",
+    ),
+    "outcome": RewardMode(_capo_score, False, True, lambda cfg: False, "GRPO-Rule", lambda cfg: ""),
+    "genorm": RewardMode(
+        _genorm_score, False, True, lambda cfg: True, "GRPO-GenORM (Eq. 3)",
+        lambda cfg: f", alpha={cfg.genorm_alpha}, beta={cfg.genorm_beta}", _critique_has_verdict,
+    ),
+}  # fmt: skip
+# Metrics that count events: summed over ranks, where the others are averaged.
+COUNTED_METRICS = frozenset(
+    {"credit/rollouts_without_critique", "judge/abstentions", "judge/out_of_range_indices", "judge/votes_not_counted"}
+)
 
 
 def describe(cfg: CreditConfig) -> str:
     """The run's method in words, for the logs: which of CAPO and its baselines it is."""
     mode = REWARD_MODES[cfg.reward_mode]
-    extra = f", C={cfg.correct_reward}, P={cfg.penalty}" if mode.token_penalty else ""
-    if cfg.reward_mode == "genorm":
-        extra = f", alpha={cfg.genorm_alpha}, beta={cfg.genorm_beta}"
-    return f"{mode.name}: reward_mode={cfg.reward_mode}{extra}"
+    return f"{mode.name}: reward_mode={cfg.reward_mode}{mode.params(cfg)}"
 
 
 def token_rewards(sig: RolloutSignals, cfg: CreditConfig) -> torch.Tensor:
@@ -275,9 +292,12 @@ def _mean(values: Sequence[float]) -> float:
 def rollout_metrics(rollouts: Sequence[Rollout], cfg: CreditConfig, num_critiques: int) -> dict[str, float]:
     """The training dynamics of a step (the paper's plots) and what the judge did, for this rank's rollouts.
 
-    Means over rollouts (or over steps where named); the loop averages them over ranks.
+    Means over rollouts (or over steps where named), which the loop averages over ranks, and the counts
+    of COUNTED_METRICS, which it sums. A critique the reward mode cannot read counts as failed.
     """
-    metrics = credit_metrics([r.vote.weights for r in rollouts], [r.vote.num_valid for r in rollouts], num_critiques)
+    usable = REWARD_MODES[cfg.reward_mode].usable
+    valid = [sum(usable(c) for c in r.critiques) for r in rollouts]
+    metrics = credit_metrics([r.vote.weights for r in rollouts], valid, num_critiques)
     per_token = [float(r.token_reward(cfg).mean()) for r in rollouts if r.credit.numel()]
     metrics["reward/token_mean"] = _mean(per_token)
     for label, wanted in (("correct", 1.0), ("incorrect", 0.0)):

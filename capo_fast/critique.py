@@ -8,6 +8,7 @@ combined by a voting mode into a weight per step (DESIGN.md section 1, steps 2 t
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -183,13 +184,28 @@ def _counts(flagged: list[frozenset[int]], num_steps: int) -> list[int]:
     return [sum(s in f for f in flagged) for s in range(num_steps)]
 
 
-# Each mode maps the flagged-step sets of k >= 1 valid critiques to a weight per step.
-VOTING: dict[str, VoteFn] = {
-    "greedy": lambda flagged, n, threshold: [float(s in flagged[0]) for s in range(n)],
-    "intersection": lambda flagged, n, threshold: [float(c == len(flagged)) for c in _counts(flagged, n)],
-    "majority": lambda flagged, n, threshold: [float(c > threshold * len(flagged)) for c in _counts(flagged, n)],
-    "union": lambda flagged, n, threshold: [float(c > 0) for c in _counts(flagged, n)],
-    "average": lambda flagged, n, threshold: [c / len(flagged) for c in _counts(flagged, n)],
+@dataclass(frozen=True)
+class VotingMode:
+    """How k >= 1 valid critiques' flagged-step sets become a weight per step, and what the mode needs."""
+
+    combine: VoteFn
+    num_critiques: int | None = None  # the mode reads exactly this many critiques
+    temperature: float | None = None  # the mode decodes its critiques at this temperature
+
+    def critic_sampling(self, sampling):
+        """The critic's sampling settings under this mode (any dataclass with a `temperature`)."""
+        return sampling if self.temperature is None else dataclasses.replace(sampling, temperature=self.temperature)
+
+
+VOTING: dict[str, VotingMode] = {
+    # one critique, decoded greedily (DESIGN.md 1.4)
+    "greedy": VotingMode(lambda flagged, n, threshold: [float(s in flagged[0]) for s in range(n)], 1, 0.0),
+    "intersection": VotingMode(lambda flagged, n, threshold: [float(c == len(flagged)) for c in _counts(flagged, n)]),
+    "majority": VotingMode(
+        lambda flagged, n, threshold: [float(c > threshold * len(flagged)) for c in _counts(flagged, n)]
+    ),
+    "union": VotingMode(lambda flagged, n, threshold: [float(c > 0) for c in _counts(flagged, n)]),
+    "average": VotingMode(lambda flagged, n, threshold: [c / len(flagged) for c in _counts(flagged, n)]),
 }
 
 
@@ -221,7 +237,7 @@ def vote(
     flagged = [c.incorrect for c in critiques if c.valid]
     if not flagged or len(flagged) < min_valid:
         return StepVote([0.0] * num_steps, len(flagged), counted=False)
-    return StepVote(VOTING[mode](flagged, num_steps, threshold), len(flagged))
+    return StepVote(VOTING[mode].combine(flagged, num_steps, threshold), len(flagged))
 
 
 def critique_agreement(critiques: Sequence[Critique], num_steps: int) -> float | None:

@@ -41,34 +41,55 @@ def last_boxed(text: str) -> str | None:
 
 
 # An explicit statement of the final answer, when there is no \boxed{}: "The final answer is 12.",
-# "Answer: 12", "So there are 13 ways ...". Never the last number of free text: a response cut off
-# in the middle of a computation states no answer.
-_STATED = [
+# "Answer: 12", read wherever it stands (the last one wins). Never the last number of free text.
+_EXPLICIT = [
     re.compile(r"final answer\s*(?:is|:|=)\s*:?\s*(.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE),
     re.compile(r"(?:^|\n)\s*\**answer\**\s*[:=]\s*(.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE),
     re.compile(r"\bthe answer is\s*:?\s*(.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE),
+]
+# A concluding sentence: "So there are 13 ways ...", "So, 5 - 2 = 3." Read only in the response's last
+# sentence, and only when that sentence is finished: "So 5*4=20." followed by more work, or a response
+# cut off at "So 5*4=20", concludes nothing.
+_CONCLUDING = [
     re.compile(
         r"\b(?:so|therefore|thus|hence)\s*,?\s*(?:there (?:are|is|were|was)|we (?:get|have|obtain)|the result is)\s+"
         r"(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)\b",
         re.IGNORECASE,
     ),
-    # a concluding sentence that ends on a result: "So, 5 - 2 = 3." (not "So 5*4=20, and then ...")
-    re.compile(r"\b(?:so|therefore|thus|hence)\b[^.\n]*?=\s*([^=.\n,;]+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE),
+    re.compile(r"\b(?:so|therefore|thus|hence)\b[^.\n]*?=\s*([^=\n,;]+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE),
 ]
+_SENTENCE_END = re.compile(r"[.!](?:\s+|$)|\n")
 
 
-def final_answer(response: str) -> str | None:
-    """The response's final answer as LaTeX for math-verify: the last \\boxed{} first, then the last
-    explicit final-answer statement; None when the response states none."""
-    boxed = last_boxed(response)
-    if boxed is not None and boxed.strip():
-        return f"\\boxed{{{boxed}}}"
-    for pattern in _STATED:
-        found = pattern.findall(response)
+def _last_finished_sentence(response: str) -> str | None:
+    """The response's last sentence when the response ends by finishing it (with '.' or '!'), else None."""
+    text = response.rstrip()
+    if not text.endswith((".", "!")):
+        return None
+    ends = [m.end() for m in _SENTENCE_END.finditer(text[:-1])]
+    return text[ends[-1] if ends else 0 :]
+
+
+def _stated(patterns: list[re.Pattern], text: str) -> str | None:
+    for pattern in patterns:
+        found = pattern.findall(text)
         if found:
             answer = found[-1].strip().strip("$").strip()
             return f"${answer}$" if answer else None
     return None
+
+
+def final_answer(response: str) -> str | None:
+    """The response's final answer as LaTeX for math-verify: the last \\boxed{} first, then the last
+    explicit final-answer statement, then a concluding last sentence; None when the response states none."""
+    boxed = last_boxed(response)
+    if boxed is not None and boxed.strip():
+        return f"\\boxed{{{boxed}}}"
+    explicit = _stated(_EXPLICIT, response)
+    if explicit is not None:
+        return explicit
+    last = _last_finished_sentence(response)
+    return None if last is None else _stated(_CONCLUDING, last)
 
 
 def format_reward(response: str) -> float:
@@ -206,6 +227,9 @@ class OutcomeVerifier:
                 w.kill()
                 self._workers[self._workers.index(w)] = _Worker(self._ctx, self.verifier)
         return [OutcomeScore(c[0], format_reward(r), c[1]) for c, r in zip(correct, responses, strict=True)]
+
+
+COUNTED_METRICS = frozenset({"reward/verifier_timeouts", "reward/verifier_errors"})  # summed over ranks
 
 
 def outcome_metrics(scores: list[OutcomeScore]) -> dict[str, float]:

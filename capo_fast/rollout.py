@@ -346,6 +346,14 @@ class CritiqueRequest:
     question: str
     steps: list[Step]
     reference_solution: str | None = None
+    answer: str | None = None  # the gold final answer
+
+    def ground_truth(self) -> str | None:
+        """What the judge is shown as right: the reference solution, else the gold final answer (rows of
+        DAPO-Math and the like carry only the answer)."""
+        if self.reference_solution and self.reference_solution.strip():
+            return self.reference_solution
+        return f"The final answer is {self.answer}." if self.answer else None
 
 
 class Critic(ABC):
@@ -377,7 +385,7 @@ class ChatCritic(Critic):
         """N completions per chat (constrained by its regex when there is one); None marks a failure."""
 
     def critique(self, requests: Sequence[CritiqueRequest], seed: int = 0) -> list[list[Critique]]:
-        reference = lambda r: r.reference_solution if self.config.include_reference else None  # noqa: E731
+        reference = lambda r: r.ground_truth() if self.config.include_reference else None  # noqa: E731
         messages = [critique_messages(r.question, r.steps, reference(r), self.template) for r in requests]
         regexes = [
             guided_critique_regex(self.config.guided_reasoning_chars, len(r.steps)) if self.guided else None

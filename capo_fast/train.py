@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from capo_fast.config import Config, ConfigError, describe_config, load_config, to_dict
+from capo_fast.credit import COUNTED_METRICS as CREDIT_COUNTS
 from capo_fast.credit import REWARD_MODES, CreditConfig, Rollout, VotingConfig, assign_credit, describe, rollout_metrics
-from capo_fast.critique import make_splitter
+from capo_fast.critique import VOTING, make_splitter
 from capo_fast.data import EVAL_SEED_OFFSET, DataError, DataKeys, PromptSampler, encode_prompts, load_problems
 from capo_fast.distributed import (
     all_reduce,
@@ -40,6 +41,7 @@ from capo_fast.evaluate import EvalOptions, evaluate_set, load_set, parse_sets
 from capo_fast.launch_env import required_env
 from capo_fast.memory_budget import Architecture, kv_cache_bytes
 from capo_fast.metrics import MetricsLog, RolloutSamples, format_line, plot_run, write_run_info
+from capo_fast.reward import COUNTED_METRICS as REWARD_COUNTS
 from capo_fast.reward import OutcomeVerifier, outcome_metrics
 from capo_fast.rollout import (
     CRITIC_BACKENDS,
@@ -189,10 +191,7 @@ class Run:
         # The reward mode says whether critiques are read at all: GRPO-Rule and CAPO with P = 0 skip the judge.
         self.critic = None
         if REWARD_MODES[a.reward_mode].needs_judge(self.credit_config):
-            critic_config = c.critic
-            if a.voting == "greedy":  # one critique, decoded greedily (DESIGN.md 1.4)
-                greedy = dataclasses.replace(c.critic.sampling, temperature=0.0)
-                critic_config = dataclasses.replace(c.critic, sampling=greedy)
+            critic_config = dataclasses.replace(c.critic, sampling=VOTING[a.voting].critic_sampling(c.critic.sampling))
             if c.critic.backend == "vllm":
                 policy_sleeps = self.policy.engine.sleep_enabled
                 sleeps = critic_sleep_mode(
@@ -318,8 +317,8 @@ class Run:
                                    [problems[r.group].answer for r in rollouts])  # fmt: skip
             if self.critic is not None:
                 requests = [
-                    CritiqueRequest(problems[r.group].question, r.steps, problems[r.group].reference_solution)
-                    for r in rollouts
+                    CritiqueRequest(p.question, r.steps, p.reference_solution, p.answer)
+                    for r, p in ((r, problems[r.group]) for r in rollouts)
                 ]
                 seed = sample_seed(c.trainer.seed + 1, self.step, positions[0])
                 for r, critiques in zip(rollouts, self.critic.critique(requests, seed=seed), strict=True):
@@ -354,7 +353,8 @@ class Run:
         keys = sorted(local)
         stat_keys = ("loss", "clipped", "entropy", "kl", "tokens")
         summed = all_reduce([local[k] for k in keys] + [stats[k] for k in stat_keys])
-        metrics = {k: v / self.world for k, v in zip(keys, summed, strict=False)}
+        counted = CREDIT_COUNTS | REWARD_COUNTS
+        metrics = {k: v if k in counted else v / self.world for k, v in zip(keys, summed, strict=False)}
         loss, clipped, entropy, kl, tokens = summed[len(keys) :]
         metrics.update({
             "actor/skipped_steps": stats["skipped"],  # the same on every rank: ZeRO reduces its overflow flag

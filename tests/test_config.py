@@ -141,3 +141,11 @@ def _leaves(obj):
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         yield from (_leaves(value) if dataclasses.is_dataclass(value) else [f.name])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_no_shipped_config_lets_one_surviving_critique_decide_a_vote(path, monkeypatch):
+    monkeypatch.chdir(CONFIGS[0].parent.parent)
+    c = load_config(path, launch_world_size(path)[1])
+    if c.algorithm.voting in ("intersection", "majority") and c.critic.num_critiques > 1:
+        assert c.algorithm.min_valid_critiques >= 2

@@ -205,3 +205,28 @@ def test_step_metrics_split_by_outcome(tiny_model_dir):
     assert m["judge/out_of_range_indices"] == 1.0 and m["judge/abstentions"] == 0.0
     assert m["judge/critique_agreement"] == pytest.approx((1.0 + 0.5) / 2)
     assert group[0].advantage > 0 > group[1].advantage
+
+
+def test_genorm_counts_a_verdict_without_a_block_as_a_usable_critique(tiny_model_dir):
+    """A judge that writes only the judgment line serves GenORM (Eq. 3 reads only r_m): not a failure."""
+    from capo_fast.credit import Rollout, VotingConfig, assign_credit, rollout_metrics
+    from capo_fast.critique import Critique
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    group = [Rollout(0, tok("a = 1")["input_ids"], "a = 1", False, split_steps("a = 1")) for _ in range(2)]
+    group[0].critiques = [Critique(False, judgment=True)] * 2
+    group[1].critiques = [Critique(False, judgment=False), Critique(False)]
+    for mode, failed in (("genorm", 0.25), ("capo", 1.0)):
+        cfg = CreditConfig(reward_mode=mode)
+        assign_credit([group], tok, VotingConfig(), cfg)
+        assert rollout_metrics(group, cfg, num_critiques=2)["credit/failed_critique_rate"] == failed, mode
+    assert [r.judge_verdict for r in group] == [1.0, 0.0]
+
+
+def test_the_log_names_the_method_and_its_constants():
+    from capo_fast.credit import describe
+
+    assert describe(CreditConfig()) == "CAPO (Eq. 1-2): reward_mode=capo, C=2.0, P=1.0"
+    assert describe(CreditConfig(reward_mode="outcome")) == "GRPO-Rule: reward_mode=outcome"
+    genorm = describe(CreditConfig(reward_mode="genorm", genorm_alpha=0.5, genorm_beta=0.5))
+    assert genorm == "GRPO-GenORM (Eq. 3): reward_mode=genorm, alpha=0.5, beta=0.5"

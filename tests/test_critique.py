@@ -35,6 +35,16 @@ def test_vote_of_four_critiques_in_every_mode():
     assert vote(FOUR, 4, "majority", threshold=0.4).weights == [0, 1, 1, 1]
 
 
+def test_greedy_decodes_its_one_critique_at_temperature_zero():
+    from capo_fast.config import SamplingConfig
+
+    sampling = SamplingConfig(temperature=0.7, top_p=0.9)
+    greedy = VOTING["greedy"]
+    assert greedy.num_critiques == 1 and greedy.critic_sampling(sampling).temperature == 0.0
+    assert greedy.critic_sampling(sampling).top_p == 0.9 and sampling.temperature == 0.7
+    assert VOTING["majority"].critic_sampling(sampling) is sampling
+
+
 def test_failed_critiques_abstain():
     assert vote([FAILED, FOUR[0], FAILED], 4, "majority").weights == [0, 1, 0, 1]
     none = vote([FAILED, FAILED], 4, "majority")
@@ -164,3 +174,31 @@ def test_prompt_goes_through_the_judge_chat_template(tiny_model_dir):
     prompt = render_critique_prompt(tokenizer, "Find b.", split_steps("a = 1\n\nb = 2"))
     assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
     assert "<step_1>b = 2</step_1>" in prompt
+
+
+def test_the_judge_sees_the_reference_solution_else_the_gold_answer():
+    from capo_fast.config import CriticConfig
+    from capo_fast.rollout import ChatCritic, CritiqueRequest
+
+    class Recording(ChatCritic):
+        def _complete(self, messages, seeds, regexes):
+            self.prompts = [m[0]["content"] for m in messages]
+            return [["Judgment: Is the solution correct (Yes/No)? No\n<incorrect_steps>0</incorrect_steps>"]] * len(
+                messages
+            )
+
+    steps = split_steps("2 + 2 = 5\n\nSo \\boxed{5}")
+    requests = [
+        CritiqueRequest("What is 2 + 2?", steps, "2 + 2 = 4, so \\boxed{4}.", "4"),
+        CritiqueRequest("What is 2 + 2?", steps, None, "4"),  # a DAPO-Math row: the answer only
+        CritiqueRequest("What is 2 + 2?", steps),
+    ]
+    critic = Recording(CriticConfig(num_critiques=1))
+    critiques = critic.critique(requests)
+    assert [c[0].incorrect for c in critiques] == [frozenset({0})] * 3
+    with_solution, with_answer, without = critic.prompts
+    assert "2 + 2 = 4, so \\boxed{4}." in with_solution
+    assert "The final answer is 4." in with_answer and "none given" in without
+    critic = Recording(CriticConfig(num_critiques=1, include_reference=False))
+    critic.critique(requests[:1])
+    assert "\\boxed{4}" not in critic.prompts[0] and "none given" in critic.prompts[0]

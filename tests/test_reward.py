@@ -70,5 +70,11 @@ def test_the_final_answer_is_read_never_the_last_number(verifier):
     assert final_answer("The final answer is 12. Check: 3 * 4 = 12, and 2 more is 14.") == "$12$"
     assert final_answer("x = 3 and so \\boxed{7} ... then 9") == "\\boxed{7}"  # \boxed{} first
     assert final_answer("To calculate 5 - 2, we subtract. So, 5 - 2 = 3.") == "$3$"  # a concluding result
+    assert final_answer("Halve it. So x = 3.5.") == "$3.5$"
+    # a conclusion counts only as the finished last sentence: never mid-work, never cut off
+    assert final_answer("So 5*4=20.\n\nThen we need to subtract the") is None
+    assert final_answer("We have 5 boxes. So 5*4=20") is None
+    assert final_answer("Thus we have 12 apples and then") is None
+    assert final_answer("So 5*4=20. Then we subtract 3 to get 17 apples.") is None
     scores = verifier.score([cut_off, stated, "Answer: $\\frac{1}{2}$", "It is 5, then 4."], ["20", "13", "0.5", "4"])
     assert [s.correct for s in scores] == [0, 1, 1, 0]
