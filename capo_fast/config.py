@@ -238,6 +238,18 @@ class Config:
         _check(c.backend in CRITIC_BACKENDS, "critic.backend", f"{c.backend!r} is not one of {sorted(CRITIC_BACKENDS)}")
         modes = sorted(REWARD_MODES)
         _check(a.reward_mode in REWARD_MODES, "algorithm.reward_mode", f"{a.reward_mode!r} is not one of {modes}")
+        from capo_fast.credit import CreditConfig
+
+        judged = REWARD_MODES[a.reward_mode].needs_judge(CreditConfig(penalty=a.penalty, reward_mode=a.reward_mode))
+        # vLLM keeps one tensor-parallel group per process and asserts its size when a second engine
+        # starts (vllm/distributed/parallel_state.py:2392, ensure_model_parallel_initialized).
+        _check(
+            not (judged and c.backend == "vllm" and r.tensor_parallel_size > 1),
+            "critic.backend",
+            f"a local vLLM critic runs at tensor parallel size 1 in the policy's process, which vLLM refuses "
+            f"beside rollout.tensor_parallel_size={r.tensor_parallel_size}; serve the judge and use "
+            f"critic.backend=remote",
+        )
         needed = VOTING[a.voting].num_critiques
         _check(needed in (None, c.num_critiques), "algorithm.voting", f"{a.voting} needs critic.num_critiques={needed}")
         _check(

@@ -118,12 +118,16 @@ def own_slice(outputs: list, counts: list[int], group) -> list:
 
 
 def check_same_environment(names: list[str]) -> None:
-    """Every rank sees the same set of these environment variables (their presence, never values)."""
+    """Every rank sees the same set of these environment variables (their presence, never values).
+
+    Each rank's list may differ (it is read from that rank's own environment, e.g. its HF_* names):
+    a name listed on any rank is checked on all of them.
+    """
     names = [n for n in names if n]
     seen = all_gather_objects((socket.gethostname(), {n: n in os.environ for n in names}))
-    for name in names:
-        have = sorted({host for host, present in seen if present[name]})
-        lack = sorted({host for host, present in seen if not present[name]})
+    for name in sorted({n for _, present in seen for n in present}):
+        have = sorted({host for host, present in seen if present.get(name, False)})
+        lack = sorted({host for host, present in seen if not present.get(name, False)})
         if have and lack:
             raise ConfigError(
                 f"{name} is set on {', '.join(have)} but not on {', '.join(lack)}: the deepspeed launcher "

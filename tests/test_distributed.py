@@ -113,3 +113,16 @@ def test_tp_gather_environment_and_shared_folder_checks_on_two_ranks(tmp_path):
         messages.append(failures.get())
     assert not messages, messages
     assert not list((tmp_path / "shared").glob(".capo-shared-*")), "the marker file must be removed"
+
+
+def test_a_variable_only_another_node_lists_is_reported_not_a_crash(monkeypatch):
+    """Each rank lists the variables of its own environment (HF_HOME on one node only): the check must
+    name the variable and the nodes, not fail on a name this rank never listed."""
+    monkeypatch.delenv("CAPO_TEST_ONLY_THERE", raising=False)
+
+    def gather(local, group=None):  # this node lists nothing extra; node-b has CAPO_TEST_ONLY_THERE
+        return [local, ("node-b", {**local[1], "CAPO_TEST_ONLY_THERE": True})]
+
+    monkeypatch.setattr(distributed, "all_gather_objects", gather)
+    with pytest.raises(ConfigError, match=r"CAPO_TEST_ONLY_THERE is set on node-b but not on "):
+        distributed.check_same_environment(["PATH"])
