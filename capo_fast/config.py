@@ -200,6 +200,13 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def needs_judge(self) -> bool:
+        """Whether the run reads critiques at all (GRPO-Rule and CAPO with P = 0 do not): the reward mode says."""
+        from capo_fast.credit import REWARD_MODES, CreditConfig
+
+        a = self.algorithm
+        return REWARD_MODES[a.reward_mode].needs_judge(CreditConfig(penalty=a.penalty, reward_mode=a.reward_mode))
+
     def validate(self) -> Config:
         r, c, a, t = self.rollout, self.critic, self.algorithm, self.trainer
         r.sampling.validate("rollout.sampling")
@@ -238,9 +245,8 @@ class Config:
         _check(c.backend in CRITIC_BACKENDS, "critic.backend", f"{c.backend!r} is not one of {sorted(CRITIC_BACKENDS)}")
         modes = sorted(REWARD_MODES)
         _check(a.reward_mode in REWARD_MODES, "algorithm.reward_mode", f"{a.reward_mode!r} is not one of {modes}")
-        from capo_fast.credit import CreditConfig
-
-        judged = REWARD_MODES[a.reward_mode].needs_judge(CreditConfig(penalty=a.penalty, reward_mode=a.reward_mode))
+        _check(a.penalty >= 0, "algorithm.penalty", "must be >= 0")
+        judged = self.needs_judge()
         # vLLM keeps one tensor-parallel group per process and asserts its size when a second engine
         # starts (vllm/distributed/parallel_state.py:2392, ensure_model_parallel_initialized).
         _check(
@@ -258,7 +264,6 @@ class Config:
             f"must be in [1, critic.num_critiques={c.num_critiques}]",
         )
         _check(0 <= a.vote_threshold < 1, "algorithm.vote_threshold", "must be in [0, 1)")
-        _check(a.penalty >= 0, "algorithm.penalty", "must be >= 0")
         _check(a.eps_low >= 0 and a.eps_high >= 0, "algorithm.eps_low", "clip ranges must be >= 0")
         _check(a.dual_clip == 0 or a.dual_clip > 1, "algorithm.dual_clip", "must be 0 (off) or > 1")
         _check(a.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")

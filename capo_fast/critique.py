@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 _BLANK_LINE = re.compile(r"\n[ \t\r]*\n\s*")
@@ -122,8 +122,8 @@ def critique_messages(
     tagged = "\n".join(f"<step_{s.index}>{s.text.strip()}</step_{s.index}>" for s in steps)
     text = template if template is not None else load_template()
     values = (question.strip(), (reference_solution or "").strip() or NO_REFERENCE, tagged)
-    for field, value in zip(TEMPLATE_FIELDS, values, strict=True):
-        text = text.replace(field, value)
+    for placeholder, value in zip(TEMPLATE_FIELDS, values, strict=True):
+        text = text.replace(placeholder, value)
     return [{"role": "user", "content": text}]
 
 
@@ -143,6 +143,7 @@ class Critique:
     incorrect: frozenset[int] = frozenset()
     judgment: bool | None = None  # True for "Yes" (correct), None when absent
     out_of_range: int = 0  # indices the critic named that the response does not have (e.g. counting from 1)
+    text: str | None = field(default=None, compare=False)  # what the critic wrote, for the rollout samples
 
 
 FAILED = Critique(valid=False)
@@ -169,10 +170,10 @@ def parse_critique(text: str, num_steps: int) -> Critique:
     blocks = _BLOCK.findall(text)
     judgment = parse_judgment(text)
     if not blocks:
-        return Critique(valid=False, judgment=judgment)
+        return Critique(valid=False, judgment=judgment, text=text)
     indices = {int(x) for x in _INDEX.findall(blocks[-1]) if len(x) < 9}
     named = {i for i in indices if 0 <= i < num_steps}
-    return Critique(True, frozenset(named), judgment, out_of_range=len(indices - named))
+    return Critique(True, frozenset(named), judgment, out_of_range=len(indices - named), text=text)
 
 
 # ---- voting ------------------------------------------------------------------------------------------

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-QUESTION_KEYS = ("question", "problem", "prompt")
+QUESTION_KEYS = ("question", "problem", "prompt", "Question")  # the last: GPQA's rows
 ANSWER_KEYS = ("answer", "final_answer", "gold", "reward_model.ground_truth", "answerKey")  # verl's, ARC's rows
-CHOICE_KEYS = ("choices", "options", "choices.text")  # multiple choice; the last: ARC's rows
+# Multiple choice: a list of options (MMLU-Pro's `options`), or ARC's {"text": [...], "label": [...]};
+# GPQA's rows name the correct option and the incorrect ones in columns of their own.
+CHOICE_KEYS = ("choices", "options")
+GPQA_CORRECT, GPQA_INCORRECT = "Correct Answer", ("Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 REFERENCE_KEYS = ("reference_solution", "solution")
 EVAL_SEED_OFFSET = 1_000_003  # generated eval sets never share a seed with the train set
 
@@ -37,7 +41,7 @@ class Problem:
     messages: tuple[dict, ...] | None = None  # a chat prompt as the data gives it, used as is
     data_source: str = ""  # kept for per-source metrics
     choices: tuple[str, ...] | None = None  # the options of a multiple-choice row, as the data orders them
-    multiple_choice: bool = False  # lettered options in the question, the answer a letter (evaluate.py)
+    multiple_choice: bool = False  # lettered options in the question, the answer a letter
 
 
 @dataclass(frozen=True)
@@ -98,17 +102,64 @@ def problem_from_row(row: object, where: str, keys: DataKeys = DataKeys()) -> Pr
         raise DataError(f"{where}: the question must be text or a list of chat messages, got {type(prompt).__name__}")
     reference = _get(row, keys.reference) if keys.reference else _first(row, REFERENCE_KEYS)
     answer = _get(row, keys.answer) if keys.answer else _first(row, ANSWER_KEYS)
+    choices, labels = _options(row)
+    if choices and answer in (None, "") and GPQA_CORRECT in row:
+        answer = "A"  # GPQA: the correct option comes first in the data's order
     if answer is None and isinstance(reference, str):
         answer = last_boxed(reference)  # TRL / open-r1 rows: the answer is the solution's \boxed{}
     if answer in (None, ""):
         raise DataError(
             f"{where}: no answer ({keys.answer or 'one of ' + ', '.join(ANSWER_KEYS)}, or a \\boxed{{}} in solution)"
         )
+    if choices:
+        answer = LETTERS[_correct_option(choices, labels, str(answer).strip(), where)]
     source = row.get("data_source")
-    choices = _first(row, CHOICE_KEYS)
-    choices = tuple(str(c) for c in choices) if isinstance(choices, (list, tuple)) and choices else None
     reference = str(reference) if reference else None
     return Problem(question, str(answer), reference, messages, str(source or ""), choices)
+
+
+def _options(row: dict) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+    """A multiple-choice row's options in the data's order and their labels (ARC's "A"/"1"), if it has any."""
+    if GPQA_CORRECT in row and all(k in row for k in GPQA_INCORRECT):
+        return tuple(str(row[k]).strip() for k in (GPQA_CORRECT, *GPQA_INCORRECT)), None
+    value = _first(row, CHOICE_KEYS)
+    if isinstance(value, dict) and isinstance(value.get("text"), (list, tuple)):
+        labels = value.get("label")
+        labels = tuple(str(x) for x in labels) if isinstance(labels, (list, tuple)) else None
+        return tuple(str(x) for x in value["text"]) or None, labels
+    if isinstance(value, (list, tuple)) and value:
+        return tuple(str(x) for x in value), None
+    return None, None
+
+
+def _correct_option(choices: tuple[str, ...], labels: tuple[str, ...] | None, answer: str, where: str) -> int:
+    """Index of the correct option: the answer as one of the data's labels, the option's own text, a
+    letter, or else a 0-based index (MMLU-Pro's answer_index)."""
+    if labels and answer in labels and len(labels) == len(choices):
+        return labels.index(answer)
+    if answer in choices:
+        return choices.index(answer)
+    if len(answer) == 1 and answer.upper() in LETTERS[: len(choices)]:
+        return LETTERS.index(answer.upper())
+    if answer.isdigit() and int(answer) < len(choices):
+        return int(answer)
+    raise DataError(f"{where}: the answer {answer!r} is none of the {len(choices)} options, their labels or letters")
+
+
+def as_multiple_choice(problem: Problem, seed: int, index: int) -> Problem:
+    """The question with its options shuffled (by seed and the problem's index in its source) and
+    lettered; the answer becomes the correct option's new letter. The data's chat messages are dropped:
+    the options must be in what the policy reads."""
+    import random
+
+    order = list(range(len(problem.choices)))
+    random.Random(seed * 1_000_003 + index).shuffle(order)
+    options = "\n".join(f"{LETTERS[k]}. {problem.choices[i]}" for k, i in enumerate(order))
+    question = f"{problem.question}\n\n{options}\n\nAnswer with the letter of the correct option."
+    correct = LETTERS.index(problem.answer)
+    return replace(
+        problem, question=question, answer=LETTERS[order.index(correct)], messages=None, multiple_choice=True
+    )
 
 
 def _load_jsonl(path: Path, keys: DataKeys) -> list[Problem]:
@@ -200,7 +251,8 @@ LOADERS = {".jsonl": _load_jsonl, ".json": _load_json, ".csv": _load_csv, ".parq
 
 
 def load_problems(source: str, *, size: int, seed: int, keys: DataKeys = DataKeys()) -> list[Problem]:
-    """Problems from `source` (see the module docstring); `size` and `seed` apply to generators."""
+    """Problems from `source` (see the module docstring); `size` and `seed` apply to generators, and `seed`
+    shuffles the options of multiple-choice rows."""
     if source.startswith("gym:"):
         try:
             return _generate_gym(source[4:], size, seed)
@@ -221,7 +273,7 @@ def load_problems(source: str, *, size: int, seed: int, keys: DataKeys = DataKey
         raise DataError(f"{source}: unknown format; use {', '.join(LOADERS)}, a saved HF dataset folder or a hub id")
     if not problems:
         raise DataError(f"{source}: holds no problems")
-    return problems
+    return [as_multiple_choice(p, seed, i) if p.choices else p for i, p in enumerate(problems)]
 
 
 def prompt_messages(problem: Problem, system_prompt: str) -> list[dict]:

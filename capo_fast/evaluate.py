@@ -3,11 +3,13 @@
     python -m capo_fast.evaluate --model Qwen/Qwen2.5-1.5B --runs 3 --samples 16 --k 1 8 16 \\
         --sets math500=HuggingFaceH4/MATH-500@test aime24=/data/aime24.jsonl --out results.json
 
-Per set: greedy pass@1 averaged over `--runs` runs (the paper: 3), and with `--samples n` the unbiased
+Per set: greedy pass@1 averaged over `--runs` runs (the paper: 3; also per `data_source` of the rows),
+and with `--samples n` the unbiased
 pass@k from n samples (1 - C(n-c, k) / C(n, k), c of them correct; pass@1_sampled for k = 1) and maj@k
 (the most frequent final answer among k samples is correct); mean response length and the fraction
-cut at max tokens. Rows with `choices` (or `options`) are multiple choice: the options are shuffled
-with the seed, lettered, and scored on the letter of the answer.
+cut at max tokens. Multiple-choice rows (`choices`/`options` lists, ARC's choices with labels, GPQA's
+correct and incorrect answers) have their options shuffled with the seed, lettered, and are scored on
+the letter of the answer.
 """
 
 from __future__ import annotations
@@ -15,20 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from capo_fast.config import SamplingConfig
-from capo_fast.data import Problem, encode_prompts, load_problems
+from capo_fast.data import DataKeys, Problem, encode_prompts, load_problems
 from capo_fast.reward import final_answer
 
 PAPER_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _LETTER = re.compile(r"^\(?([A-Z])\)?(?:[.:)\s]|$)")
 
 Generate = Callable[..., list]  # (prompts, sampling, *, n, seeds) -> completions per prompt, as VLLMEngine.generate
@@ -40,24 +40,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def as_multiple_choice(problem: Problem, choices: Sequence[str], answer: str, seed: int, index: int) -> Problem:
-    """The question with its options shuffled (by seed and problem index) and lettered; the answer is a
-    letter. `answer` is the correct option's letter, index or text."""
-    order = list(range(len(choices)))
-    random.Random(seed * 1_000_003 + index).shuffle(order)
-    if answer.strip() in choices:
-        correct = choices.index(answer.strip())
-    elif answer.strip().isdigit() and int(answer) < len(choices):
-        correct = int(answer)
-    else:
-        correct = LETTERS.index(answer.strip().upper()[0])
-    options = "\n".join(f"{LETTERS[k]}. {choices[i]}" for k, i in enumerate(order))
-    question = f"{problem.question}\n\n{options}\n\nAnswer with the letter of the correct option."
-    return replace(
-        problem, question=question, answer=LETTERS[order.index(correct)], messages=None, multiple_choice=True
-    )
 
 
 def choice_letter(response: str) -> str | None:
@@ -101,11 +83,12 @@ def evaluate_set(
     n = len(problems)
     seeds = [options.seed * 1_000_003 + i for i in range(n)]
     greedy = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=options.max_tokens)
-    accuracy, lengths, truncated = [], [], []
+    accuracy, lengths, truncated, per_problem_greedy = [], [], [], [0.0] * n
     for run in range(options.runs):
         outs = [group[0] for group in generate(prompts, greedy, n=1, seeds=[s + run for s in seeds])]
         correct = _correct(problems, [o.text for o in outs], score)
         accuracy.append(sum(correct) / max(n, 1))
+        per_problem_greedy = [a + c / options.runs for a, c in zip(per_problem_greedy, correct, strict=True)]
         lengths += [len(o.token_ids) for o in outs]
         truncated += [o.finish_reason == "length" for o in outs]
     metrics = {
@@ -115,6 +98,13 @@ def evaluate_set(
         "truncated": sum(truncated) / max(len(truncated), 1),
         "problems": n,
     }
+    sources = sorted({p.data_source for p in problems if p.data_source})
+    if sources:  # verl and OpenRLHF report per data source
+        metrics["by_source"] = {
+            src: {"pass@1": sum(c for p, c in mine) / len(mine), "problems": len(mine)}
+            for src in sources
+            for mine in [[(p, c) for p, c in zip(problems, per_problem_greedy, strict=True) if p.data_source == src]]
+        }
     if options.samples:
         sampling = SamplingConfig(temperature=options.temperature, top_p=options.top_p, max_tokens=options.max_tokens)
         groups = generate(prompts, sampling, n=options.samples, seeds=seeds)
@@ -141,13 +131,11 @@ def _majority_correct(texts: list[str], correct: list[float]) -> float:
     return correct[answers.index(top)]
 
 
-def load_set(source: str, *, seed: int, limit: int = 0) -> list[Problem]:
-    """A set's problems; rows with choices become lettered multiple-choice questions."""
-    problems = load_problems(source, size=limit or 1000, seed=seed)
-    problems = problems[:limit] if limit else problems
-    return [
-        as_multiple_choice(p, list(p.choices), p.answer, seed, i) if p.choices else p for i, p in enumerate(problems)
-    ]
+def load_set(source: str, *, seed: int, limit: int = 0, keys: DataKeys | None = None) -> list[Problem]:
+    """A set's problems (the first `limit`; generated sets: `limit` or 1000 of them); rows with options
+    come as lettered multiple-choice questions, shuffled by `seed` (data.load_problems)."""
+    problems = load_problems(source, size=limit or 1000, seed=seed, keys=keys or DataKeys())
+    return problems[:limit] if limit else problems
 
 
 def parse_sets(specs: Sequence[str]) -> dict[str, str]:
@@ -179,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="first N problems of each set (0: all)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0, help="sampling seeds and the shuffling of options")
+    parser.add_argument(
+        "--question-key", default="", help="dotted path of the question in a row (as data.question_key)"
+    )
+    parser.add_argument("--answer-key", default="", help="dotted path of the gold answer (as data.answer_key)")
     parser.add_argument("--out", type=Path, default=Path("eval_results.json"))
     args = parser.parse_args(argv)
 
@@ -190,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         named = parse_sets(args.sets)
-        sets = {name: load_set(src, seed=args.seed, limit=args.limit) for name, src in named.items()}
+        keys = DataKeys(args.question_key, args.answer_key)
+        sets = {name: load_set(src, seed=args.seed, limit=args.limit, keys=keys) for name, src in named.items()}
         model = resolve_model(args.model)
     except (ConfigError, DataError) as err:
         print(f"capo-fast evaluate: {err}", file=sys.stderr)

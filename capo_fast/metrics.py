@@ -122,8 +122,9 @@ def write_run_info(output_dir: Path, config: dict) -> Path:
 
 class RolloutSamples:
     """A bounded sample of each step's rollouts as JSON lines: the prompt, the response and its steps,
-    every critique, the vote and token credit per step, r_v and the advantage (what a CAPO run is
-    debugged with). Rank 0 writes its own rollouts, the first `per_step` of them."""
+    every critique with the critic's text, the vote and the token advantage per step, token credit, r_v
+    and the advantage (what a CAPO run is debugged with). Rank 0 writes its own rollouts, the first
+    `per_step` of them."""
 
     def __init__(self, path: Path, *, enabled: bool, per_step: int = 8):
         self.path, self.enabled, self.per_step = path, enabled, per_step
@@ -140,21 +141,26 @@ class RolloutSamples:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = []
         for r in itertools.islice((r for group in groups for r in group), self.per_step):
-            weights = r.vote.weights if r.vote else [0.0] * len(r.steps)
-            steps = [{"text": s.text, "vote": w} for s, w in zip(r.steps, weights, strict=True)]
+            problem = problems[r.group]
+            steps = [
+                # the advantage every token of the step gets: a_i - p_g * e (Eq. 2, factored)
+                {"text": s.text, "vote": w, "token_advantage": r.advantage - r.penalty * w}
+                for s, w in zip(r.steps, r.vote.weights, strict=True)
+            ]
             rows.append({
                 "step": step,
-                "question": problems[r.group].question,
-                "answer": problems[r.group].answer,
+                "question": problem.question,
+                "messages": list(problem.messages) if problem.messages else None,
+                "answer": problem.answer,
                 "response": r.text,
                 "truncated": r.truncated,
                 "steps": steps,
                 "critiques": [
                     {"valid": c.valid, "incorrect": sorted(c.incorrect), "judgment": c.judgment,
-                     "out_of_range": c.out_of_range}
+                     "out_of_range": c.out_of_range, "text": c.text}
                     for c in r.critiques
                 ],
-                "token_credit": [] if r.credit is None else [round(x, 4) for x in r.credit.tolist()],
+                "token_credit": [round(x, 4) for x in r.credit.tolist()],
                 "correct": r.correct,
                 "advantage": r.advantage,
                 "group_penalty": r.penalty,

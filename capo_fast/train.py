@@ -27,7 +27,7 @@ import torch
 
 from capo_fast.config import Config, ConfigError, describe_config, load_config, to_dict
 from capo_fast.credit import COUNTED_METRICS as CREDIT_COUNTS
-from capo_fast.credit import REWARD_MODES, CreditConfig, Rollout, VotingConfig, assign_credit, describe, rollout_metrics
+from capo_fast.credit import CreditConfig, Rollout, VotingConfig, assign_credit, describe, rollout_metrics
 from capo_fast.critique import VOTING, make_splitter
 from capo_fast.data import EVAL_SEED_OFFSET, DataError, DataKeys, PromptSampler, encode_prompts, load_problems
 from capo_fast.distributed import (
@@ -70,7 +70,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
-def resolve_model(name: str, cache_dir: str | None = None) -> Path:
+def resolve_model(name: str, cache_dir: str | None = None, key: str = "model.path") -> Path:
     """A model folder for `model.path`: an HF model folder, a hub id (`org/name`, downloaded into the
     HF cache, or found there when HF_HUB_OFFLINE=1), or `smollm2` / `tiny`, the models that ship offline."""
     from capo_fast import local_models
@@ -83,7 +83,7 @@ def resolve_model(name: str, cache_dir: str | None = None) -> Path:
     if (path / "config.json").exists():
         return path
     if path.exists() or not HUB_ID.match(name):
-        raise ConfigError(f"model.path: {name!r} is not an HF model folder (no config.json), a hub id, smollm2 or tiny")
+        raise ConfigError(f"{key}: {name!r} is not an HF model folder (no config.json), a hub id, smollm2 or tiny")
     from huggingface_hub import snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
@@ -91,26 +91,26 @@ def resolve_model(name: str, cache_dir: str | None = None) -> Path:
         folder = snapshot_download(name, allow_patterns=MODEL_FILES, cache_dir=cache_dir, local_files_only=offline)
     except Exception as err:  # offline, unknown id, gated model: all end the run before it starts
         raise ConfigError(
-            f"model.path: hub model {name!r} could not be had ({type(err).__name__}: {err}); download it where "
+            f"{key}: hub model {name!r} could not be had ({type(err).__name__}: {err}); download it where "
             f"there is a network (huggingface-cli download {name}) and pass its folder, or put it in the HF cache"
         ) from None
     return Path(folder)
 
 
-def resolve_model_once(name: str) -> Path:
+def resolve_model_once(name: str, key: str = "model.path") -> Path:
     """Rank 0 resolves (builds, converts or downloads) first and tells the others whether it worked, so
     a bad model.path stops every rank with the same error instead of leaving them at a barrier."""
     rank, _ = rank_and_world()
     outcome = None
     if rank == 0:
         try:
-            outcome = ("ok", str(resolve_model(name)))
+            outcome = ("ok", str(resolve_model(name, key=key)))
         except ConfigError as err:
             outcome = ("error", str(err))
     status, detail = broadcast_object(outcome)
     if status == "error":
         raise ConfigError(detail)
-    return Path(detail) if rank == 0 else resolve_model(name)  # other nodes may have their own cache
+    return Path(detail) if rank == 0 else resolve_model(name, key=key)  # other nodes may have their own cache
 
 
 # ---- distributed helpers -----------------------------------------------------------------------------
@@ -147,6 +147,11 @@ class Run:
         check_same_environment(required_env(c))
         self.out = Path(c.logging.output_dir)
         self.model_path = resolve_model_once(c.model.path)
+        # A local judge's weights are found (or fail) now too, not after the policy's engines have started.
+        local_judge = c.needs_judge() and c.critic.backend == "vllm"
+        self.critic_path = (
+            resolve_model_once(c.critic.model, "critic.model") if local_judge and c.critic.model else None
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
 
         d = c.data
@@ -160,7 +165,7 @@ class Run:
         self.train_prompts = encode_prompts(self.tokenizer, self.train_set, d.system_prompt)
         self.eval_sets = {}  # eval.sets: NAME=SOURCE, scored like the held-out set
         for name, source in parse_sets(c.eval.sets).items():
-            problems = load_set(source, seed=c.trainer.seed)
+            problems = load_set(source, seed=eval_seed, limit=d.num_eval if source.startswith("gym:") else 0, keys=keys)
             self.eval_sets[name] = (problems, encode_prompts(self.tokenizer, problems, d.system_prompt))
         self.eval_prompts = encode_prompts(self.tokenizer, self.eval_set, d.system_prompt)
         too_long = [i for i, p in enumerate(self.train_prompts) if len(p) > d.max_prompt_tokens]
@@ -190,7 +195,7 @@ class Run:
         self.voting = VotingConfig(a.voting, a.vote_threshold, a.min_valid_critiques)
         # The reward mode says whether critiques are read at all: GRPO-Rule and CAPO with P = 0 skip the judge.
         self.critic = None
-        if REWARD_MODES[a.reward_mode].needs_judge(self.credit_config):
+        if c.needs_judge():
             critic_config = dataclasses.replace(c.critic, sampling=VOTING[a.voting].critic_sampling(c.critic.sampling))
             if c.critic.backend == "vllm":
                 policy_sleeps = self.policy.engine.sleep_enabled
@@ -198,7 +203,7 @@ class Run:
                     requested=r.sleep_mode, supported=sleep_mode_supported(), policy_sleeps=policy_sleeps
                 )
                 self.critic = CRITIC_BACKENDS["vllm"](
-                    critic_config, c.critic.model or str(self.model_path), dtype=c.model.dtype, seed=c.trainer.seed,
+                    critic_config, str(self.critic_path or self.model_path), dtype=c.model.dtype, seed=c.trainer.seed,
                     sleep_mode=sleeps,
                 )  # fmt: skip
             else:
@@ -287,10 +292,17 @@ class Run:
             local = evaluate_set([problems[i] for i in mine], [prompts[i] for i in mine], self.policy.generate,
                                  self.verifier.score, options)  # fmt: skip
             n = local["problems"]
-            sums = all_reduce([local["pass@1"] * n, local["length"] * n, local["truncated"] * n, n])
+            sources = sorted({p.data_source for p in problems if p.data_source})  # the same list on every rank
+            by_source = [local.get("by_source", {}).get(s, {"pass@1": 0.0, "problems": 0}) for s in sources]
+            per_source = [v for b in by_source for v in (b["pass@1"] * b["problems"], b["problems"])]
+            sums = all_reduce([local["pass@1"] * n, local["length"] * n, local["truncated"] * n, n, *per_source])
             total = max(sums[3], 1)
             for key, value in zip(("pass@1", "length", "truncated"), sums, strict=False):
                 metrics[f"eval/{name}/{key}"] = value / total
+            if len(sources) > 1:
+                for i, src in enumerate(sources):
+                    correct, count = sums[4 + 2 * i : 6 + 2 * i]
+                    metrics[f"eval/{name}/{src}/pass@1"] = correct / max(count, 1)
         metrics["eval/accuracy"] = metrics.get("eval/heldout/pass@1", float("nan"))
         return metrics
 
@@ -415,7 +427,9 @@ class Run:
             self.keep_if_best(accuracy)
         self.log.log(self.step, {"eval/accuracy_final": accuracy})
         if c.checkpoint.export:
-            self.trainer.export(self.out / "final", self.tokenizer, self.model_card(accuracy))
+            self.trainer.export(self.out / "final", self.tokenizer, self.model_card(final))
+            if self.rank == 0:
+                shutil.copy(self.out / "run.json", self.out / "final" / "run.json")
         if self.rank == 0:
             curves = plot_run(self.log.path, self.out / "curves.png")
             print(f"logs: {self.log.path}  curves: {curves}  checkpoints: {self.checkpoint_dir}  final model: "
@@ -423,18 +437,25 @@ class Run:
         self.log.close()
         self.verifier.close()
 
-    def model_card(self, accuracy: float) -> str:
+    def model_card(self, final: dict[str, float]) -> str:
         """README.md of the exported model: where it started, what it trained on, how, and how it scores."""
         c = self.config
-        before = next((r.get("eval/accuracy_before") for r in self.log.rows() if "eval/accuracy_before" in r), None)
+        before = next((r for r in self.log.rows() if "eval/accuracy_before" in r), {})
+        sets = sorted({k.split("/")[1] for k in final if k.startswith("eval/") and k.endswith("/pass@1")})
+        scores = "".join(
+            f"| {name} | {before.get(f'eval/{name}/pass@1', float('nan')):.4f} | {final[f'eval/{name}/pass@1']:.4f} |\n"
+            for name in sets
+        )
         return (
             f"# {Path(c.logging.output_dir).name}\n\n"
             f"Trained with capo-fast: {describe(self.credit_config)}, voting={c.algorithm.voting}, "
             f"N={c.critic.num_critiques} critiques by {c.critic.model or c.model.path}.\n\n"
             f"- base model: {c.model.path}\n- RL data: {c.data.train} (eval: {c.data.eval or 'generated held-out'})\n"
             f"- steps: {self.step} x {c.trainer.prompts_per_step} prompts x {c.rollout.n} rollouts, lr {c.trainer.lr}\n"
-            f"- held-out accuracy on {len(self.eval_set)} problems: {before if before is not None else 'n/a'} before, "
-            f"{accuracy:.4f} after (greedy)\n\nThe whole run config is in run.json beside the training logs.\n"
+            f"- held-out accuracy on {len(self.eval_set)} problems: {before.get('eval/accuracy_before', 'n/a')} "
+            f"before, {final['eval/accuracy']:.4f} after (greedy)\n\n"
+            f"| set | pass@1 before | pass@1 after |\n| --- | ---: | ---: |\n{scores}\n"
+            f"run.json beside this card holds the whole run config, the package versions and the commit.\n"
         )
 
     def _report_eval(self, when: str, metrics: dict[str, float]) -> None:
@@ -464,9 +485,34 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+# vLLM's layerwise reload warns "<Layer>: Failed to load weights" at every weight sync for rotary
+# embeddings, whose cos/sin cache is no checkpoint weight (vllm/model_executor/model_loader/reload/
+# layerwise.py:266). For any other layer it means the sync did not deliver a weight: that line stays.
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class _ReloadWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "RotaryEmbedding" not in str(record.args[0] if record.args else record.msg)
+
+
+def _keep_reload_warnings() -> None:
+    """Reload warnings on stderr although vLLM's own handler stops below ERROR (vllm/logger.py)."""
+    reload = logging.getLogger(RELOAD_LOGGER)
+    if any(isinstance(f, _ReloadWarnings) for h in reload.handlers for f in h.filters):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s vllm: %(message)s"))
+    handler.addFilter(_ReloadWarnings())
+    reload.addHandler(handler)
+    reload.setLevel(logging.WARNING)
+    reload.propagate = False
+
+
 def quiet_libraries(verbosity: str) -> None:
     """`run`: the run's own lines at INFO, libraries' logs at ERROR and their Python warnings off, so the
-    console shows the run (vLLM's level is read from VLLM_LOGGING_LEVEL when it is imported, later).
+    console shows the run (vLLM's level is read from VLLM_LOGGING_LEVEL when it is imported, later),
+    except warnings that matter, such as a layer whose weights did not load.
     `all`: everything at INFO, as the libraries print it."""
     logging.basicConfig(level=logging.INFO if verbosity == "all" else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")  # fmt: skip
@@ -475,6 +521,7 @@ def quiet_libraries(verbosity: str) -> None:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
         return
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    _keep_reload_warnings()
     for name in ("vllm", "deepspeed", "DeepSpeed", "datasets", "httpx", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     for category in (FutureWarning, DeprecationWarning, UserWarning):

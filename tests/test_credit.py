@@ -230,3 +230,28 @@ def test_the_log_names_the_method_and_its_constants():
     assert describe(CreditConfig(reward_mode="outcome")) == "GRPO-Rule: reward_mode=outcome"
     genorm = describe(CreditConfig(reward_mode="genorm", genorm_alpha=0.5, genorm_beta=0.5))
     assert genorm == "GRPO-GenORM (Eq. 3): reward_mode=genorm, alpha=0.5, beta=0.5"
+
+
+def test_rollout_samples_carry_what_the_judge_wrote_and_each_steps_advantage(tiny_model_dir, tmp_path):
+    import json
+
+    from capo_fast.credit import Rollout, VotingConfig, assign_credit
+    from capo_fast.critique import parse_critique
+    from capo_fast.data import Problem
+    from capo_fast.metrics import RolloutSamples
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = ["a = 1\n\nb = 2", "a = 3\n\nb = 5"]
+    group = [Rollout(0, tok(t)["input_ids"], t, False, split_steps(t)) for t in texts]
+    group[0].correct = 1.0
+    judge = "Step 1 is wrong.\nJudgment: Is the solution correct (Yes/No)? No\n<incorrect_steps>1</incorrect_steps>"
+    group[1].critiques = [parse_critique(judge, 2)] * 2
+    assign_credit([group], tok, VotingConfig("majority"), CreditConfig())
+    samples = RolloutSamples(tmp_path / "rollouts.jsonl", enabled=True, per_step=2)
+    samples.write(3, [Problem("a and b?", "2")], [group])
+    right, wrong = (json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines())
+    assert wrong["critiques"][0]["text"] == judge and wrong["critiques"][0]["incorrect"] == [1]
+    assert [s["vote"] for s in wrong["steps"]] == [0.0, 1.0]
+    a, p = wrong["advantage"], wrong["group_penalty"]
+    assert [s["token_advantage"] for s in wrong["steps"]] == pytest.approx([a, a - p]) and p > 0
+    assert right["step"] == 3 and right["correct"] == 1.0 and right["critiques"] == []

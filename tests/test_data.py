@@ -142,3 +142,22 @@ def test_a_hub_dataset_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match=r"nobody-here/no-such-set@test: the hub dataset could not be loaded"):
         load_problems("nobody-here/no-such-set@test", size=0, seed=0)
+
+
+def test_a_hub_source_names_its_config_and_split(monkeypatch):
+    """`org/name[:config][@split]` reaches datasets.load_dataset as repo, config name and split."""
+    import datasets
+
+    calls = []
+
+    def load_dataset(repo, config=None, split=None):
+        calls.append((repo, config, split))
+        return [{"problem": "1+1?", "answer": "2", "data_source": repo}]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    (p,) = load_problems("HuggingFaceH4/MATH-500@test", size=0, seed=0)
+    load_problems("allenai/ai2_arc:ARC-Challenge@validation", size=0, seed=0)
+    load_problems("openai/gsm8k:main", size=0, seed=0)
+    assert calls == [("HuggingFaceH4/MATH-500", None, "test"), ("allenai/ai2_arc", "ARC-Challenge", "validation"),
+                     ("openai/gsm8k", "main", "train")]  # fmt: skip
+    assert (p.question, p.answer, p.data_source) == ("1+1?", "2", "HuggingFaceH4/MATH-500")

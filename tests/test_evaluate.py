@@ -7,14 +7,8 @@ import sys
 
 import pytest
 
-from capo_fast.data import Problem
-from capo_fast.evaluate import (
-    EvalOptions,
-    as_multiple_choice,
-    choice_letter,
-    evaluate_set,
-    pass_at_k,
-)
+from capo_fast.data import DataError, Problem, as_multiple_choice
+from capo_fast.evaluate import EvalOptions, choice_letter, evaluate_set, load_set, pass_at_k
 from capo_fast.reward import OutcomeVerifier
 from capo_fast.rollout import Completion
 
@@ -26,14 +20,60 @@ def test_pass_at_k_is_the_unbiased_estimator():
 
 def test_multiple_choice_options_are_shuffled_by_seed_and_scored_on_the_letter():
     p = Problem("Which is prime?", "C", choices=("4", "6", "7", "8"))
-    a, b = as_multiple_choice(p, p.choices, p.answer, seed=0, index=3), as_multiple_choice(p, p.choices, "7", 0, 3)
-    assert a == b and a.multiple_choice and a.answer in "ABCD"
+    a = as_multiple_choice(p, seed=0, index=3)
+    assert a.multiple_choice and a.answer in "ABCD" and a == as_multiple_choice(p, seed=0, index=3)
     line = next(ln for ln in a.question.splitlines() if ln.endswith(". 7"))
     assert line[0] == a.answer  # the letter now in front of "7"
-    shuffled = {as_multiple_choice(p, p.choices, "C", seed=s, index=3).answer for s in range(20)}
+    shuffled = {as_multiple_choice(p, seed=s, index=3).answer for s in range(20)}
     assert len(shuffled) > 1
     assert choice_letter("It must be \\boxed{B}.") == "B" and choice_letter("The answer is (D).") == "D"
     assert choice_letter("no idea") is None
+
+
+def _correct_text(problem: Problem) -> str:
+    """The option text behind a lettered problem's answer."""
+    line = next(ln for ln in problem.question.splitlines() if ln.startswith(f"{problem.answer}. "))
+    return line[3:]
+
+
+def test_benchmark_rows_become_lettered_questions_whatever_their_shape(tmp_path):
+    rows = {
+        # ARC: options with labels, a numeric label as the key
+        "arc": {"question": "Which is a gas?", "answerKey": "3",
+                "choices": {"text": ["ice", "stone", "steam", "wood"], "label": ["1", "2", "3", "4"]}},
+        "arc_letters": {"question": "Which is a gas?", "answerKey": "C",
+                        "choices": {"text": ["ice", "stone", "steam", "wood"], "label": ["A", "B", "C", "D"]}},
+        # GPQA: the correct answer and three incorrect ones in columns
+        "gpqa": {"Question": "Which is a gas?", "Correct Answer": "steam", "Incorrect Answer 1": "ice",
+                 "Incorrect Answer 2": "stone", "Incorrect Answer 3": "wood"},
+        # MMLU-Pro: options list, a letter answer
+        "mmlu_pro": {"question": "Which is a gas?", "options": ["ice", "stone", "steam", "wood"], "answer": "C",
+                     "answer_index": 2},
+        "by_text": {"question": "Which is a gas?", "choices": ["ice", "stone", "steam", "wood"], "answer": "steam"},
+    }  # fmt: skip
+    for name, row in rows.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        (p,) = load_set(str(path), seed=1)
+        assert p.multiple_choice and _correct_text(p) == "steam", name
+        assert all(f"{letter}. " in p.question for letter in "ABCD"), name
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "?", "choices": ["a", "b"], "answer": "Z9"}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: the answer 'Z9' is none of the 2 options"):
+        load_set(str(bad), seed=0)
+
+
+def test_eval_sets_read_the_configured_keys_and_held_out_rows_keep_their_options(tmp_path):
+    from capo_fast.data import DataKeys, load_problems
+
+    nested = tmp_path / "nested.jsonl"
+    nested.write_text(json.dumps({"q": {"text": "1+1?"}, "gold": {"value": "2"}}) + "\n")
+    (p,) = load_set(str(nested), seed=0, keys=DataKeys("q.text", "gold.value"))
+    assert (p.question, p.answer) == ("1+1?", "2")
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"question": "Pick 7.", "choices": ["5", "7"], "answer": "B"}) + "\n")
+    (held_out,) = load_problems(str(mc), size=1, seed=3)  # the training loop's held-out path
+    assert held_out.multiple_choice and _correct_text(held_out) == "7"
 
 
 class ScriptedEngine:
@@ -68,6 +108,16 @@ def test_metrics_of_one_set():
     # maj@4: problem 1 ties 2 vs 3, the first seen (2) is right; problem 2's majority answer (1) is wrong
     assert m["maj@4"] == 0.5 and m["maj@2"] == 0.5
     assert m["length"] == 3 and m["truncated"] == 0.0
+    assert "by_source" not in m  # rows without a data_source
+
+
+def test_pass_at_1_per_data_source():
+    problems = [Problem("1+1?", "2", data_source="gsm8k"), Problem("2+2?", "4", data_source="math"),
+                Problem("3+3?", "6", data_source="math")]  # fmt: skip
+    engine = ScriptedEngine(greedy=[["\\boxed{2}", "\\boxed{4}", "\\boxed{7}"]], sampled=[])
+    with OutcomeVerifier(num_workers=1) as verifier:
+        m = evaluate_set(problems, [[1], [2], [3]], engine.generate, verifier.score, EvalOptions(runs=1))
+    assert m["by_source"] == {"gsm8k": {"pass@1": 1.0, "problems": 1}, "math": {"pass@1": 0.5, "problems": 2}}
 
 
 @pytest.mark.slow

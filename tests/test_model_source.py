@@ -31,3 +31,12 @@ def test_an_unavailable_hub_id_fails_naming_the_key_and_the_id(tmp_path, monkeyp
         resolve_model("Qwen/Qwen2.5-0.5B-Instruct", cache_dir=str(tmp_path))
     with pytest.raises(ConfigError, match=r"model\.path: '/nowhere/model' is not an HF model folder"):
         resolve_model("/nowhere/model")
+
+
+def test_a_local_judge_is_resolved_with_its_own_key(tmp_path, monkeypatch):
+    from capo_fast.train import resolve_model_once
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"critic\.model: hub model 'Qwen/Qwen2.5-72B-Instruct' could not be had"):
+        resolve_model_once("Qwen/Qwen2.5-72B-Instruct", "critic.model")

@@ -80,13 +80,18 @@ def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 def test_grpo_baseline_runs_without_a_judge(tmp_path):
     extra = tmp_path / "extra.jsonl"
-    extra.write_text("".join(json.dumps({"question": f"{i} + 1 = ?", "answer": i + 1}) + "\n" for i in range(3)))
+    rows = [{"question": f"{i} + 1 = ?", "answer": i + 1, "data_source": "ab"[i % 2]} for i in range(3)]
+    extra.write_text("".join(json.dumps(row) + "\n" for row in rows))
     _run(1, tmp_path, "--algorithm.reward_mode=outcome", "--trainer.steps=1", "--checkpoint.every=0",
          f"--eval.sets=extra={extra}", "--logging.rollout_samples=3")  # fmt: skip
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {"eval/extra/pass@1", "eval/heldout/pass@1", "eval/extra/truncated"} <= set().union(
-        *rows[-2:]
-    )  # the final evaluation
+    assert {
+        "eval/extra/pass@1",
+        "eval/heldout/pass@1",
+        "eval/extra/truncated",
+        "eval/extra/a/pass@1",
+        "eval/extra/b/pass@1",
+    } <= set().union(*rows[-2:])  # the final evaluation
     (row,) = _steps(tmp_path).values()
     assert row["credit/flagged_step_rate"] == 0 and row["credit/failed_critique_rate"] == 0
     assert math.isfinite(row["actor/loss"])
@@ -97,3 +102,5 @@ def test_grpo_baseline_runs_without_a_judge(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (tmp_path / "final" / "README.md").read_text()
     assert "GRPO-Rule" in card and "held-out accuracy" in card
+    assert "| extra | " in card and "| heldout | " in card  # every set's pass@1, before and after
+    assert json.loads((tmp_path / "final" / "run.json").read_text())["config"] == run["config"]
