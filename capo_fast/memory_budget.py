@@ -3,8 +3,9 @@
     python -m capo_fast.memory_budget --config configs/gpu-qwen2.5-7b.yaml --world 4
     python -m capo_fast.memory_budget --config X.yaml --world 8 --model-config /models/M/config.json
 
-The policy engine's KV cache is sized from the same numbers (`kv_cache_bytes`): what one rank can
-ask for in a step, with headroom, instead of a fixed fraction of the GPU.
+The policy engine's KV cache, and a local judge's, are sized from the same numbers (`kv_cache_bytes`,
+`critic_kv_cache_bytes`): what one rank can ask for in a step, with headroom, instead of a fixed
+fraction of the GPU.
 """
 
 from __future__ import annotations
@@ -83,6 +84,21 @@ def kv_cache_bytes(config: Config, arch: Architecture, world: int, headroom: flo
     return int(headroom * rank_token_demand(config, world) * kv_bytes_per_token(arch, dtype_bytes))
 
 
+def critic_token_demand(config: Config, world: int) -> int:
+    """Tokens one rank's local judge holds at most: per rollout, its prompt (the judge skips prompts past
+    max_model_len - max_tokens) once, shared by the N critiques through vLLM's prefix caching, plus N
+    critiques."""
+    c, r = config.critic, config.rollout
+    rollouts = config.trainer.prompts_per_step // world * r.n
+    per_rollout = c.max_model_len - c.sampling.max_tokens + c.num_critiques * c.sampling.max_tokens
+    return max(rollouts * per_rollout, c.max_model_len)
+
+
+def critic_kv_cache_bytes(config: Config, arch: Architecture, world: int, headroom: float = KV_HEADROOM) -> int:
+    dtype_bytes = 4 if config.model.dtype == "float32" else 2
+    return int(headroom * critic_token_demand(config, world) * kv_bytes_per_token(arch, dtype_bytes))
+
+
 def _zero(config: Config) -> tuple[int, bool]:
     from capo_fast.trainer import deepspeed_config, offload_device
 
@@ -101,7 +117,12 @@ def budget(config: Config, arch: Architecture, world: int, gpu_bytes: float = 80
     weights = p * half / share(stage == 3)
     # the reference is an inference-only ZeRO-3 engine: partitioned over the ranks (layers gathered in forward)
     reference = p * half / world if config.algorithm.kl_coef > 0 else 0.0
-    critic = config.critic.gpu_memory_utilization * gpu_bytes if config.critic.backend == "vllm" else 0.0
+    critic = 0.0
+    if config.critic.backend == "vllm" and config.needs_judge():
+        # the policy's starting weights judge (critic.model empty): sized from demand like the policy;
+        # another model's shape is not known here, so its share of the GPU stands for it
+        own = p * half + critic_kv_cache_bytes(config, arch, world)
+        critic = own if not config.critic.model else config.critic.gpu_memory_utilization * gpu_bytes
     tokens = config.trainer.micro_batch_tokens
     if config.model.gradient_checkpointing:  # layer inputs kept, one layer recomputed at a time
         activations = (

@@ -401,16 +401,26 @@ class ChatCritic(Critic):
 class LocalCritic(ChatCritic):
     """The GenPRM as a second vLLM engine in this process; sleeps at level 1 (frozen weights)."""
 
-    def __init__(self, config: CriticConfig, model: str, *, dtype: str, seed: int, sleep_mode: bool):
+    def __init__(
+        self,
+        config: CriticConfig,
+        model: str,
+        *,
+        dtype: str,
+        seed: int,
+        sleep_mode: bool,
+        kv_cache_memory_bytes: int | None = None,
+    ):
         super().__init__(config)
         self.engine = VLLMEngine(
             model,
             dtype=dtype,
             seed=seed,
-            gpu_memory_utilization=config.gpu_memory_utilization,
+            gpu_memory_utilization=config.gpu_memory_utilization,  # vLLM's start-up floor of free memory
             max_model_len=config.max_model_len,
             sleep_level=1,
             sleep_mode=sleep_mode,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
         )
 
     def _complete(self, messages, seeds, regexes):

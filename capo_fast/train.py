@@ -39,7 +39,7 @@ from capo_fast.distributed import (
 )
 from capo_fast.evaluate import EvalOptions, evaluate_set, load_set, parse_sets
 from capo_fast.launch_env import required_env
-from capo_fast.memory_budget import Architecture, kv_cache_bytes
+from capo_fast.memory_budget import Architecture, critic_kv_cache_bytes, kv_cache_bytes
 from capo_fast.metrics import MetricsLog, RolloutSamples, format_line, plot_run, write_run_info
 from capo_fast.reward import COUNTED_METRICS as REWARD_COUNTS
 from capo_fast.reward import OutcomeVerifier, outcome_metrics
@@ -202,9 +202,11 @@ class Run:
                 sleeps = critic_sleep_mode(
                     requested=r.sleep_mode, supported=sleep_mode_supported(), policy_sleeps=policy_sleeps
                 )
+                judge = self.critic_path or self.model_path
+                judge_arch = Architecture.from_hf_config(json.loads((judge / "config.json").read_text()))
                 self.critic = CRITIC_BACKENDS["vllm"](
-                    critic_config, str(self.critic_path or self.model_path), dtype=c.model.dtype, seed=c.trainer.seed,
-                    sleep_mode=sleeps,
+                    critic_config, str(judge), dtype=c.model.dtype, seed=c.trainer.seed, sleep_mode=sleeps,
+                    kv_cache_memory_bytes=critic_kv_cache_bytes(c, judge_arch, self.world),
                 )  # fmt: skip
             else:
                 self.critic = CRITIC_BACKENDS[c.critic.backend](critic_config, c.critic.model)

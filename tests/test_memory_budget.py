@@ -46,3 +46,23 @@ def test_engine_receives_the_sized_kv_cache_on_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     VLLMEngine("model", kv_cache_memory_bytes=123 << 20, sleep_mode=False)
     assert seen["kv_cache_memory_bytes"] is None  # the CPU build sizes it by VLLM_CPU_KVCACHE_SPACE
+
+
+def test_a_local_judges_kv_cache_is_sized_from_its_demand(monkeypatch):
+    from capo_fast.memory_budget import critic_kv_cache_bytes, critic_token_demand
+
+    monkeypatch.chdir(ROOT)
+    config = load_config(ROOT / "configs" / "cpu-smoke.yaml")
+    c, per_rank = config.critic, config.trainer.prompts_per_step // 2 * config.rollout.n
+    # each rollout: one prompt of at most max_model_len - max_tokens, shared by the N critiques
+    per_rollout = c.max_model_len - c.sampling.max_tokens + c.num_critiques * c.sampling.max_tokens
+    assert critic_token_demand(config, 2) == max(per_rank * per_rollout, c.max_model_len)
+    assert critic_kv_cache_bytes(config, QWEN25_7B, 2) == int(
+        1.2
+        * critic_token_demand(config, 2)
+        * kv_bytes_per_token(QWEN25_7B, 4 if config.model.dtype == "float32" else 2)
+    )
+    judged = budget(config, QWEN25_7B, 2)["rollout"]["colocated critic (its share, all run long)"]
+    assert judged == QWEN25_7B.params * (4 if config.model.dtype == "float32" else 2) + critic_kv_cache_bytes(
+        config, QWEN25_7B, 2
+    )
