@@ -344,8 +344,13 @@ class Run:
             r.correct = 0.0 if (zero_truncated and r.truncated) else score.correct
             r.formatted = score.formatted
 
+        num_critiques = c.critic.num_critiques if self.critic else 0
         with timed(times, "credit"):
             assign_credit(by_prompt, self.tokenizer, self.voting, self.credit_config)
+            judged = rollout_metrics(rollouts, self.credit_config, num_critiques)
+            if self.critic is not None:  # before the update: a dead judge must not leave a step on outcome alone
+                failed = all_reduce([judged["credit/failed_critique_rate"]])[0] / self.world  # equal shares per rank
+                check_critique_failures(failed, c.critic, self.step + 1)
             sequences = [
                 TrainSequence(prompts[r.group], r.token_ids, r.advantage, r.penalty, r.credit) for r in rollouts
             ]
@@ -355,10 +360,9 @@ class Run:
         with timed(times, "update"):
             stats = self._ppo_epochs(sequences)
 
-        num_critiques = c.critic.num_critiques if self.critic else 0
         local = {
             **outcome_metrics(scores),
-            **rollout_metrics(rollouts, self.credit_config, num_critiques),
+            **judged,
             "reward/mean": _mean([self.credit_config.correct_reward * r.correct for r in rollouts]),
             "response/length": _mean([len(r.token_ids) for r in rollouts]),
             "response/truncated": _mean([float(r.truncated) for r in rollouts]),
@@ -409,8 +413,6 @@ class Run:
         while self.step < c.trainer.steps:
             metrics = self.train_step()
             self.step += 1
-            if self.critic is not None:
-                check_critique_failures(metrics["credit/failed_critique_rate"], c.critic, self.step)
             if c.eval.every and self.step % c.eval.every == 0 and self.step < c.trainer.steps:
                 metrics.update(self.evaluate())
                 if c.checkpoint.keep_best:

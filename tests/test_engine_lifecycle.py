@@ -117,3 +117,38 @@ def test_a_failing_judge_warns_then_stops_the_run(caplog):
         assert len(caplog.records) == 1 and "30%" in caplog.records[0].getMessage()
     with pytest.raises(JudgeError, match=r"step 3: 60% of critiques failed.*critic\.url='http://judge:8000/v1'"):
         check_critique_failures(0.6, config, step=3)
+
+
+def test_a_dead_judge_stops_the_run_before_any_update(tiny_model_dir):
+    """The step's critiques all failed: the run stops before the policy is updated on outcome reward alone."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from capo_fast.config import Config
+    from capo_fast.credit import CreditConfig, VotingConfig
+    from capo_fast.critique import FAILED, make_splitter
+    from capo_fast.data import Problem, PromptSampler
+    from capo_fast.reward import OutcomeScore
+    from capo_fast.train import Run
+
+    config = Config()
+    config.trainer.prompts_per_step, config.rollout.n = 1, 2
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "1 + 1 = 2\n\nSo \\boxed{2}"
+    answer = Completion(tokenizer(text)["input_ids"], [], text, "stop")
+    updates = []
+    run = Run.__new__(Run)  # the step's logic with stand-ins for the engines, the verifier and the trainer
+    run.config, run.rank, run.world, run.step, run.tokenizer = config, 0, 1, 0, tokenizer
+    run.train_set, run.train_prompts, run.sampler = [Problem("1 + 1?", "2")], [[1, 2]], PromptSampler(1, 0)
+    run.policy = SimpleNamespace(generate=lambda prompts, sampling, n, seeds: [[answer] * n], last_sync_s=0.0)
+    run.split_steps = make_splitter("")
+    run.verifier = SimpleNamespace(score=lambda texts, golds: [OutcomeScore(1.0, 1.0, "ok")] * len(texts))
+    run.critic = SimpleNamespace(
+        critique=lambda requests, seed: [[FAILED] * config.critic.num_critiques for _ in requests], sleep=lambda: None
+    )
+    run.voting, run.credit_config = VotingConfig(), CreditConfig()
+    run.trainer = SimpleNamespace(compute_logprobs=updates.append, train_mini_batch=updates.append)
+    with pytest.raises(JudgeError, match=r"step 1: 100% of critiques failed"):
+        run.train_step()
+    assert updates == []
