@@ -142,7 +142,8 @@ def budget(config: Config, arch: Architecture, world: int, gpu_bytes: float = 80
         "trainer: gradients": p * half / share(stage >= 2),
         "trainer: fp32 master weights + Adam moments": 0.0 if optimizer_offloaded else 12 * p / share(stage >= 1),
         "activations (micro-batch)": activations,
-        "fused loss: logits chunk + fp32 grad_weight": DEFAULT_CHUNK_BUDGET_BYTES + 4 * arch.vocab * arch.hidden,
+        "fused loss: logits chunk + fp32 grad_weight": DEFAULT_CHUNK_BUDGET_BYTES["cuda"]
+        + 4 * arch.vocab * arch.hidden,
         "reference model (ZeRO-3 partition)": reference,
         "colocated critic (its share, all run long)": critic,
     }

@@ -5,7 +5,8 @@ policy-loss op overwrites each chunk with its gradient, which is turned into gra
 states and the weight before the next chunk (three matmuls per chunk, all in forward). For the
 differentiable log-probs, backward recomputes each chunk (the upstream per-token gradients are only
 known then). grad_weight is accumulated over chunks in fp32 whatever the input dtype, as Liger and
-Cut Cross-Entropy do. Peak extra memory: one chunk of logits plus the fp32 gradient accumulator.
+Cut Cross-Entropy do. Peak extra memory: one chunk of logits (DEFAULT_CHUNK_BUDGET_BYTES, per device)
+plus the fp32 gradient accumulator.
 """
 
 from __future__ import annotations
@@ -20,10 +21,19 @@ from capo_fast.kernels.policy_loss import (
     token_mean_weights,
 )
 
-DEFAULT_CHUNK_BUDGET_BYTES = 64 * 2**20
+# Memory for one chunk of logits. On CUDA a chunk's token count is the M dimension of three GEMMs:
+# 64 MiB holds 73 tokens of a 151,936-word bf16 vocabulary (with the chunk's fp32 copy), under one
+# 128-row tensor-core tile, while 512 MiB holds 589 (Liger's fused linear cross-entropy picks 512 rows
+# for 16k tokens at H=3584, liger_kernel/ops/fused_linear_cross_entropy.py:103-105). On CPU larger
+# chunks gained about 2% at N=2048, H=576, V=49152: the small budget stays.
+DEFAULT_CHUNK_BUDGET_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
 
 
-def chunk_tokens(vocab_size: int, dtype: torch.dtype, budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES) -> int:
+def default_chunk_budget(device: torch.device) -> int:
+    return DEFAULT_CHUNK_BUDGET_BYTES["cuda" if device.type == "cuda" else "cpu"]
+
+
+def chunk_tokens(vocab_size: int, dtype: torch.dtype, budget_bytes: int) -> int:
     """Tokens per chunk so that one chunk of logits, and its fp32 copy for low-precision inputs, fit the budget."""
     size = torch.empty((), dtype=dtype).element_size()
     per_token = vocab_size * (size + (4 if size < 4 else 0))
@@ -178,7 +188,7 @@ def fused_linear_policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     loss_weights: torch.Tensor | None = None,
     options: PolicyLossOptions | None = None,
-    chunk_budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES,
+    chunk_budget_bytes: int | None = None,
     **option_overrides: float,
 ) -> PolicyLossOutput:
     """`fused_policy_loss(hidden @ weight.T, ...)` without materialising the [N, V] logits.
@@ -186,7 +196,8 @@ def fused_linear_policy_loss(
     Args:
         hidden: [N, H] final hidden states (after the last norm), one row per token.
         weight: [V, H] lm_head weight (no bias).
-        chunk_budget_bytes: memory allowed for one chunk of logits; sets the tokens per matmul.
+        chunk_budget_bytes: memory allowed for one chunk of logits; sets the tokens per matmul
+            (default: DEFAULT_CHUNK_BUDGET_BYTES of the device).
         The other arguments are those of `fused_policy_loss`.
 
     Returns:
@@ -213,7 +224,7 @@ def fused_linear_policy_loss(
         weight,
         *per_token_inputs,
         list(opts.as_args()),
-        chunk_tokens(weight.shape[0], hidden.dtype, chunk_budget_bytes),
+        chunk_tokens(weight.shape[0], hidden.dtype, chunk_budget_bytes or default_chunk_budget(hidden.device)),
         hidden.requires_grad or weight.requires_grad,
     )
     return PolicyLossOutput(out[0], out[1].detach(), out[2].detach(), out[3])
@@ -226,14 +237,15 @@ def fused_linear_logprobs(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
-    chunk_budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES,
+    chunk_budget_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropy) of `labels` under `hidden @ weight.T`, chunked; differentiable.
 
     Backward takes per-token upstream gradients and recomputes the logits chunk by chunk, so a loss
     written in PyTorch on the [N] log-probs never holds [N, V] logits. Returns ([N] fp32, [N] fp32 or None).
     """
+    budget = chunk_budget_bytes or default_chunk_budget(hidden.device)
     logprobs, entropy, _ = torch.ops.capo.linear_logprobs(
-        hidden, weight, labels, float(temperature), chunk_tokens(weight.shape[0], hidden.dtype, chunk_budget_bytes)
+        hidden, weight, labels, float(temperature), chunk_tokens(weight.shape[0], hidden.dtype, budget)
     )
     return logprobs, (entropy if with_entropy else None)

@@ -102,3 +102,11 @@ def test_chunk_size_follows_the_memory_budget():
     assert chunk_tokens(151_936, torch.bfloat16, 2**30) == 2**30 // (151_936 * 6)
     assert chunk_tokens(151_936, torch.float32, 2**30) == 2**30 // (151_936 * 4)
     assert chunk_tokens(32_000, torch.float32, 1) == 1
+
+
+def test_the_default_chunk_fills_gpu_matmul_tiles_and_stays_small_on_cpu():
+    from capo_fast.kernels.linear_policy_loss import default_chunk_budget
+
+    cuda_rows = chunk_tokens(151_936, torch.bfloat16, default_chunk_budget(torch.device("cuda")))
+    assert cuda_rows >= 512  # at least four 128-row tensor-core tiles per GEMM for a Qwen vocabulary
+    assert chunk_tokens(49_152, torch.float32, default_chunk_budget(torch.device("cpu"))) == 341
