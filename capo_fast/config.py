@@ -32,10 +32,10 @@ def _check(ok: bool, key: str, message: str) -> None:
 class SamplingConfig:
     """Generation settings of one engine."""
 
-    temperature: float = 0.7  # 0: greedy
+    temperature: float = 0.7  # sampling temperature; 0: greedy decoding
     top_p: float = 0.9  # nucleus sampling
     max_tokens: int = 256  # new tokens per completion
-    stop: list[str] = field(default_factory=list)  # stop strings
+    stop: list[str] = field(default_factory=list)  # strings that end a generation (kept out of the text)
 
     def validate(self, key: str) -> None:
         _check(self.temperature >= 0, f"{key}.temperature", "must be >= 0")
@@ -58,7 +58,7 @@ class DataConfig:
     """`train` / `eval`: a .jsonl/.json/.csv/.parquet file, a saved HF dataset folder, a hub dataset
     `org/name[:config][@split]`, or `gym:<task>[+<task>]` (generated offline)."""
 
-    train: str = "gym:basic_arithmetic+gsm_symbolic"  # see the class docstring for the source forms
+    train: str = "gym:basic_arithmetic+gsm_symbolic"  # a file, dataset folder, hub dataset or gym:<task>
     eval: str = ""  # empty: a held-out split generated with another seed (gym) or none (files)
     num_train: int = 2000  # size of generated task sets
     num_eval: int = 32  # held-out problems scored before, during and after training
@@ -91,7 +91,7 @@ class CriticConfig:
 
     backend: str = "vllm"  # rollout.CRITIC_BACKENDS: vllm (an engine in each training process) or remote
     model: str = ""  # judge model (folder or name on the server); empty: the policy's start
-    num_critiques: int = 2  # N
+    num_critiques: int = 2  # N: critiques per rollout, combined by algorithm.voting
     # guided: decoding is constrained so the critique ends in the judgment and <incorrect_steps> lines
     # (small judges rarely keep the format on their own); free: the judge writes as it likes.
     answer_format: AnswerFormat = "guided"  # guided | free, see the comment above
@@ -107,7 +107,7 @@ class CriticConfig:
     api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the server's API key
     max_concurrency: int = 16  # requests in flight to the server
     retries: int = 2  # per request, after which its N critiques are failed ones
-    timeout_s: float = 120.0  # per request
+    timeout_s: float = 120.0  # seconds per request to the remote judge
     # A judge that fails (server down, wrong URL, a format it never keeps) would leave outcome reward
     # alone, silently GRPO: warn each step above the first rate, stop the run above the second.
     warn_failure_rate: float = 0.2  # failed critiques per step above which each step warns
@@ -116,7 +116,7 @@ class CriticConfig:
 
 @dataclass
 class AlgorithmConfig:
-    correct_reward: float = 2.0  # C
+    correct_reward: float = 2.0  # C: reward of a verified-correct answer (Eq. 1)
     penalty: float = 1.0  # P: the step penalty of Eq. 1 (GRPO-Rule is reward_mode=outcome)
     format_weight: float = 0.0  # w_f: weight of the format reward (a non-empty boxed answer; paper: 0.2)
     # capo: CAPO (Eq. 1-2); outcome: GRPO-Rule; genorm: GRPO-GenORM (Eq. 3). Names: credit.REWARD_MODES.
