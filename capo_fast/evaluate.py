@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             results["sets"][name] = metrics
             shown = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
             print(f"{name}: {shown} ({metrics['problems']} problems)", flush=True)
+            for source, m in metrics.get("by_source", {}).items():
+                print(f"  {source}: pass@1 {m['pass@1']:.3f} ({m['problems']} problems)", flush=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"results: {args.out}")
     return 0
