@@ -24,6 +24,30 @@ from capo_fast.config import ConfigError
 LAUNCHER_EXPORTED_PREFIXES = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL")
 
 
+SHM_DIR = Path("/dev/shm")
+
+
+def deepspeed_shm_buffer(rank: int) -> Path:
+    """The shared-memory file DeepSpeed's CPU all-reduce creates for `rank` of this job
+    (deepspeed/ops/csrc/cpu/comm/shm.cpp:348-368: buffer, uid, MASTER_ADDR, MASTER_PORT, rank)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_deepspeed_shm_names() -> None:
+    """Unlinks this rank's DeepSpeed shared-memory buffer once every rank has mapped every buffer.
+
+    DeepSpeed's CPU all-reduce gives each rank a 69 MB file in /dev/shm and never unlinks it
+    (shm.cpp's shared_close is never called): every CPU run, and every run killed, left 69 MB per rank
+    in memory until the machine ran out. Ranks map all buffers inside init_distributed (shm.cpp:393-404);
+    after a barrier the names can go, and the memory is freed when the processes exit, however they exit.
+    """
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    deepspeed_shm_buffer(dist.get_rank()).unlink(missing_ok=True)
+
+
 def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 

@@ -18,7 +18,6 @@ import re
 import shutil
 import sys
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from capo_fast.config import Config, ConfigError, describe_config, load_config, to_dict
+from capo_fast.console import quiet_libraries
 from capo_fast.credit import COUNTED_METRICS as CREDIT_COUNTS
 from capo_fast.credit import CreditConfig, Rollout, VotingConfig, assign_credit, describe, rollout_metrics
 from capo_fast.critique import VOTING, make_splitter
@@ -36,6 +36,7 @@ from capo_fast.distributed import (
     check_same_environment,
     check_shared_folder,
     rank_and_world,
+    release_deepspeed_shm_names,
 )
 from capo_fast.evaluate import EvalOptions, evaluate_set, load_set, parse_sets
 from capo_fast.launch_env import required_env
@@ -489,49 +490,6 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-# vLLM's layerwise reload warns "<Layer>: Failed to load weights" at every weight sync for rotary
-# embeddings, whose cos/sin cache is no checkpoint weight (vllm/model_executor/model_loader/reload/
-# layerwise.py:266). For any other layer it means the sync did not deliver a weight: that line stays.
-RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
-
-
-class _ReloadWarnings(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "RotaryEmbedding" not in str(record.args[0] if record.args else record.msg)
-
-
-def _keep_reload_warnings() -> None:
-    """Reload warnings on stderr although vLLM's own handler stops below ERROR (vllm/logger.py)."""
-    reload = logging.getLogger(RELOAD_LOGGER)
-    if any(isinstance(f, _ReloadWarnings) for h in reload.handlers for f in h.filters):
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s vllm: %(message)s"))
-    handler.addFilter(_ReloadWarnings())
-    reload.addHandler(handler)
-    reload.setLevel(logging.WARNING)
-    reload.propagate = False
-
-
-def quiet_libraries(verbosity: str) -> None:
-    """`run`: the run's own lines at INFO, libraries' logs at ERROR and their Python warnings off, so the
-    console shows the run (vLLM's level is read from VLLM_LOGGING_LEVEL when it is imported, later),
-    except warnings that matter, such as a layer whose weights did not load.
-    `all`: everything at INFO, as the libraries print it."""
-    logging.basicConfig(level=logging.INFO if verbosity == "all" else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")  # fmt: skip
-    logging.getLogger("capo_fast").setLevel(logging.INFO)
-    if verbosity == "all":
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
-        return
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    _keep_reload_warnings()
-    for name in ("vllm", "deepspeed", "DeepSpeed", "datasets", "httpx", "torch.distributed"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for category in (FutureWarning, DeprecationWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(vllm|deepspeed|torch|transformers|triton)\b")
-
-
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     try:
@@ -547,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
+    release_deepspeed_shm_names()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.manual_seed(config.trainer.seed)

@@ -39,8 +39,14 @@ def _steps(out: Path) -> dict[int, dict]:
     return {r["step"]: r for r in rows if "actor/loss" in r}
 
 
+def _shm_buffers() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 def test_two_ranks_log_finite_losses_flag_steps_and_checkpoint(tmp_path):
+    before = _shm_buffers()
     _run(2, tmp_path)
+    assert _shm_buffers() - before == set(), "DeepSpeed's shared-memory buffers outlived the run"
     steps = _steps(tmp_path)
     assert sorted(steps) == [1, 2, 3]
     for row in steps.values():
