@@ -75,6 +75,13 @@ def _first(row: dict, keys: tuple[str, ...]):
     return None
 
 
+def _field(row: dict, configured: str, usual: tuple[str, ...]):
+    """The configured dotted path's value; where a row lacks it (an eval set of another shape than the
+    training data), the usual names."""
+    value = _get(row, configured) if configured else None
+    return value if value not in (None, "") else _first(row, usual)
+
+
 def _is_chat(value) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
@@ -86,7 +93,7 @@ def problem_from_row(row: object, where: str, keys: DataKeys = DataKeys()) -> Pr
 
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with a question and an answer, got {type(row).__name__}")
-    prompt = _get(row, keys.question) if keys.question else _first(row, QUESTION_KEYS)
+    prompt = _field(row, keys.question, QUESTION_KEYS)
     if prompt is None:
         raise DataError(f"{where}: no question ({keys.question or 'one of ' + ', '.join(QUESTION_KEYS)})")
     messages = None
@@ -100,8 +107,8 @@ def problem_from_row(row: object, where: str, keys: DataKeys = DataKeys()) -> Pr
         question = prompt
     else:
         raise DataError(f"{where}: the question must be text or a list of chat messages, got {type(prompt).__name__}")
-    reference = _get(row, keys.reference) if keys.reference else _first(row, REFERENCE_KEYS)
-    answer = _get(row, keys.answer) if keys.answer else _first(row, ANSWER_KEYS)
+    reference = _field(row, keys.reference, REFERENCE_KEYS)
+    answer = _field(row, keys.answer, ANSWER_KEYS)
     choices, labels = _options(row)
     if choices and answer in (None, "") and GPQA_CORRECT in row:
         answer = "A"  # GPQA: the correct option comes first in the data's order
@@ -112,29 +119,47 @@ def problem_from_row(row: object, where: str, keys: DataKeys = DataKeys()) -> Pr
             f"{where}: no answer ({keys.answer or 'one of ' + ', '.join(ANSWER_KEYS)}, or a \\boxed{{}} in solution)"
         )
     if choices:
-        answer = LETTERS[_correct_option(choices, labels, str(answer).strip(), where)]
+        answer = LETTERS[_correct_option(choices, labels, answer, where)]
     source = row.get("data_source")
     reference = str(reference) if reference else None
     return Problem(question, str(answer), reference, messages, str(source or ""), choices)
 
 
+_OWN_LETTER = re.compile(r"^\(?([A-Z])\s*[).:]\s*")
+
+
 def _options(row: dict) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
-    """A multiple-choice row's options in the data's order and their labels (ARC's "A"/"1"), if it has any."""
+    """A multiple-choice row's options in the data's order and their labels (ARC's "A"/"1"), if it has any.
+
+    Options that carry their own letters in order ("A)21", "B)28": AQuA) lose them: the options are
+    shuffled and lettered again.
+    """
     if GPQA_CORRECT in row and all(k in row for k in GPQA_INCORRECT):
         return tuple(str(row[k]).strip() for k in (GPQA_CORRECT, *GPQA_INCORRECT)), None
     value = _first(row, CHOICE_KEYS)
+    labels = None
     if isinstance(value, dict) and isinstance(value.get("text"), (list, tuple)):
         labels = value.get("label")
-        labels = tuple(str(x) for x in labels) if isinstance(labels, (list, tuple)) else None
-        return tuple(str(x) for x in value["text"]) or None, labels
-    if isinstance(value, (list, tuple)) and value:
-        return tuple(str(x) for x in value), None
-    return None, None
+        labels = tuple(str(x).strip() for x in labels) if isinstance(labels, (list, tuple)) else None
+        value = value["text"]
+    if not isinstance(value, (list, tuple)) or not value:
+        return None, None
+    options = tuple(str(x).strip() for x in value)
+    own = [_OWN_LETTER.match(o) for o in options]
+    if all(own) and [m[1] for m in own] == list(LETTERS[: len(options)]):
+        labels = labels or tuple(m[1] for m in own)
+        options = tuple(o[m.end() :] for o, m in zip(options, own, strict=True))
+    return options, labels
 
 
-def _correct_option(choices: tuple[str, ...], labels: tuple[str, ...] | None, answer: str, where: str) -> int:
-    """Index of the correct option: the answer as one of the data's labels, the option's own text, a
-    letter, or else a 0-based index (MMLU-Pro's answer_index)."""
+def _correct_option(choices: tuple[str, ...], labels: tuple[str, ...] | None, answer, where: str) -> int:
+    """Index of the correct option: an integer answer is a 0-based index (MMLU's `answer`); text is one
+    of the data's labels, the option's own text, a letter, or else a 0-based index."""
+    if len(choices) > len(LETTERS):
+        raise DataError(f"{where}: {len(choices)} options; at most {len(LETTERS)} can be lettered")
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
+        return answer
+    answer = str(answer).strip()
     if labels and answer in labels and len(labels) == len(choices):
         return labels.index(answer)
     if answer in choices:

@@ -63,17 +63,20 @@ class EvalOptions:
     seed: int = 0
 
 
+def is_correct(problem: Problem, text: str, verified: float) -> float:
+    """r_v of one answer, in training and evaluation alike: the option letter for multiple choice,
+    `verified` (the verifier's score) for the rest."""
+    return float(choice_letter(text) == problem.answer) if problem.multiple_choice else verified
+
+
 def _correct(problems: Sequence[Problem], texts: list[str], score: Score) -> list[float]:
-    """1/0 per answer: the option letter for multiple choice, math-verify for the rest."""
+    """1/0 per answer (`is_correct`); the verifier sees only the rows that are not multiple choice."""
     math_rows = [i for i, p in enumerate(problems) if not p.multiple_choice]
-    out = [0.0] * len(texts)
+    verified = [0.0] * len(texts)
     scores = score([texts[i] for i in math_rows], [problems[i].answer for i in math_rows]) if math_rows else []
     for i, s in zip(math_rows, scores, strict=True):
-        out[i] = s.correct
-    for i, p in enumerate(problems):
-        if p.multiple_choice:
-            out[i] = float(choice_letter(texts[i]) == p.answer)
-    return out
+        verified[i] = s.correct
+    return [is_correct(p, t, v) for p, t, v in zip(problems, texts, verified, strict=True)]
 
 
 def evaluate_set(

@@ -56,18 +56,22 @@ _CONCLUDING = [
         r"(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)\b",
         re.IGNORECASE,
     ),
-    re.compile(r"\b(?:so|therefore|thus|hence)\b[^.\n]*?=\s*([^=\n,;]+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE),
+    re.compile(r"\b(?:so|therefore|thus|hence)\b[^.\n]*?=\s*([^=\n,;]+?)\s*(?:[.!](?:\s|$)|\n|$)", re.IGNORECASE),
 ]
-_SENTENCE_END = re.compile(r"[.!](?:\s+|$)|\n")
+_SENTENCE_END = re.compile(r"[.!]\s+|\n")
+
+
+_FINISHED = (".", "!", "$", "\\]", "\\)")  # a sentence's end, or closed math ("Therefore, $$x = 4$$")
 
 
 def _last_finished_sentence(response: str) -> str | None:
-    """The response's last sentence when the response ends by finishing it (with '.' or '!'), else None."""
+    """The response's last sentence when the response ends by finishing it, else None."""
     text = response.rstrip()
-    if not text.endswith((".", "!")):
+    if not text.endswith(_FINISHED):
         return None
     ends = [m.end() for m in _SENTENCE_END.finditer(text[:-1])]
-    return text[ends[-1] if ends else 0 :]
+    sentence = text[ends[-1] if ends else 0 :]
+    return None if sentence.count("$") % 2 else sentence  # "... and then $": cut inside math
 
 
 def _stated(patterns: list[re.Pattern], text: str) -> str | None:

@@ -38,7 +38,7 @@ from capo_fast.distributed import (
     rank_and_world,
     release_deepspeed_shm_names,
 )
-from capo_fast.evaluate import EvalOptions, evaluate_set, load_set, parse_sets
+from capo_fast.evaluate import EvalOptions, evaluate_set, is_correct, load_set, parse_sets
 from capo_fast.launch_env import required_env
 from capo_fast.memory_budget import Architecture, critic_kv_cache_bytes, kv_cache_bytes
 from capo_fast.metrics import MetricsLog, RolloutSamples, format_line, plot_run, write_run_info
@@ -342,7 +342,8 @@ class Run:
             scores = verified.result()
         zero_truncated = c.algorithm.truncated_reward == "zero"
         for r, score in zip(rollouts, scores, strict=True):
-            r.correct = 0.0 if (zero_truncated and r.truncated) else score.correct
+            correct = is_correct(problems[r.group], r.text, score.correct)  # as evaluation scores it
+            r.correct = 0.0 if (zero_truncated and r.truncated) else correct
             r.formatted = score.formatted
 
         num_critiques = c.critic.num_critiques if self.critic else 0

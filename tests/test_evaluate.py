@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from capo_fast.data import DataError, Problem, as_multiple_choice
-from capo_fast.evaluate import EvalOptions, choice_letter, evaluate_set, load_set, pass_at_k
+from capo_fast.evaluate import EvalOptions, choice_letter, evaluate_set, is_correct, load_set, pass_at_k
 from capo_fast.reward import OutcomeVerifier
 from capo_fast.rollout import Completion
 
@@ -28,6 +28,10 @@ def test_multiple_choice_options_are_shuffled_by_seed_and_scored_on_the_letter()
     assert len(shuffled) > 1
     assert choice_letter("It must be \\boxed{B}.") == "B" and choice_letter("The answer is (D).") == "D"
     assert choice_letter("no idea") is None
+    # training and evaluation score an answer alike: the letter, never math-verify's reading of it
+    assert is_correct(a, f"So \\boxed{{{a.answer}. 7}}", verified=0.0) == 1.0
+    assert is_correct(a, "\\boxed{Z}", verified=1.0) == 0.0
+    assert is_correct(Problem("1+1?", "2"), "\\boxed{2}", verified=1.0) == 1.0
 
 
 def _correct_text(problem: Problem) -> str:
@@ -49,7 +53,10 @@ def test_benchmark_rows_become_lettered_questions_whatever_their_shape(tmp_path)
         # MMLU-Pro: options list, a letter answer
         "mmlu_pro": {"question": "Which is a gas?", "options": ["ice", "stone", "steam", "wood"], "answer": "C",
                      "answer_index": 2},
-        "by_text": {"question": "Which is a gas?", "choices": ["ice", "stone", "steam", "wood"], "answer": "steam"},
+        "by_text": {"question": "Which is a gas?", "choices": ["ice ", "stone", " steam", "wood"], "answer": "steam"},
+        # MMLU: an integer answer is a 0-based index; AQuA: options that carry their own letters
+        "mmlu": {"question": "Which is a gas?", "choices": ["ice", "stone", "steam", "wood"], "answer": 2},
+        "aqua": {"question": "Which is a gas?", "options": ["A)ice", "B)stone", "C)steam", "D)wood"], "answer": "C"},
     }  # fmt: skip
     for name, row in rows.items():
         path = tmp_path / f"{name}.jsonl"
@@ -57,6 +64,16 @@ def test_benchmark_rows_become_lettered_questions_whatever_their_shape(tmp_path)
         (p,) = load_set(str(path), seed=1)
         assert p.multiple_choice and _correct_text(p) == "steam", name
         assert all(f"{letter}. " in p.question for letter in "ABCD"), name
+    numbers = tmp_path / "numbers.jsonl"  # option texts that look like indices: the integer answer wins
+    numbers.write_text(json.dumps({"question": "1 + 1?", "choices": ["1", "2", "3", "4"], "answer": 1}) + "\n")
+    (p,) = load_set(str(numbers), seed=0)
+    assert _correct_text(p) == "2" and "A)" not in p.question
+    (p,) = load_set(str(tmp_path / "aqua.jsonl"), seed=0)
+    assert "A)ice" not in p.question and ". ice" in p.question
+    many = tmp_path / "many.jsonl"
+    many.write_text(json.dumps({"question": "?", "choices": [str(i) for i in range(27)], "answer": 0}) + "\n")
+    with pytest.raises(DataError, match=r"many\.jsonl:1: 27 options; at most 26"):
+        load_set(str(many), seed=0)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "?", "choices": ["a", "b"], "answer": "Z9"}) + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl:1: the answer 'Z9' is none of the 2 options"):
@@ -70,6 +87,10 @@ def test_eval_sets_read_the_configured_keys_and_held_out_rows_keep_their_options
     nested.write_text(json.dumps({"q": {"text": "1+1?"}, "gold": {"value": "2"}}) + "\n")
     (p,) = load_set(str(nested), seed=0, keys=DataKeys("q.text", "gold.value"))
     assert (p.question, p.answer) == ("1+1?", "2")
+    usual = tmp_path / "usual.jsonl"  # a benchmark of the usual shape beside training data of another
+    usual.write_text(json.dumps({"problem": "2+2?", "answer": "4"}) + "\n")
+    (p,) = load_set(str(usual), seed=0, keys=DataKeys("q.text", "gold.value"))
+    assert (p.question, p.answer) == ("2+2?", "4")
     mc = tmp_path / "mc.jsonl"
     mc.write_text(json.dumps({"question": "Pick 7.", "choices": ["5", "7"], "answer": "B"}) + "\n")
     (held_out,) = load_problems(str(mc), size=1, seed=3)  # the training loop's held-out path

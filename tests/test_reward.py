@@ -71,6 +71,8 @@ def test_the_final_answer_is_read_never_the_last_number(verifier):
     assert final_answer("x = 3 and so \\boxed{7} ... then 9") == "\\boxed{7}"  # \boxed{} first
     assert final_answer("To calculate 5 - 2, we subtract. So, 5 - 2 = 3.") == "$3$"  # a concluding result
     assert final_answer("Halve it. So x = 3.5.") == "$3.5$"
+    assert final_answer("So x = 5!") == "$5$" and final_answer("Therefore, $$x = 4$$") == "$4$"
+    assert final_answer("Thus $x = 3.$") == "$3.$" and final_answer("Thus we have $x=2$ and then $") is None
     # a conclusion counts only as the finished last sentence: never mid-work, never cut off
     assert final_answer("So 5*4=20.\n\nThen we need to subtract the") is None
     assert final_answer("We have 5 boxes. So 5*4=20") is None
