@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ from capo_fast.credit import CreditConfig, Rollout, VotingConfig, assign_credit,
 from capo_fast.critique import VOTING, make_splitter
 from capo_fast.data import EVAL_SEED_OFFSET, DataError, DataKeys, PromptSampler, encode_prompts, load_problems
 from capo_fast.distributed import (
+    all_gather_objects,
     all_reduce,
     broadcast_object,
     check_same_environment,
@@ -99,8 +101,9 @@ def resolve_model(name: str, cache_dir: str | None = None, key: str = "model.pat
 
 
 def resolve_model_once(name: str, key: str = "model.path") -> Path:
-    """Rank 0 resolves (builds, converts or downloads) first and tells the others whether it worked, so
-    a bad model.path stops every rank with the same error instead of leaving them at a barrier."""
+    """Rank 0 resolves (builds, converts or downloads) first and tells the others whether it worked; then
+    every other rank resolves in its own cache (another node has its own), and a failure anywhere stops
+    every rank with that error instead of leaving the others at the next collective."""
     rank, _ = rank_and_world()
     outcome = None
     if rank == 0:
@@ -111,7 +114,16 @@ def resolve_model_once(name: str, key: str = "model.path") -> Path:
     status, detail = broadcast_object(outcome)
     if status == "error":
         raise ConfigError(detail)
-    return Path(detail) if rank == 0 else resolve_model(name, key=key)  # other nodes may have their own cache
+    mine = outcome
+    if rank != 0:
+        try:
+            mine = ("ok", str(resolve_model(name, key=key)))
+        except ConfigError as err:
+            mine = ("error", f"rank {rank} ({socket.gethostname()}): {err}")
+    failures = [detail for status, detail in all_gather_objects(mine) if status == "error"]
+    if failures:
+        raise ConfigError(failures[0])
+    return Path(mine[1])
 
 
 # ---- distributed helpers -----------------------------------------------------------------------------

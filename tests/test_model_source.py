@@ -40,3 +40,26 @@ def test_a_local_judge_is_resolved_with_its_own_key(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(ConfigError, match=r"critic\.model: hub model 'Qwen/Qwen2.5-72B-Instruct' could not be had"):
         resolve_model_once("Qwen/Qwen2.5-72B-Instruct", "critic.model")
+
+
+def test_a_rank_that_cannot_resolve_the_model_stops_every_rank(tiny_model_dir, monkeypatch):
+    """Rank 0 found the model; rank 1 (another node, its own cache) does not: both stop with rank 1's error."""
+    from capo_fast import train
+
+    gathered = []
+    monkeypatch.setattr(train, "broadcast_object", lambda obj: ("ok", str(tiny_model_dir)))
+
+    def gather(mine):
+        gathered.append(mine)
+        return [("ok", str(tiny_model_dir)), mine]
+
+    monkeypatch.setattr(train, "all_gather_objects", gather)
+    monkeypatch.setattr(train, "rank_and_world", lambda: (1, 2))
+
+    def missing_here(name, cache_dir=None, key="model.path"):
+        raise ConfigError(f"{key}: hub model {name!r} could not be had")
+
+    monkeypatch.setattr(train, "resolve_model", missing_here)
+    with pytest.raises(ConfigError, match=r"rank 1 \(.*\): critic\.model: hub model 'acme/judge' could not be had"):
+        train.resolve_model_once("acme/judge", "critic.model")
+    assert gathered and gathered[0][0] == "error"  # the failure reached the collective, so rank 0 stops too
