@@ -41,8 +41,11 @@ def last_boxed(text: str) -> str | None:
 
 
 # An explicit statement of the final answer, when there is no \boxed{}: "The final answer is 12.",
-# "Answer: 12", read wherever it stands (the last one wins). Never the last number of free text.
+# "Answer: 12", GSM8K's "#### 12", read wherever it stands (the last one wins). Never the last number
+# of free text.
+_NUMBER = r"(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)"
 _EXPLICIT = [
+    re.compile(r"(?:^|\n)\s*####\s*(.+?)\s*(?:\n|$)"),
     re.compile(r"final answer\s*(?:is|:|=)\s*:?\s*(.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE),
     re.compile(r"(?:^|\n)\s*\**answer\**\s*[:=]\s*(.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE),
     re.compile(r"\bthe answer is\s*:?\s*(.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE),
@@ -53,9 +56,13 @@ _EXPLICIT = [
 _CONCLUDING = [
     re.compile(
         r"\b(?:so|therefore|thus|hence)\s*,?\s*(?:there (?:are|is|were|was)|we (?:get|have|obtain)|the result is)\s+"
-        r"(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)\b",
+        + _NUMBER
+        + r"\b",
         re.IGNORECASE,
     ),
+    # "So, 3 / 3 is indeed 1.", "The result is 90."
+    re.compile(r"\b(?:so|therefore|thus|hence)\b[^.\n=]*?\bis\s+(?:indeed\s+|equal to\s+)?" + _NUMBER + r"\b", re.I),
+    re.compile(r"\bthe (?:result|total|sum|product|difference|quotient) is\s+" + _NUMBER + r"\b", re.IGNORECASE),
     re.compile(r"\b(?:so|therefore|thus|hence)\b[^.\n]*?=\s*([^=\n,;]+?)\s*(?:[.!](?:\s|$)|\n|$)", re.IGNORECASE),
 ]
 _SENTENCE_END = re.compile(r"[.!]\s+|\n")

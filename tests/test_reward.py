@@ -72,6 +72,8 @@ def test_the_final_answer_is_read_never_the_last_number(verifier):
     assert final_answer("To calculate 5 - 2, we subtract. So, 5 - 2 = 3.") == "$3$"  # a concluding result
     assert final_answer("Halve it. So x = 3.5.") == "$3.5$"
     assert final_answer("So x = 5!") == "$5$" and final_answer("Therefore, $$x = 4$$") == "$4$"
+    assert final_answer("3 / 3 = 1.\n\nSo, 3 / 3 is indeed 1.") == "$1$" and final_answer("The result is 90.") == "$90$"
+    assert final_answer("30 * 3 = 90.\n#### 90\nThe result is 90.") == "$90$"  # GSM8K's marker, anywhere
     assert final_answer("Thus $x = 3.$") == "$3.$" and final_answer("Thus we have $x=2$ and then $") is None
     # a conclusion counts only as the finished last sentence: never mid-work, never cut off
     assert final_answer("So 5*4=20.\n\nThen we need to subtract the") is None
