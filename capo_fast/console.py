@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -20,8 +21,8 @@ class BenignReloadWarnings(logging.Filter):
     weight sync because the cos/sin cache is no checkpoint weight (vllm/model_executor/model_loader/
     reload/layerwise.py:266). For any other layer the line means the sync did not deliver a weight."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("RotaryEmbedding")
+    def filter(self, record: logging.LogRecord) -> bool:  # RotaryEmbedding, Llama3RotaryEmbedding, MRotary...
+        return not re.match(r"\w*RotaryEmbedding: ", record.getMessage())
 
 
 def quiet_libraries(verbosity: str) -> None:
@@ -35,7 +36,8 @@ def quiet_libraries(verbosity: str) -> None:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
         return
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    os.environ.setdefault("VLLM_LOGGING_CONFIG_PATH", str(VLLM_LOGGING_CONFIG))
+    if os.environ.get("VLLM_CONFIGURE_LOGGING", "1") != "0":  # vLLM refuses a config file with logging off
+        os.environ.setdefault("VLLM_LOGGING_CONFIG_PATH", str(VLLM_LOGGING_CONFIG))
     for name in ("vllm", "deepspeed", "DeepSpeed", "datasets", "httpx", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     for category in (FutureWarning, DeprecationWarning, UserWarning):

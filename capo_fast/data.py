@@ -164,6 +164,9 @@ def _correct_option(choices: tuple[str, ...], labels: tuple[str, ...] | None, an
         return labels.index(answer)
     if answer in choices:
         return choices.index(answer)
+    own = _OWN_LETTER.match(answer)  # "B)28" where the options lost their own letters
+    if own and own[1] in LETTERS[: len(choices)] and answer[own.end() :] == choices[LETTERS.index(own[1])]:
+        return LETTERS.index(own[1])
     if len(answer) == 1 and answer.upper() in LETTERS[: len(choices)]:
         return LETTERS.index(answer.upper())
     if answer.isdigit() and int(answer) < len(choices):

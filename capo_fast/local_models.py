@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -118,8 +119,13 @@ def smollm2_instruct(out_dir: str | Path | None = None) -> Path:
     model.load_state_dict(quantised.state_dict(), strict=False)
     model.tie_weights()
     tokenizer.eos_token = "<|im_end|>"
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # local ranks without a shared cache convert at once
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(out)  # a half-written folder is never mistaken for a model
+    try:
+        tmp.rename(out)  # a half-written folder is never mistaken for a model
+    except OSError:  # another process finished first
+        if not (out / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

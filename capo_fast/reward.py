@@ -46,23 +46,29 @@ def last_boxed(text: str) -> str | None:
 _NUMBER = r"(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)"
 _EXPLICIT = [
     re.compile(r"(?:^|\n)\s*####\s*(.+?)\s*(?:\n|$)"),
-    re.compile(r"final answer\s*(?:is|:|=)\s*:?\s*(.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE),
-    re.compile(r"(?:^|\n)\s*\**answer\**\s*[:=]\s*(.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE),
+    re.compile(
+        r"final answer\s*(?:is|:|=)\s*:?\s*(?:the final answer is\s*:?\s*)?(.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE
+    ),
+    re.compile(r"(?:^|\n)\s*\**answer\**\s*[:=]\s*\**\s*(.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE),
     re.compile(r"\bthe answer is\s*:?\s*(.+?)\s*(?:\.(?:\s|$)|\n|$)", re.IGNORECASE),
 ]
+# A number that is a result, not the first operand of more arithmetic ("is 20 - 5 = 15", "is 6, and ...").
+_RESULT = _NUMBER + (
+    r"\b(?!\s*(?:[-+*/×÷=^(]|\\times|\\cdot|\\div|times\b|minus\b|plus\b|divided\b|multiplied\b|over\b"
+    r"|,\s*(?:and|then|but|so|which|plus|minus)\b))"
+)
 # A concluding sentence: "So there are 13 ways ...", "So, 5 - 2 = 3." Read only in the response's last
 # sentence, and only when that sentence is finished: "So 5*4=20." followed by more work, or a response
 # cut off at "So 5*4=20", concludes nothing.
 _CONCLUDING = [
     re.compile(
         r"\b(?:so|therefore|thus|hence)\s*,?\s*(?:there (?:are|is|were|was)|we (?:get|have|obtain)|the result is)\s+"
-        + _NUMBER
-        + r"\b",
+        + _RESULT,
         re.IGNORECASE,
     ),
     # "So, 3 / 3 is indeed 1.", "The result is 90."
-    re.compile(r"\b(?:so|therefore|thus|hence)\b[^.\n=]*?\bis\s+(?:indeed\s+|equal to\s+)?" + _NUMBER + r"\b", re.I),
-    re.compile(r"\bthe (?:result|total|sum|product|difference|quotient) is\s+" + _NUMBER + r"\b", re.IGNORECASE),
+    re.compile(r"\b(?:so|therefore|thus|hence)\b[^.\n=]*?\bis\s+(?:indeed\s+|equal to\s+)?" + _RESULT, re.IGNORECASE),
+    re.compile(r"\bthe (?:result|total|sum|product|difference|quotient) is\s+" + _RESULT, re.IGNORECASE),
     re.compile(r"\b(?:so|therefore|thus|hence)\b[^.\n]*?=\s*([^=\n,;]+?)\s*(?:[.!](?:\s|$)|\n|$)", re.IGNORECASE),
 ]
 _SENTENCE_END = re.compile(r"[.!]\s+|\n")

@@ -100,6 +100,10 @@ def resolve_model(name: str, cache_dir: str | None = None, key: str = "model.pat
     return Path(folder)
 
 
+def _model_error(err: Exception, key: str) -> str:
+    return str(err) if isinstance(err, ConfigError) else f"{key}: {type(err).__name__}: {err}"
+
+
 def resolve_model_once(name: str, key: str = "model.path") -> Path:
     """Rank 0 resolves (builds, converts or downloads) first and tells the others whether it worked; then
     every other rank resolves in its own cache (another node has its own), and a failure anywhere stops
@@ -109,8 +113,8 @@ def resolve_model_once(name: str, key: str = "model.path") -> Path:
     if rank == 0:
         try:
             outcome = ("ok", str(resolve_model(name, key=key)))
-        except ConfigError as err:
-            outcome = ("error", str(err))
+        except Exception as err:  # any failure must reach the collective below, or the others wait there
+            outcome = ("error", _model_error(err, key))
     status, detail = broadcast_object(outcome)
     if status == "error":
         raise ConfigError(detail)
@@ -118,8 +122,8 @@ def resolve_model_once(name: str, key: str = "model.path") -> Path:
     if rank != 0:
         try:
             mine = ("ok", str(resolve_model(name, key=key)))
-        except ConfigError as err:
-            mine = ("error", f"rank {rank} ({socket.gethostname()}): {err}")
+        except Exception as err:
+            mine = ("error", f"rank {rank} ({socket.gethostname()}): {_model_error(err, key)}")
     failures = [detail for status, detail in all_gather_objects(mine) if status == "error"]
     if failures:
         raise ConfigError(failures[0])
@@ -518,9 +522,10 @@ def main(argv: list[str] | None = None) -> int:
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
-    release_deepspeed_shm_names()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:  # gloo: DeepSpeed's CPU shared-memory all-reduce is in use
+        release_deepspeed_shm_names()
     torch.manual_seed(config.trainer.seed)
     random.seed(config.trainer.seed)
     try:

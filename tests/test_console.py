@@ -42,6 +42,7 @@ def test_a_layer_whose_weights_did_not_load_still_shows(tmp_path):
         "import vllm.model_executor.model_loader.reload.layerwise as layerwise\n"
         "assert layerwise.logger.name == RELOAD_LOGGER\n"
         "layerwise.logger.warning('%s: Failed to load weights', 'RotaryEmbedding')\n"
+        "layerwise.logger.warning('%s: Failed to load weights', 'Llama3RotaryEmbedding')\n"
         "layerwise.logger.warning('%s: Failed to load weights', 'QKVParallelLinear')\n"
         "init_logger('vllm.engine').warning('a routine vLLM warning')\n"
         "init_logger('vllm.engine').error('a vLLM error')\n"

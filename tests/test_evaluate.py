@@ -57,6 +57,8 @@ def test_benchmark_rows_become_lettered_questions_whatever_their_shape(tmp_path)
         # MMLU: an integer answer is a 0-based index; AQuA: options that carry their own letters
         "mmlu": {"question": "Which is a gas?", "choices": ["ice", "stone", "steam", "wood"], "answer": 2},
         "aqua": {"question": "Which is a gas?", "options": ["A)ice", "B)stone", "C)steam", "D)wood"], "answer": "C"},
+        "aqua_text": {"question": "Which is a gas?", "options": ["A)ice", "B)stone", "C)steam", "D)wood"],
+                      "answer": "C)steam"},
     }  # fmt: skip
     for name, row in rows.items():
         path = tmp_path / f"{name}.jsonl"

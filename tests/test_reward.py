@@ -74,6 +74,12 @@ def test_the_final_answer_is_read_never_the_last_number(verifier):
     assert final_answer("So x = 5!") == "$5$" and final_answer("Therefore, $$x = 4$$") == "$4$"
     assert final_answer("3 / 3 = 1.\n\nSo, 3 / 3 is indeed 1.") == "$1$" and final_answer("The result is 90.") == "$90$"
     assert final_answer("30 * 3 = 90.\n#### 90\nThe result is 90.") == "$90$"  # GSM8K's marker, anywhere
+    # a result, never the first operand of more arithmetic in the same sentence
+    results = {"So the remaining amount is 20 - 5 = 15.": "$15$", "Thus, the total is 4 + 4 + 4 = 12!": "$12$",
+               "So the total is 12 minus 5, which is 7.": "$7$", "So the result is 5 + 3 = 8.": "$8$",
+               "The product is 6, and adding 2 gives 8.": None, "**Answer:** 42": "$42$",
+               "Final Answer: The final answer is $8$. I hope it is correct.": "$8$"}  # fmt: skip
+    assert {text: final_answer(text) for text in results} == results
     assert final_answer("Thus $x = 3.$") == "$3.$" and final_answer("Thus we have $x=2$ and then $") is None
     # a conclusion counts only as the finished last sentence: never mid-work, never cut off
     assert final_answer("So 5*4=20.\n\nThen we need to subtract the") is None
