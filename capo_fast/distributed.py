@@ -48,6 +48,20 @@ def release_deepspeed_shm_names() -> None:
     deepspeed_shm_buffer(dist.get_rank()).unlink(missing_ok=True)
 
 
+def start_process_group() -> None:
+    """The launcher's ranks join: NCCL with each rank on its own GPU before any collective (a barrier on
+    an unset device runs on cuda:0 for every rank), or gloo, where DeepSpeed's CPU shared-memory
+    all-reduce is in use and its /dev/shm names are released."""
+    import deepspeed
+
+    if torch.cuda.is_available():
+        deepspeed.init_distributed(dist_backend="nccl")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        deepspeed.init_distributed(dist_backend="gloo")
+        release_deepspeed_shm_names()
+
+
 def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 

@@ -101,12 +101,13 @@ def evaluate_set(
         "truncated": sum(truncated) / max(len(truncated), 1),
         "problems": n,
     }
-    sources = sorted({p.data_source for p in problems if p.data_source})
-    if sources:  # verl and OpenRLHF report per data source
+    by_source: dict[str, list[float]] = {}  # verl and OpenRLHF report per data source
+    for p, c in zip(problems, per_problem_greedy, strict=True):
+        if p.data_source:
+            by_source.setdefault(p.data_source, []).append(c)
+    if by_source:
         metrics["by_source"] = {
-            src: {"pass@1": sum(c for p, c in mine) / len(mine), "problems": len(mine)}
-            for src in sources
-            for mine in [[(p, c) for p, c in zip(problems, per_problem_greedy, strict=True) if p.data_source == src]]
+            src: {"pass@1": sum(c) / len(c), "problems": len(c)} for src, c in sorted(by_source.items())
         }
     if options.samples:
         sampling = SamplingConfig(temperature=options.temperature, top_p=options.top_p, max_tokens=options.max_tokens)

@@ -79,9 +79,12 @@ def rank_token_demand(config: Config, world: int) -> int:
     return max(per_rank, r.max_model_len)  # at least one full-length sequence (evaluation included)
 
 
+def _dtype_bytes(config: Config) -> int:
+    return 4 if config.model.dtype == "float32" else 2
+
+
 def kv_cache_bytes(config: Config, arch: Architecture, world: int, headroom: float = KV_HEADROOM) -> int:
-    dtype_bytes = 4 if config.model.dtype == "float32" else 2
-    return int(headroom * rank_token_demand(config, world) * kv_bytes_per_token(arch, dtype_bytes))
+    return int(headroom * rank_token_demand(config, world) * kv_bytes_per_token(arch, _dtype_bytes(config)))
 
 
 def critic_token_demand(config: Config, world: int) -> int:
@@ -95,8 +98,7 @@ def critic_token_demand(config: Config, world: int) -> int:
 
 
 def critic_kv_cache_bytes(config: Config, arch: Architecture, world: int, headroom: float = KV_HEADROOM) -> int:
-    dtype_bytes = 4 if config.model.dtype == "float32" else 2
-    return int(headroom * critic_token_demand(config, world) * kv_bytes_per_token(arch, dtype_bytes))
+    return int(headroom * critic_token_demand(config, world) * kv_bytes_per_token(arch, _dtype_bytes(config)))
 
 
 def _zero(config: Config) -> tuple[int, bool]:
@@ -111,7 +113,7 @@ def budget(config: Config, arch: Architecture, world: int, gpu_bytes: float = 80
     from capo_fast.kernels.linear_policy_loss import DEFAULT_CHUNK_BUDGET_BYTES
 
     p = arch.params
-    half = 4 if config.model.dtype == "float32" else 2
+    half = _dtype_bytes(config)
     stage, optimizer_offloaded = _zero(config)
     share = lambda partitioned: world if partitioned else 1  # noqa: E731
     weights = p * half / share(stage == 3)

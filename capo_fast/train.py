@@ -38,7 +38,7 @@ from capo_fast.distributed import (
     check_same_environment,
     check_shared_folder,
     rank_and_world,
-    release_deepspeed_shm_names,
+    start_process_group,
 )
 from capo_fast.evaluate import EvalOptions, evaluate_set, is_correct, load_set, parse_sets
 from capo_fast.launch_env import required_env
@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return args, rest
 
 
+COUNTED_METRICS = CREDIT_COUNTS | REWARD_COUNTS  # summed over ranks; the other step metrics are averaged
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
@@ -100,8 +101,14 @@ def resolve_model(name: str, cache_dir: str | None = None, key: str = "model.pat
     return Path(folder)
 
 
-def _model_error(err: Exception, key: str) -> str:
-    return str(err) if isinstance(err, ConfigError) else f"{key}: {type(err).__name__}: {err}"
+def _try_resolve(name: str, key: str, rank: int) -> tuple[str, str]:
+    """("ok", folder) or ("error", message): any failure must reach the collectives of
+    resolve_model_once, or the other ranks wait there."""
+    try:
+        return "ok", str(resolve_model(name, key=key))
+    except Exception as err:
+        message = str(err) if isinstance(err, ConfigError) else f"{key}: {type(err).__name__}: {err}"
+        return "error", message if rank == 0 else f"rank {rank} ({socket.gethostname()}): {message}"
 
 
 def resolve_model_once(name: str, key: str = "model.path") -> Path:
@@ -109,21 +116,10 @@ def resolve_model_once(name: str, key: str = "model.path") -> Path:
     every other rank resolves in its own cache (another node has its own), and a failure anywhere stops
     every rank with that error instead of leaving the others at the next collective."""
     rank, _ = rank_and_world()
-    outcome = None
-    if rank == 0:
-        try:
-            outcome = ("ok", str(resolve_model(name, key=key)))
-        except Exception as err:  # any failure must reach the collective below, or the others wait there
-            outcome = ("error", _model_error(err, key))
-    status, detail = broadcast_object(outcome)
+    status, detail = broadcast_object(_try_resolve(name, key, rank) if rank == 0 else None)
     if status == "error":
         raise ConfigError(detail)
-    mine = outcome
-    if rank != 0:
-        try:
-            mine = ("ok", str(resolve_model(name, key=key)))
-        except Exception as err:
-            mine = ("error", f"rank {rank} ({socket.gethostname()}): {_model_error(err, key)}")
+    mine = (status, detail) if rank == 0 else _try_resolve(name, key, rank)
     failures = [detail for status, detail in all_gather_objects(mine) if status == "error"]
     if failures:
         raise ConfigError(failures[0])
@@ -389,8 +385,7 @@ class Run:
         keys = sorted(local)
         stat_keys = ("loss", "clipped", "entropy", "kl", "tokens")
         summed = all_reduce([local[k] for k in keys] + [stats[k] for k in stat_keys])
-        counted = CREDIT_COUNTS | REWARD_COUNTS
-        metrics = {k: v if k in counted else v / self.world for k, v in zip(keys, summed, strict=False)}
+        metrics = {k: v if k in COUNTED_METRICS else v / self.world for k, v in zip(keys, summed, strict=False)}
         loss, clipped, entropy, kl, tokens = summed[len(keys) :]
         metrics.update({
             "actor/skipped_steps": stats["skipped"],  # the same on every rank: ZeRO reduces its overflow flag
@@ -518,14 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(describe_config(config))
         return 0
-    import deepspeed
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    else:  # gloo: DeepSpeed's CPU shared-memory all-reduce is in use
-        release_deepspeed_shm_names()
+    start_process_group()
     torch.manual_seed(config.trainer.seed)
     random.seed(config.trainer.seed)
     try:

@@ -126,3 +126,19 @@ def test_a_variable_only_another_node_lists_is_reported_not_a_crash(monkeypatch)
     monkeypatch.setattr(distributed, "all_gather_objects", gather)
     with pytest.raises(ConfigError, match=r"CAPO_TEST_ONLY_THERE is set on node-b but not on "):
         distributed.check_same_environment(["PATH"])
+
+
+@pytest.mark.parametrize("cuda", [True, False], ids=["cuda-nccl", "cpu-gloo"])
+def test_joining_the_process_group_binds_the_gpu_or_releases_the_shm_names(cuda, monkeypatch):
+    """NCCL: each rank on its LOCAL_RANK GPU before anything else runs, no /dev/shm work. gloo: DeepSpeed's
+    shared-memory buffer names are released right after joining."""
+    import deepspeed
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda dist_backend: calls.append(("init", dist_backend)))
+    monkeypatch.setattr(distributed, "release_deepspeed_shm_names", lambda: calls.append(("release",)))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    distributed.start_process_group()
+    assert calls == ([("init", "nccl"), ("set_device", 3)] if cuda else [("init", "gloo"), ("release",)])

@@ -25,10 +25,10 @@ def test_7b_config_fits_an_80gb_gpu_in_both_phases(monkeypatch):
         assert sum(items.values()) < 0.9 * 80e9, phase
 
 
-def test_engine_receives_the_sized_kv_cache_on_cuda(monkeypatch):
+@pytest.fixture
+def engine_kwargs(monkeypatch):
+    """What an engine passes to vllm.LLM, recorded instead of starting one."""
     import vllm
-
-    from capo_fast.rollout import VLLMEngine
 
     seen = {}
 
@@ -40,6 +40,13 @@ def test_engine_receives_the_sized_kv_cache_on_cuda(monkeypatch):
             return None
 
     monkeypatch.setattr(vllm, "LLM", RecordingLLM)
+    return seen
+
+
+def test_engine_receives_the_sized_kv_cache_on_cuda(engine_kwargs, monkeypatch):
+    from capo_fast.rollout import VLLMEngine
+
+    seen = engine_kwargs
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     VLLMEngine("model", kv_cache_memory_bytes=123 << 20, sleep_mode=False)
     assert seen["kv_cache_memory_bytes"] == 123 << 20
@@ -66,3 +73,12 @@ def test_a_local_judges_kv_cache_is_sized_from_its_demand(monkeypatch):
     assert judged == QWEN25_7B.params * (4 if config.model.dtype == "float32" else 2) + critic_kv_cache_bytes(
         config, QWEN25_7B, 2
     )
+
+
+def test_a_local_judge_engine_receives_its_sized_kv_cache_on_cuda(engine_kwargs, monkeypatch):
+    from capo_fast.config import CriticConfig
+    from capo_fast.rollout import LocalCritic
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    LocalCritic(CriticConfig(), "judge", dtype="bfloat16", seed=0, sleep_mode=False, kv_cache_memory_bytes=77 << 20)
+    assert engine_kwargs["kv_cache_memory_bytes"] == 77 << 20 and engine_kwargs["gpu_memory_utilization"] == 0.35

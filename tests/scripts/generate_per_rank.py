@@ -3,16 +3,14 @@
 import json
 import sys
 
-import deepspeed
 import torch
 
 from capo_fast.config import SamplingConfig
-from capo_fast.distributed import release_deepspeed_shm_names
+from capo_fast.distributed import start_process_group
 from capo_fast.rollout import VLLMEngine
 
 model_dir, out_dir = sys.argv[-2], sys.argv[-1]
-deepspeed.init_distributed("gloo")
-release_deepspeed_shm_names()  # as train.py does: no /dev/shm file outlives the test
+start_process_group()  # as train.py joins: gloo here, its /dev/shm names released
 rank = torch.distributed.get_rank()
 engine = VLLMEngine(model_dir, seed=0, max_model_len=256)
 prompt = [5 + rank, 6, 7]  # a different prompt per rank
