@@ -113,6 +113,43 @@ def write_split(path: Path, size: int, seed: int, slip: float = 0.0, exclude: se
     return path
 
 
+def annotated_solution(chain: Chain, rng: random.Random, wrong: bool) -> tuple[list[str], int] | None:
+    """A worked solution as steps and the index of its first wrong step (-1 for none). With `wrong`, one
+    step that needs a carry or a borrow forgets it and the later steps go on correctly from what it wrote,
+    so that step is the only wrong one and the final answer is off; None when no step needs a carry."""
+    values = chain.values
+    slips = [k for k, (op, b) in enumerate(chain.operations) if needs_carry(values[k], op, b)]
+    if wrong and not slips:
+        return None
+    slip = rng.choice(slips) if wrong else -1
+    value, steps = chain.start, []
+    for k, (op, b) in enumerate(chain.operations):
+        result = forgot_carry(value, op, b) if k == slip else apply(value, op, b)
+        steps.append(f"{value} {op} {b} = {result}")
+        value = result
+    return [*steps, f"The answer is \\boxed{{{value}}}."], slip
+
+
+def write_annotated(path: Path, size: int, seed: int) -> Path:
+    """`size` solutions in ProcessBench's layout (problem, steps, label: the first wrong step or -1), half
+    of them with one forgotten carry, plus the reference solution and answer the judge sees in training."""
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        written = 0
+        while written < size:
+            chain = random_chain(rng)
+            annotated = annotated_solution(chain, rng, wrong=written % 2 == 1)
+            if annotated is None:
+                continue
+            steps, label = annotated
+            row = {"problem": chain.question(), "steps": steps, "label": label,
+                   "reference_solution": chain.solution(), "answer": str(chain.values[-1])}  # fmt: skip
+            f.write(json.dumps(row) + "\n")
+            written += 1
+    return path
+
+
 def questions(path: Path) -> set[str]:
     return {json.loads(line)["question"] for line in path.read_text().splitlines()}
 

@@ -5,8 +5,8 @@ python bench/report.py [--write]
 The tables: the policy loss over logits (pytest-benchmark files with a `floor` row), the linear
 variant (files ending in -linear.json), and the ahead-of-time compilation of the Triton kernels
 (triton-aot-ptxas.json, written by `python -m capo_fast.kernels.aot --json ...`), and the per-GPU
-memory budget of the 7B config (capo_fast.memory_budget), and the learning experiment
-(bench/learning_experiment.py).
+memory budget of the 7B config (capo_fast.memory_budget), the learning experiment
+(bench/learning_experiment.py), and the judge evaluation (judge-*.json, by python -m capo_fast.evaluate_judge).
 """
 
 from __future__ import annotations
@@ -177,12 +177,29 @@ def learning_table() -> str:
     return "\n".join(lines)
 
 
+def judge_table() -> str:
+    """The step-flag metrics of each judge-*.json (capo_fast.evaluate_judge), with what its critiques cost."""
+    from capo_fast.evaluate_judge import summary, table
+
+    blocks = []
+    for path in sorted(RESULTS.glob("judge-*.json")):
+        results = json.loads(path.read_text())
+        j = results["judge"]
+        decoding = "" if j["backend"] == "function" else f", {j['answer_format']}, T={j['sampling']['temperature']}"
+        blocks.append(
+            f"`{path.name}`: {j['backend']} judge `{j['model']}`, N={j['num_critiques']}{decoding}, "
+            f"min_valid_critiques={j['min_valid_critiques']}.\n\n{table(results)}\n\n{summary(results)}."
+        )
+    return "\n\n".join(blocks) or "(no judge evaluation yet: python -m capo_fast.evaluate_judge)"
+
+
 TABLES = {
     "bench-table": policy_loss_table,
     "bench-linear-table": linear_table,
     "aot-table": aot_table,
     "memory-budget": memory_budget_table,
     "learning-table": learning_table,
+    "judge-table": judge_table,
 }
 
 

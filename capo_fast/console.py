@@ -38,7 +38,7 @@ def quiet_libraries(verbosity: str) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     if os.environ.get("VLLM_CONFIGURE_LOGGING", "1") != "0":  # vLLM refuses a config file with logging off
         os.environ.setdefault("VLLM_LOGGING_CONFIG_PATH", str(VLLM_LOGGING_CONFIG))
-    for name in ("vllm", "deepspeed", "DeepSpeed", "datasets", "httpx", "torch.distributed"):
+    for name in ("vllm", "deepspeed", "DeepSpeed", "datasets", "httpx", "torch.distributed", "math_verify"):
         logging.getLogger(name).setLevel(logging.ERROR)
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category, module=r"(vllm|deepspeed|torch|transformers|triton)\b")

@@ -75,7 +75,7 @@ def _first(row: dict, keys: tuple[str, ...]):
     return None
 
 
-def _field(row: dict, configured: str, usual: tuple[str, ...]):
+def row_field(row: dict, configured: str, usual: tuple[str, ...]):
     """The configured dotted path's value; where a row lacks it (an eval set of another shape than the
     training data), the usual names."""
     value = _get(row, configured) if configured else None
@@ -93,7 +93,7 @@ def problem_from_row(row: object, where: str, keys: DataKeys = DataKeys()) -> Pr
 
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with a question and an answer, got {type(row).__name__}")
-    prompt = _field(row, keys.question, QUESTION_KEYS)
+    prompt = row_field(row, keys.question, QUESTION_KEYS)
     if prompt is None:
         raise DataError(f"{where}: no question ({keys.question or 'one of ' + ', '.join(QUESTION_KEYS)})")
     messages = None
@@ -107,8 +107,8 @@ def problem_from_row(row: object, where: str, keys: DataKeys = DataKeys()) -> Pr
         question = prompt
     else:
         raise DataError(f"{where}: the question must be text or a list of chat messages, got {type(prompt).__name__}")
-    reference = _field(row, keys.reference, REFERENCE_KEYS)
-    answer = _field(row, keys.answer, ANSWER_KEYS)
+    reference = row_field(row, keys.reference, REFERENCE_KEYS)
+    answer = row_field(row, keys.answer, ANSWER_KEYS)
     choices, labels = _options(row)
     if choices and answer in (None, "") and GPQA_CORRECT in row:
         answer = "A"  # GPQA: the correct option comes first in the data's order
@@ -190,54 +190,53 @@ def as_multiple_choice(problem: Problem, seed: int, index: int) -> Problem:
     )
 
 
-def _load_jsonl(path: Path, keys: DataKeys) -> list[Problem]:
-    problems = []
+def _jsonl_rows(path: Path) -> list[tuple[str, object]]:
+    rows = []
     with path.open() as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                rows.append((f"{path}:{number}", json.loads(line)))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            problems.append(problem_from_row(row, f"{path}:{number}", keys))
-    return problems
+    return rows
 
 
-def _rows(rows, where: str, keys: DataKeys) -> list[Problem]:
-    return [problem_from_row(row, f"{where}: row {i}", keys) for i, row in enumerate(rows)]
+def _numbered(rows, where: str) -> list[tuple[str, object]]:
+    return [(f"{where}: row {i}", row) for i, row in enumerate(rows)]
 
 
-def _load_json(path: Path, keys: DataKeys) -> list[Problem]:
+def _json_rows(path: Path) -> list[tuple[str, object]]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a list of rows")
-    return _rows(data, str(path), keys)
+    return _numbered(data, str(path))
 
 
-def _load_csv(path: Path, keys: DataKeys) -> list[Problem]:
+def _csv_rows(path: Path) -> list[tuple[str, object]]:
     import csv
 
     with path.open(newline="") as f:
-        return [problem_from_row(row, f"{path}:{i + 2}", keys) for i, row in enumerate(csv.DictReader(f))]
+        return [(f"{path}:{i + 2}", row) for i, row in enumerate(csv.DictReader(f))]
 
 
-def _load_parquet(path: Path, keys: DataKeys) -> list[Problem]:
+def _parquet_rows(path: Path) -> list[tuple[str, object]]:
     import pyarrow.parquet as pq
 
-    return _rows(pq.read_table(path).to_pylist(), str(path), keys)
+    return _numbered(pq.read_table(path).to_pylist(), str(path))
 
 
-def _load_hf_dataset(path: Path, keys: DataKeys) -> list[Problem]:
+def _dataset_folder_rows(path: Path) -> list[tuple[str, object]]:
     from datasets import DatasetDict, load_from_disk
 
     dataset = load_from_disk(str(path))
     if isinstance(dataset, DatasetDict):
         dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
-    return _rows(dataset, str(path), keys)
+    return _numbered(dataset, str(path))
 
 
 HUB_SOURCE = re.compile(
@@ -245,7 +244,7 @@ HUB_SOURCE = re.compile(
 )
 
 
-def _load_hub(source: str, keys: DataKeys) -> list[Problem]:
+def _hub_rows(source: str) -> list[tuple[str, object]]:
     """`org/name[:config][@split]` through `datasets.load_dataset` (split `train` by default)."""
     from datasets import load_dataset
 
@@ -254,7 +253,30 @@ def _load_hub(source: str, keys: DataKeys) -> list[Problem]:
         dataset = load_dataset(m["repo"], m["config"], split=m["split"] or "train")
     except Exception as err:  # offline, unknown id or split: the run stops before it starts
         raise DataError(f"{source}: the hub dataset could not be loaded ({type(err).__name__}: {err})") from None
-    return _rows(dataset, source, keys)
+    return _numbered(dataset, source)
+
+
+ROW_READERS = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
+
+
+def read_rows(source: str) -> list[tuple[str, object]]:
+    """The rows of a file, a saved HF dataset folder or a hub dataset, each with where it is (file:line)."""
+    path = Path(source)
+    if not path.exists() and HUB_SOURCE.match(source):
+        rows = _hub_rows(source)
+    elif not path.exists():
+        raise DataError(f"{source}: no such file or folder, nor a hub id org/name (or use gym:<task>)")
+    elif path.is_dir():
+        rows = _dataset_folder_rows(path)
+    elif path.suffix in ROW_READERS:
+        rows = ROW_READERS[path.suffix](path)
+    else:
+        raise DataError(
+            f"{source}: unknown format; use {', '.join(ROW_READERS)}, a saved HF dataset folder or a hub id"
+        )
+    if not rows:
+        raise DataError(f"{source}: holds no rows")
+    return rows
 
 
 def _generate_gym(tasks: str, size: int, seed: int) -> list[Problem]:
@@ -275,9 +297,6 @@ def _generate_gym(tasks: str, size: int, seed: int) -> list[Problem]:
     ][:size]
 
 
-LOADERS = {".jsonl": _load_jsonl, ".json": _load_json, ".csv": _load_csv, ".parquet": _load_parquet}
-
-
 def load_problems(source: str, *, size: int, seed: int, keys: DataKeys = DataKeys()) -> list[Problem]:
     """Problems from `source` (see the module docstring); `size` and `seed` apply to generators, and `seed`
     shuffles the options of multiple-choice rows."""
@@ -288,19 +307,7 @@ def load_problems(source: str, *, size: int, seed: int, keys: DataKeys = DataKey
             if isinstance(err, DataError):
                 raise
             raise DataError(f"{source}: {err}") from None
-    path = Path(source)
-    if not path.exists() and HUB_SOURCE.match(source):
-        problems = _load_hub(source, keys)
-    elif not path.exists():
-        raise DataError(f"{source}: no such file or folder, nor a hub id org/name (or use gym:<task>)")
-    elif path.is_dir():
-        problems = _load_hf_dataset(path, keys)
-    elif path.suffix in LOADERS:
-        problems = LOADERS[path.suffix](path, keys)
-    else:
-        raise DataError(f"{source}: unknown format; use {', '.join(LOADERS)}, a saved HF dataset folder or a hub id")
-    if not problems:
-        raise DataError(f"{source}: holds no problems")
+    problems = [problem_from_row(row, where, keys) for where, row in read_rows(source)]
     return [as_multiple_choice(p, seed, i) if p.choices else p for i, p in enumerate(problems)]
 
 

@@ -11,6 +11,8 @@ Sleep mode frees accelerator memory for training between generations. It needs C
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import re
@@ -20,13 +22,24 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from capo_fast.config import CriticConfig, SamplingConfig
-from capo_fast.critique import FAILED, JUDGMENT_LINE, Critique, Step, critique_messages, load_template, parse_critique
+from capo_fast.config import Config, CriticConfig, SamplingConfig
+from capo_fast.critique import (
+    FAILED,
+    JUDGMENT_LINE,
+    VOTING,
+    Critique,
+    Step,
+    critique_messages,
+    load_template,
+    parse_critique,
+)
 from capo_fast.data import chat_token_ids
+from capo_fast.memory_budget import Architecture, critic_kv_cache_bytes
 
 logger = logging.getLogger(__name__)
 _sleep_notice_given = False
@@ -357,10 +370,14 @@ class CritiqueRequest:
 
 
 class Critic(ABC):
-    """N critiques per rollout; a failed or unparsable one is `FAILED`, never an exception."""
+    """N critiques per rollout; a failed or unparsable one is `FAILED`, never an exception.
+
+    `tokens_generated` counts the judge's completion tokens so far (None for backends that write no tokens).
+    """
 
     def __init__(self, config: CriticConfig):
         self.config = config
+        self.tokens_generated: int | None = None
 
     @abstractmethod
     def critique(self, requests: Sequence[CritiqueRequest], seed: int = 0) -> list[list[Critique]]:
@@ -377,6 +394,7 @@ class ChatCritic(Critic):
         super().__init__(config)
         self.guided = config.answer_format == "guided"
         self.template = load_template(config.prompt_template or None)
+        self.tokens_generated = 0
 
     @abstractmethod
     def _complete(
@@ -428,12 +446,19 @@ class LocalCritic(ChatCritic):
         limit = self.config.max_model_len - self.config.sampling.max_tokens
         prompts = [chat_token_ids(tokenizer, m) for m in messages]
         fits = [i for i, p in enumerate(prompts) if len(p) <= limit]
+        if len(fits) < len(prompts):
+            longest = max(len(p) for p in prompts)
+            logger.warning(
+                "%d of %d critic prompts (up to %d tokens) exceed critic.max_model_len - critic.sampling.max_tokens "
+                "= %d: their critiques fail", len(prompts) - len(fits), len(prompts), longest, limit,
+            )  # fmt: skip
         n = self.config.num_critiques
         pick = lambda xs: [xs[i] for i in fits]  # noqa: E731
         outputs = self.engine.generate(pick(prompts), self.config.sampling, n=n, seeds=pick(seeds), regex=pick(regexes))
         texts: list[list[str | None]] = [[None] * self.config.num_critiques for _ in prompts]
         for i, completions in zip(fits, outputs, strict=True):
             texts[i] = [c.text for c in completions]  # a cut-off critique without its block parses as failed
+            self.tokens_generated += sum(len(c.token_ids) for c in completions)
         return texts
 
     def sleep(self) -> None:
@@ -462,7 +487,8 @@ class RemoteCritic(ChatCritic):
     def _served_model(self) -> str:
         return self.client.models.list().data[0].id
 
-    def _one(self, messages: list[dict], seed: int, regex: str | None) -> list[str | None]:
+    def _one(self, messages: list[dict], seed: int, regex: str | None) -> tuple[list[str | None], int]:
+        """N completions of one chat and the tokens the server says it generated for them."""
         s = self.config.sampling
         try:
             response = self.client.chat.completions.create(
@@ -478,13 +504,16 @@ class RemoteCritic(ChatCritic):
             )
         except Exception as err:  # network, HTTP and server errors alike: the critiques are failed ones
             logger.warning("remote critic request failed: %s", err)
-            return [None] * self.config.num_critiques
+            return [None] * self.config.num_critiques, 0
         texts: list[str | None] = [c.message.content for c in response.choices]
-        return (texts + [None] * self.config.num_critiques)[: self.config.num_critiques]
+        tokens = response.usage.completion_tokens if response.usage else 0
+        return (texts + [None] * self.config.num_critiques)[: self.config.num_critiques], tokens
 
     def _complete(self, messages, seeds, regexes):
         with ThreadPoolExecutor(max_workers=self.config.max_concurrency) as pool:
-            return list(pool.map(self._one, messages, seeds, regexes))
+            answers = list(pool.map(self._one, messages, seeds, regexes))
+        self.tokens_generated += sum(tokens for _, tokens in answers)
+        return [texts for texts, _ in answers]
 
 
 class FunctionCritic(Critic):
@@ -509,3 +538,18 @@ class FunctionCritic(Critic):
 
 
 CRITIC_BACKENDS = {"vllm": LocalCritic, "remote": RemoteCritic, "function": FunctionCritic}
+
+
+def build_critic(config: Config, judge: Path | None, *, sleep_mode: bool = False, world: int = 1) -> Critic:
+    """The critic of a run, as training and the judge evaluation both use it: `critic.backend` with the
+    sampling of the voting mode (greedy decodes at temperature 0). A local engine loads `judge` (the
+    resolved critic.model, else the policy's start), its KV cache sized from the critiques asked of it."""
+    c = config.critic
+    critic_config = dataclasses.replace(c, sampling=VOTING[config.algorithm.voting].critic_sampling(c.sampling))
+    if c.backend != "vllm":
+        return CRITIC_BACKENDS[c.backend](critic_config, c.model)
+    arch = Architecture.from_hf_config(json.loads((Path(judge) / "config.json").read_text()))
+    return CRITIC_BACKENDS["vllm"](
+        critic_config, str(judge), dtype=config.model.dtype, seed=config.trainer.seed, sleep_mode=sleep_mode,
+        kv_cache_memory_bytes=critic_kv_cache_bytes(config, arch, world),
+    )  # fmt: skip

@@ -9,7 +9,6 @@ arithmetic, about ten minutes on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from capo_fast.config import Config, ConfigError, describe_config, load_config, 
 from capo_fast.console import quiet_libraries
 from capo_fast.credit import COUNTED_METRICS as CREDIT_COUNTS
 from capo_fast.credit import CreditConfig, Rollout, VotingConfig, assign_credit, describe, rollout_metrics
-from capo_fast.critique import VOTING, make_splitter
+from capo_fast.critique import make_splitter
 from capo_fast.data import EVAL_SEED_OFFSET, DataError, DataKeys, PromptSampler, encode_prompts, load_problems
 from capo_fast.distributed import (
     all_gather_objects,
@@ -42,16 +41,16 @@ from capo_fast.distributed import (
 )
 from capo_fast.evaluate import EvalOptions, evaluate_set, is_correct, load_set, parse_sets
 from capo_fast.launch_env import required_env
-from capo_fast.memory_budget import Architecture, critic_kv_cache_bytes, kv_cache_bytes
+from capo_fast.memory_budget import Architecture, kv_cache_bytes
 from capo_fast.metrics import MetricsLog, RolloutSamples, format_line, plot_run, write_run_info
 from capo_fast.reward import COUNTED_METRICS as REWARD_COUNTS
 from capo_fast.reward import OutcomeVerifier, outcome_metrics
 from capo_fast.rollout import (
-    CRITIC_BACKENDS,
     CritiqueRequest,
     JudgeError,
     PolicyEngine,
     VLLMEngine,
+    build_critic,
     critic_sleep_mode,
     sleep_mode_supported,
 )
@@ -209,20 +208,10 @@ class Run:
         # The reward mode says whether critiques are read at all: GRPO-Rule and CAPO with P = 0 skip the judge.
         self.critic = None
         if c.needs_judge():
-            critic_config = dataclasses.replace(c.critic, sampling=VOTING[a.voting].critic_sampling(c.critic.sampling))
-            if c.critic.backend == "vllm":
-                policy_sleeps = self.policy.engine.sleep_enabled
-                sleeps = critic_sleep_mode(
-                    requested=r.sleep_mode, supported=sleep_mode_supported(), policy_sleeps=policy_sleeps
-                )
-                judge = self.critic_path or self.model_path
-                judge_arch = Architecture.from_hf_config(json.loads((judge / "config.json").read_text()))
-                self.critic = CRITIC_BACKENDS["vllm"](
-                    critic_config, str(judge), dtype=c.model.dtype, seed=c.trainer.seed, sleep_mode=sleeps,
-                    kv_cache_memory_bytes=critic_kv_cache_bytes(c, judge_arch, self.world),
-                )  # fmt: skip
-            else:
-                self.critic = CRITIC_BACKENDS[c.critic.backend](critic_config, c.critic.model)
+            sleeps = c.critic.backend == "vllm" and critic_sleep_mode(
+                requested=r.sleep_mode, supported=sleep_mode_supported(), policy_sleeps=self.policy.engine.sleep_enabled
+            )
+            self.critic = build_critic(c, self.critic_path or self.model_path, sleep_mode=sleeps, world=self.world)
         self.verifier = OutcomeVerifier(num_workers=1, timeout_s=a.verifier_timeout_s, verifier=a.verifier)
         self.split_steps = make_splitter(c.critic.step_splitter)
         if self.rank == 0:

@@ -49,7 +49,7 @@ def test_unknown_sources_fail_clearly(tmp_path):
     with pytest.raises(DataError, match="unknown format"):
         load_problems(str(tmp_path / "x.txt"), size=0, seed=0)
     (tmp_path / "empty.csv").write_text("q,a\n")
-    with pytest.raises(DataError, match="holds no problems"):
+    with pytest.raises(DataError, match="holds no rows"):
         load_problems(str(tmp_path / "empty.csv"), size=0, seed=0)
     with pytest.raises(DataError, match="gym:no_such_task"):
         load_problems("gym:no_such_task", size=4, seed=0)

@@ -95,10 +95,11 @@ def served_tiny_model(tiny_model_dir):
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     server = subprocess.Popen(
         # The OpenAI server behind `vllm serve` (whose CLI wrapper looks for a dist named "vllm",
-        # while the CPU build's is "vllm-cpu").
+        # while the CPU build's is "vllm-cpu"). Whole prefills: the CPU build cannot rewind a seeded
+        # request's generator after a chunk ("CPU Generator does not use offset"), as in VLLMEngine.
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
-         "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
-         "--gpu-memory-utilization", "0.3"],
+         "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+         "--gpu-memory-utilization", "0.3", "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/v1"
@@ -148,6 +149,22 @@ def test_remote_critic_failures_become_failed_critiques():
     critic = RemoteCritic(config, model="judge")
     critiques = critic.critique(REQUESTS, seed=0)
     assert critiques == [[critiques[0][0]] * 2] * 2 and not critiques[0][0].valid
+
+
+def test_the_judge_evaluation_reaches_a_remote_judge(served_tiny_model, tmp_path):
+    """evaluate_judge with critic.backend=remote: every critique comes back from the server (a random model
+    writes no block: abstentions, not failures), and the tokens are the server's count."""
+    from capo_fast.evaluate_judge import main
+
+    out = tmp_path / "remote.json"
+    shipped = Path(__file__).parent / "data" / "chain-annotated.jsonl"
+    argv = ["--sets", f"chain={shipped}", "--limit", "3", "--out", str(out), "--critic.backend=remote",
+            f"--critic.url={served_tiny_model}", "--critic.num_critiques=2", "--critic.answer_format=free",
+            "--critic.sampling.max_tokens=16", "--critic.retries=0"]  # fmt: skip
+    assert main(argv) == 0
+    critique = json.loads(out.read_text())["sets"]["chain"]["critique"]
+    assert critique["critiques"] == 6 and critique["failure_rate"] == 0.0 and critique["abstention_rate"] == 1.0
+    assert 0 < critique["tokens_per_critique"] <= 16
 
 
 def test_each_rank_generates_for_its_own_prompts(tiny_engine, tiny_model_dir, tmp_path):
