@@ -271,3 +271,32 @@ def test_split_responses_name_the_splitter_in_their_errors(tmp_path):
 
     with pytest.raises(DataError, match=r"rows.jsonl:1: critic.step_splitter failed on response: the pieces"):
         load_annotated(str(path), AnnotatedKeys(), broken)
+
+
+PROCESSBENCH_ROWS = [  # the columns of Qwen/ProcessBench's splits
+    {"id": "gsm8k-0", "generator": "Qwen2-7B-Instruct", "problem": "Tom has 3 apples and buys 4. How many?",
+     "steps": ["Tom starts with 3.", "3 + 4 = 8.", "So he has 8."], "final_answer_correct": False, "label": 1},
+    {"id": "gsm8k-1", "generator": "Llama-3.1-8B-Instruct", "problem": "What is 2 * 5?",
+     "steps": ["2 * 5 = 10.", "The answer is 10."], "final_answer_correct": True, "label": -1},
+]  # fmt: skip
+
+
+def test_processbench_loads_from_a_saved_dataset_and_by_hub_id(tmp_path, monkeypatch):
+    import datasets
+
+    dataset = datasets.Dataset.from_list(PROCESSBENCH_ROWS)
+    dataset.save_to_disk(str(tmp_path / "processbench"))
+    saved = load_annotated(str(tmp_path / "processbench"), AnnotatedKeys(), split_steps)
+    calls = []
+
+    def load_dataset(repo, config=None, split=None):
+        calls.append((repo, config, split))
+        return dataset
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    from_hub = load_annotated("Qwen/ProcessBench@gsm8k", AnnotatedKeys(), split_steps)
+    assert calls == [("Qwen/ProcessBench", None, "gsm8k")]
+    for solutions in (saved, from_hub):
+        assert [s.label for s in solutions] == [1, -1]
+        assert [s.text for s in solutions[0].request.steps] == PROCESSBENCH_ROWS[0]["steps"]
+        assert solutions[0].request.ground_truth() is None  # ProcessBench gives the judge no reference
