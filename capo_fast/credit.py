@@ -293,7 +293,8 @@ def rollout_metrics(rollouts: Sequence[Rollout], cfg: CreditConfig, num_critique
     """The training dynamics of a step (the paper's plots) and what the judge did, for this rank's rollouts.
 
     Means over rollouts (or over steps where named), which the loop averages over ranks, and the counts
-    of COUNTED_METRICS, which it sums. A critique the reward mode cannot read counts as failed.
+    of COUNTED_METRICS, which it sums. A critique the reward mode cannot read counts as failed. A run
+    without a judge (num_critiques=0) has no judge/* metrics.
     """
     usable = REWARD_MODES[cfg.reward_mode].usable
     valid = [sum(usable(c) for c in r.critiques) for r in rollouts]
@@ -303,6 +304,8 @@ def rollout_metrics(rollouts: Sequence[Rollout], cfg: CreditConfig, num_critique
     for label, wanted in (("correct", 1.0), ("incorrect", 0.0)):
         weights = [w for r in rollouts if r.correct == wanted for w in r.vote.weights]
         metrics[f"credit/flagged_step_rate_{label}"] = _mean([float(w > 0) for w in weights])
+    if not num_critiques:  # no judge in this run: no judge/* metrics, rather than zeros that read as measured
+        return metrics
     judged = [(c.judgment, r.correct) for r in rollouts for c in r.critiques if c.judgment is not None]
     metrics["judge/verifier_agreement"] = _mean([float(j == bool(v)) for j, v in judged])
     agreements = [critique_agreement(r.critiques, len(r.steps)) for r in rollouts]

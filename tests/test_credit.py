@@ -205,6 +205,8 @@ def test_step_metrics_split_by_outcome(tiny_model_dir):
     assert m["judge/out_of_range_indices"] == 1.0 and m["judge/abstentions"] == 0.0
     assert m["judge/critique_agreement"] == pytest.approx((1.0 + 0.5) / 2)
     assert group[0].advantage > 0 > group[1].advantage
+    without_judge = rollout_metrics(group, CreditConfig(reward_mode="outcome"), num_critiques=0)
+    assert not [k for k in without_judge if k.startswith("judge/")], "a run without a judge logs no judge metrics"
 
 
 def test_genorm_counts_a_verdict_without_a_block_as_a_usable_critique(tiny_model_dir):
