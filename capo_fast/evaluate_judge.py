@@ -23,8 +23,9 @@ Per voting mode and N', over the solutions:
 A step's weight is the penalty share CAPO gives it (0 or 1; `average` gives fractions); a step with any
 weight counts as flagged. A solution without a vote counts as a miss in both accuracies (ProcessBench's
 rule for an answer it cannot read) and gives its steps weight 0 (training's rule); a missing verdict
-never agrees. Per critique: how often it says the solution is correct, abstentions (no
-<incorrect_steps> block), failures (no answer), out-of-range indices, and the judge's tokens and seconds.
+never agrees. Per critique: how often it says the solution is correct (and names steps all the same,
+which training penalises), abstentions (no <incorrect_steps> block), failures (no answer), out-of-range
+indices, and the judge's tokens and seconds.
 Beside the results JSON: a PNG of the flag rates by mode and N', and every critique's text (.critiques.jsonl).
 """
 
@@ -211,12 +212,17 @@ def score_mode(
 
 
 def critique_stats(critiques: Sequence[Sequence[Critique]]) -> dict[str, float | None]:
-    """Per critique: judged the solution correct, abstained (wrote no block), failed (no text at all: a server
-    error, a prompt too long for critic.max_model_len), named an index the solution does not have."""
+    """Per critique: judged the solution correct (and named steps all the same), abstained (wrote no
+    block), failed (no text at all: a server error, a prompt too long for critic.max_model_len), named an
+    index the solution does not have."""
     flat = [c for per in critiques for c in per]
     return {
         "critiques": len(flat),
         "says_correct_rate": _ratio(sum(c.judgment is True for c in flat), len(flat)),
+        # the prompt asks for an empty list with "Yes"; a critique that names steps anyway still penalises them
+        "names_steps_saying_correct_rate": _ratio(
+            sum(c.judgment is True and bool(c.incorrect) for c in flat), len(flat)
+        ),
         "abstention_rate": _ratio(sum(not c.valid and c.text is not None for c in flat), len(flat)),
         "failure_rate": _ratio(sum(c.text is None and not c.valid for c in flat), len(flat)),
         "out_of_range_rate": _ratio(sum(c.out_of_range > 0 for c in flat), len(flat)),
@@ -356,7 +362,8 @@ def summary(results: dict) -> str:
         tokens = "-" if c.get("tokens_per_critique") is None else f"{c['tokens_per_critique']:.0f}"
         out.append(
             f"{name}: {r['solutions']} solutions ({r['erroneous']} with an error, {r['steps']} steps); "
-            f"{c['critiques']} critiques: said correct {_cell(c['says_correct_rate'])}, "
+            f"{c['critiques']} critiques: said correct {_cell(c['says_correct_rate'])} (naming steps all the same "
+            f"{_cell(c['names_steps_saying_correct_rate'])}), "
             f"abstained {_cell(c['abstention_rate'])}, failed {_cell(c['failure_rate'])}, "
             f"out-of-range index {_cell(c['out_of_range_rate'])}; {tokens} tokens and "
             f"{_cell(c.get('seconds_per_critique'))} s per critique"

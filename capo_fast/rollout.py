@@ -141,8 +141,9 @@ class VLLMEngine:
             enforce_eager=enforce_eager or not on_cuda,
             enable_sleep_mode=self.sleep_enabled,
             enable_prefix_caching=True,
-            # CUDA: the KV cache sized from what this rank asks for (vllm/config/cache.py:257-264; it then
-            # ignores gpu_memory_utilization for the cache). The CPU build sizes it by VLLM_CPU_KVCACHE_SPACE.
+            # CUDA: the KV cache sized from what this rank asks for (vllm/config/cache.py:257-264, applied at
+            # vllm/v1/worker/gpu_worker.py:649-675; gpu_memory_utilization then only sets the start-up check).
+            # None: the cache gets what gpu_memory_utilization leaves. The CPU build uses VLLM_CPU_KVCACHE_SPACE.
             kv_cache_memory_bytes=kv_cache_memory_bytes if on_cuda else None,
             # vLLM's CPU build cannot rewind a seeded request's generator when a chunked prefill
             # discards a sample ("CPU Generator does not use offset"): prefill whole prompts there.
@@ -540,16 +541,21 @@ class FunctionCritic(Critic):
 CRITIC_BACKENDS = {"vllm": LocalCritic, "remote": RemoteCritic, "function": FunctionCritic}
 
 
-def build_critic(config: Config, judge: Path | None, *, sleep_mode: bool = False, world: int = 1) -> Critic:
+def build_critic(config: Config, judge: Path | None, *, sleep_mode: bool = False, world: int | None = None) -> Critic:
     """The critic of a run, as training and the judge evaluation both use it: `critic.backend` with the
     sampling of the voting mode (greedy decodes at temperature 0). A local engine loads `judge` (the
-    resolved critic.model, else the policy's start), its KV cache sized from the critiques asked of it."""
+    resolved critic.model, else the policy's start). In a training run of `world` ranks its KV cache is
+    sized from what one step asks of it; with no world (the judge evaluation, alone on its GPU) vLLM gives
+    it critic.gpu_memory_utilization of the GPU, since a whole evaluation batch need not fit at once."""
     c = config.critic
     critic_config = dataclasses.replace(c, sampling=VOTING[config.algorithm.voting].critic_sampling(c.sampling))
     if c.backend != "vllm":
         return CRITIC_BACKENDS[c.backend](critic_config, c.model)
-    arch = Architecture.from_hf_config(json.loads((Path(judge) / "config.json").read_text()))
+    kv_bytes = None
+    if world is not None:
+        arch = Architecture.from_hf_config(json.loads((Path(judge) / "config.json").read_text()))
+        kv_bytes = critic_kv_cache_bytes(config, arch, world)
     return CRITIC_BACKENDS["vllm"](
         critic_config, str(judge), dtype=config.model.dtype, seed=config.trainer.seed, sleep_mode=sleep_mode,
-        kv_cache_memory_bytes=critic_kv_cache_bytes(config, arch, world),
+        kv_cache_memory_bytes=kv_bytes,
     )  # fmt: skip

@@ -94,12 +94,13 @@ def test_every_metric_matches_its_hand_computed_value(annotated, tmp_path, capsy
     assert result["modes"]["average"]["2"] == pytest.approx(average)
     critique = dict(result["critique"])
     assert critique.pop("seconds_per_critique") > 0 and critique.pop("tokens_per_critique") is None
-    assert critique == pytest.approx({"critiques": 8, "says_correct_rate": 3 / 8, "abstention_rate": 1 / 8,
+    assert critique == pytest.approx({"critiques": 8, "says_correct_rate": 3 / 8,
+                                      "names_steps_saying_correct_rate": 2 / 8, "abstention_rate": 1 / 8,
                                       "failure_rate": 1 / 8, "out_of_range_rate": 1 / 8})  # fmt: skip
     assert results["judge"]["backend"] == "function" and results["judge"]["num_critiques"] == 2
     printed = capsys.readouterr().out
     assert "| hand | majority | 2 | 0.500 | 0.500 | 0.500 | 0.500 | 0.000 | 0.200 | 1.000 | 0.000 |" in printed
-    assert "said correct 0.375, abstained 0.125, failed 0.125, out-of-range index 0.125" in printed
+    assert "said correct 0.375 (naming steps all the same 0.250), abstained 0.125, failed 0.125, " in printed
     assert out.with_suffix(".png").stat().st_size > 0
     written = [json.loads(line) for line in out.with_suffix(".critiques.jsonl").read_text().splitlines()]
     assert [(r["label"], r["steps"]) for r in written] == [(2, 4), (0, 3), (-1, 3), (-1, 2)]
@@ -300,3 +301,14 @@ def test_processbench_loads_from_a_saved_dataset_and_by_hub_id(tmp_path, monkeyp
         assert [s.label for s in solutions] == [1, -1]
         assert [s.text for s in solutions[0].request.steps] == PROCESSBENCH_ROWS[0]["steps"]
         assert solutions[0].request.ground_truth() is None  # ProcessBench gives the judge no reference
+
+
+def test_the_evaluated_judge_is_built_as_training_builds_it_but_alone(annotated, tmp_path, monkeypatch):
+    """One build_critic for both; the evaluation names no world of ranks, so a local engine is not sized
+    for a training step (test_memory_budget.py holds what each choice gives vLLM)."""
+    from capo_fast import rollout
+
+    calls, real = [], rollout.build_critic
+    monkeypatch.setattr(rollout, "build_critic", lambda *a, **k: calls.append(k) or real(*a, **k))
+    _run(tmp_path, [f"x={annotated}"])
+    assert calls == [{}]

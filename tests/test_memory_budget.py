@@ -82,3 +82,24 @@ def test_a_local_judge_engine_receives_its_sized_kv_cache_on_cuda(engine_kwargs,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     LocalCritic(CriticConfig(), "judge", dtype="bfloat16", seed=0, sleep_mode=False, kv_cache_memory_bytes=77 << 20)
     assert engine_kwargs["kv_cache_memory_bytes"] == 77 << 20 and engine_kwargs["gpu_memory_utilization"] == 0.35
+
+
+def test_a_training_judge_is_sized_for_one_step_and_an_evaluated_one_gets_its_share(
+    engine_kwargs, monkeypatch, tiny_model_dir
+):
+    """In training, a local judge's KV cache holds what one step asks of this rank. The judge evaluation
+    runs it alone with a whole batch: sized for that, a 7B judge would ask for more than the GPU, so vLLM
+    takes critic.gpu_memory_utilization of the GPU instead (vllm/v1/worker/gpu_worker.py:649-675 and
+    :740-744)."""
+    import json
+
+    from capo_fast.memory_budget import Architecture, critic_kv_cache_bytes
+    from capo_fast.rollout import build_critic
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config = load_config(None, ["--critic.gpu_memory_utilization=0.8"])
+    arch = Architecture.from_hf_config(json.loads((tiny_model_dir / "config.json").read_text()))
+    build_critic(config, tiny_model_dir, world=2)
+    assert engine_kwargs["kv_cache_memory_bytes"] == critic_kv_cache_bytes(config, arch, 2)
+    build_critic(config, tiny_model_dir)
+    assert engine_kwargs["kv_cache_memory_bytes"] is None and engine_kwargs["gpu_memory_utilization"] == 0.8
