@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import torch
 
-from capo_fast.critique import Critique, Step, StepVote, critique_agreement, vote
+from capo_fast.critique import Critique, Step, StepVote, critique_agreement, majority_judgment, vote
 
 # ---- step spans to token credit ----------------------------------------------------------------------
 
@@ -259,8 +259,7 @@ class Rollout:
     @property
     def judge_verdict(self) -> float:
         """r_m of Eq. 3: 1 when a strict majority of the judgments (block or not) says correct."""
-        judged = [c.judgment for c in self.critiques if c.judgment is not None]
-        return float(sum(judged) > len(judged) / 2) if judged else 0.0
+        return float(majority_judgment(self.critiques) is True)
 
     def token_reward(self, cfg: CreditConfig) -> torch.Tensor:
         return token_rewards(RolloutSignals(self.correct, self.formatted, self.credit, self.judge_verdict), cfg)

@@ -176,6 +176,13 @@ def parse_critique(text: str, num_steps: int) -> Critique:
     return Critique(True, frozenset(named), judgment, out_of_range=len(indices - named), text=text)
 
 
+def majority_judgment(critiques: Sequence[Critique]) -> bool | None:
+    """Whether a strict majority of the judgments given (block or not) says the solution is correct
+    (GenORM's r_m); None when no critique gives one."""
+    judged = [c.judgment for c in critiques if c.judgment is not None]
+    return sum(judged) > len(judged) / 2 if judged else None
+
+
 # ---- voting ------------------------------------------------------------------------------------------
 
 VoteFn = Callable[[list[frozenset[int]], int, float], list[float]]

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from capo_fast.config import Config, ConfigError, load_config
-from capo_fast.critique import FAILED, VOTING, Critique, Step, vote
+from capo_fast.critique import FAILED, VOTING, Critique, Step, majority_judgment, vote
 from capo_fast.data import ANSWER_KEYS, QUESTION_KEYS, REFERENCE_KEYS, DataError, read_rows, row_field
 from capo_fast.rollout import Critic, CritiqueRequest
 
@@ -148,13 +148,6 @@ def subsets(n: int, k: int, seed: int = 0) -> list[tuple[int, ...]]:
     return sorted(chosen)
 
 
-def majority_verdict(critiques: Sequence[Critique]) -> bool | None:
-    """GenORM's r_m: whether a strict majority of the judgments given says the solution is correct; None
-    when no critique gives one."""
-    judged = [c.judgment for c in critiques if c.judgment is not None]
-    return sum(judged) > len(judged) / 2 if judged else None
-
-
 def _ratio(part: float, whole: float) -> float | None:
     return part / whole if whole else None
 
@@ -187,7 +180,7 @@ def score_mode(
             else:
                 sums["correct_hits"] += earliest == -1
                 sums["correct_steps"] += sum(w)
-            sums["verdict"] += majority_verdict(picked) == (label == -1)  # a missing verdict never agrees
+            sums["verdict"] += majority_judgment(picked) == (label == -1)  # a missing verdict never agrees
             sums["uncounted"] += not weights.counted
     runs = len(chosen)
     erroneous = sum(s.label >= 0 for s in solutions)
@@ -255,8 +248,6 @@ def score_set(solutions, critiques, config: Config) -> dict:
         "solutions": len(solutions),
         "erroneous": sum(s.label >= 0 for s in solutions),
         "steps": sum(len(s.request.steps) for s in solutions),
-        # training always shows the judge a reference solution or the gold answer; ProcessBench rows have neither
-        "without_ground_truth": sum(s.request.ground_truth() is None for s in solutions),
         "critique": critique_stats(critiques),
         "modes": modes,
     }
@@ -302,8 +293,8 @@ def critique_records(name: str, solutions: Sequence[AnnotatedSolution], critique
     ]
 
 
-def judge_description(config: Config) -> dict:
-    """The judge's settings, so that the results say what produced them."""
+def judge_description(config: Config, critic: Critic) -> dict:
+    """The judge's settings, so that the results say what produced them (the sampling as the critic uses it)."""
     c = config.critic
     return {
         "backend": c.backend,
@@ -311,7 +302,7 @@ def judge_description(config: Config) -> dict:
         "num_critiques": c.num_critiques,
         "answer_format": c.answer_format,
         "prompt_template": c.prompt_template or "packaged (capo_fast/prompts/critic.txt)",
-        "sampling": asdict(VOTING[config.algorithm.voting].critic_sampling(c.sampling)),
+        "sampling": asdict(critic.config.sampling),
         "include_reference": c.include_reference,
         "guided_reasoning_chars": c.guided_reasoning_chars,
         "max_model_len": c.max_model_len,
@@ -467,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     quiet_libraries(config.logging.verbosity)
     critic = build_critic(config, judge)
-    results = {"judge": judge_description(config), "sets": {}}
+    results = {"judge": judge_description(config, critic), "sets": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     critiques_path = args.out.with_suffix(".critiques.jsonl")
     critiques_path.write_text("")
@@ -480,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         critiques, cost = run_judge(critic, solutions, config.trainer.seed, lambda line: print(line, flush=True))
         results["sets"][name] = score_set(solutions, critiques, config)
         results["sets"][name]["critique"].update(cost)
+        # training always shows the judge a reference solution or the gold answer; ProcessBench rows have neither
+        results["sets"][name]["without_ground_truth"] = bare
         args.out.write_text(json.dumps(results, indent=1) + "\n")  # a set done is kept, whatever comes next
         with critiques_path.open("a") as f:
             f.writelines(json.dumps(record) + "\n" for record in critique_records(name, solutions, critiques))

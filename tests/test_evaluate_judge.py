@@ -58,11 +58,12 @@ def annotated(tmp_path):
     return path
 
 
-def _run(tmp_path, sets, *extra):
-    out = tmp_path / "judge.json"
-    argv = ["--sets", *sets, "--out", str(out), "--critic.backend=function", f"--critic.function={__name__}:scripted"]
-    assert main([*argv, "--critic.num_critiques=2", *extra]) == 0
-    return json.loads(out.read_text()), out
+def _run(tmp_path, sets, *extra, judge="scripted", status=0):
+    """main() with a function judge of this module and N=2; the results JSON (None when none was written)."""
+    out = tmp_path / f"{judge}.json"
+    argv = ["--sets", *sets, "--out", str(out), "--critic.backend=function", f"--critic.function={__name__}:{judge}"]
+    assert main([*argv, "--critic.num_critiques=2", *extra]) == status
+    return (json.loads(out.read_text()) if out.exists() else None), out
 
 
 def test_every_metric_matches_its_hand_computed_value(annotated, tmp_path, capsys):
@@ -226,11 +227,8 @@ def short_and_long(requests, num_critiques, seed):
 
 
 def test_a_function_critic_giving_too_few_or_too_many_critiques_is_held_to_n(annotated, tmp_path):
-    out = tmp_path / "n.json"
-    argv = ["--sets", f"x={annotated}", "--out", str(out), "--critic.backend=function",
-            f"--critic.function={__name__}:short_and_long", "--critic.num_critiques=2"]  # fmt: skip
-    assert main(argv) == 0
-    result = json.loads(out.read_text())["sets"]["x"]
+    results, _ = _run(tmp_path, [f"x={annotated}"], judge="short_and_long")
+    result = results["sets"]["x"]
     assert result["critique"]["critiques"] == 8 and result["critique"]["failure_rate"] == 1 / 8
     assert result["modes"]["majority"]["2"]["subsets"] == 1
 
@@ -240,25 +238,21 @@ def nothing(requests, num_critiques, seed):
 
 
 def test_a_judge_that_never_answers_stops_with_its_results_kept(annotated, tmp_path, capsys):
-    out = tmp_path / "dead.json"
-    argv = ["--sets", f"x={annotated}", f"y={annotated}", "--out", str(out), "--critic.backend=function",
-            f"--critic.function={__name__}:nothing"]  # fmt: skip
-    assert main(argv) == 1
+    results, _ = _run(tmp_path, [f"x={annotated}", f"y={annotated}"], judge="nothing", status=1)
     assert "x: 100% of critiques failed (critic.max_failure_rate=0.5)" in capsys.readouterr().err
-    result = json.loads(out.read_text())["sets"]
+    result = results["sets"]
     assert list(result) == ["x"] and result["x"]["modes"]["majority"]["1"]["correct_accuracy"] == 0.0
 
 
 def test_keys_default_to_the_run_configs_data_keys_and_rows_without_ground_truth_are_said(tmp_path, capsys):
     path = tmp_path / "mine.jsonl"
     path.write_text(json.dumps({"task": {"text": "P0"}, "steps": ["a", "b"], "label": 1}) + "\n")
-    out = tmp_path / "keys.json"
-    argv = ["--sets", f"x={path}", "--out", str(out), "--critic.backend=function",
-            f"--critic.function={__name__}:scripted", "--data.question_key=task.text"]  # fmt: skip
-    assert main(argv) == 0
-    assert json.loads(out.read_text())["sets"]["x"]["without_ground_truth"] == 1
+    results, out = _run(tmp_path, [f"x={path}"], "--data.question_key=task.text")
+    assert results["sets"]["x"]["without_ground_truth"] == 1
     assert "1 of them carry no reference solution or answer" in capsys.readouterr().out
-    assert main([*argv, "--problem-key", "missing.path"]) == 2
+    out.unlink()
+    assert _run(tmp_path, [f"x={path}"], "--data.question_key=task.text", "--problem-key", "missing.path",
+                status=2)[0] is None  # fmt: skip
 
 
 def test_split_responses_name_the_splitter_in_their_errors(tmp_path):
