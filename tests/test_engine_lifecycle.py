@@ -152,3 +152,29 @@ def test_a_dead_judge_stops_the_run_before_any_update(tiny_model_dir):
     with pytest.raises(JudgeError, match=r"step 1: 100% of critiques failed"):
         run.train_step()
     assert updates == []
+
+
+def test_a_local_judge_counts_its_tokens_and_says_which_prompts_are_too_long(tiny_model_dir, caplog):
+    """LocalCritic without vLLM: a prompt past critic.max_model_len - max_tokens is not sent (its critiques
+    fail) and the log says so; the completions' tokens are counted for the judge's cost."""
+    from transformers import AutoTokenizer
+
+    from capo_fast.rollout import ChatCritic, LocalCritic
+
+    class StandInJudge:
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+        sent = []
+
+        def generate(self, prompts, sampling, *, n, seeds, regex):
+            self.sent += prompts
+            return [[Completion([5, 6, 7], [0.0] * 3, "judged", "stop")] * n for _ in prompts]
+
+    critic = LocalCritic.__new__(LocalCritic)  # the engine is the stand-in, not a vLLM one
+    ChatCritic.__init__(critic, CriticConfig(max_model_len=256, sampling=SamplingConfig(max_tokens=128)))
+    critic.engine = StandInJudge()
+    chats = [[{"role": "user", "content": "short"}], [{"role": "user", "content": "long " * 300}]]
+    with caplog.at_level(logging.WARNING, logger="capo_fast.rollout"):
+        texts = critic._complete(chats, [0, 1], [None, None])
+    assert texts == [["judged", "judged"], [None, None]] and len(critic.engine.sent) == 1
+    assert critic.tokens_generated == 6
+    assert "1 of 2 critic prompts" in caplog.text and "exceed critic.max_model_len" in caplog.text
