@@ -294,13 +294,11 @@ class Config:
         return self
 
     def check_world_size(self, world: int) -> None:
-        """What depends on the number of ranks the launcher started (checked before any heavy work)."""
-        t, r = self.trainer, self.rollout
-        _check(
-            t.prompts_per_step % world == 0,
-            "trainer.prompts_per_step",
-            f"{t.prompts_per_step} is not a multiple of the {world} ranks launched (a rank owns whole prompt groups)",
-        )
+        """What depends on the number of ranks the launcher started (checked before any heavy work).
+
+        Any number of prompts per step fits any world size: ranks hold whole prompt groups, one more on
+        some ranks when the count is not a multiple (train.my_share)."""
+        r = self.rollout
         _check(
             world % r.tensor_parallel_size == 0 and (world > 1 or r.tensor_parallel_size == 1),
             "rollout.tensor_parallel_size",

@@ -40,6 +40,7 @@ from capo_fast.critique import (
 )
 from capo_fast.data import chat_token_ids
 from capo_fast.memory_budget import Architecture, critic_kv_cache_bytes
+from capo_fast.seeds import critique_request_seeds
 
 logger = logging.getLogger(__name__)
 _sleep_notice_given = False
@@ -382,10 +383,13 @@ class Critic(ABC):
 
     @abstractmethod
     def critique(self, requests: Sequence[CritiqueRequest], seed: int = 0) -> list[list[Critique]]:
-        """Parsed critiques, N per request."""
+        """Parsed critiques, N per request; request i samples with seeds seed + i*N ... seed + i*N + N - 1."""
 
     def sleep(self) -> None:  # noqa: B027 - most backends hold nothing to free
         """Frees what it can between critiques (a local engine's accelerator memory)."""
+
+    def probe(self) -> None:  # noqa: B027 - a local engine or a function is there once built
+        """Raises JudgeError when the judge cannot answer, so a run stops before its first rollout."""
 
 
 class ChatCritic(Critic):
@@ -410,7 +414,8 @@ class ChatCritic(Critic):
             guided_critique_regex(self.config.guided_reasoning_chars, len(r.steps)) if self.guided else None
             for r in requests
         ]
-        texts = self._complete(messages, [seed + i for i in range(len(requests))], regexes)
+        seeds = critique_request_seeds(seed, len(requests), self.config.num_critiques)  # N children apart
+        texts = self._complete(messages, seeds, regexes)
         return [
             [parse_critique(t, len(r.steps)) if t is not None else FAILED for t in per_request]
             for r, per_request in zip(requests, texts, strict=True)
@@ -483,10 +488,26 @@ class RemoteCritic(ChatCritic):
             timeout=config.timeout_s,
             max_retries=config.retries,
         )
-        self.model = model or self._served_model()
+        self.model = model or next(iter(self._served_models()), "")
 
-    def _served_model(self) -> str:
-        return self.client.models.list().data[0].id
+    def _served_models(self) -> list[str]:
+        """The server's model list; a judge that is down or behind another key raises JudgeError."""
+        try:
+            return [m.id for m in self.client.models.list().data]
+        except Exception as err:  # connection, HTTP and authentication errors alike
+            raise JudgeError(
+                f"critic.url={self.config.url!r}: the judge server did not answer ({type(err).__name__}: {err}); "
+                f"start it (vllm serve MODEL), or check critic.url and the key in ${self.config.api_key_env}"
+            ) from None
+
+    def probe(self) -> None:
+        """One request to the model list: a judge that is down or serves another model is found before the
+        first rollout, not as a step of failed critiques."""
+        served = self._served_models()
+        if self.model not in served:
+            raise JudgeError(
+                f"critic.model={self.model!r} is not served at critic.url={self.config.url!r}; it serves {served}"
+            )
 
     def _one(self, messages: list[dict], seed: int, regex: str | None) -> tuple[list[str | None], int]:
         """N completions of one chat and the tokens the server says it generated for them."""
@@ -550,7 +571,9 @@ def build_critic(config: Config, judge: Path | None, *, sleep_mode: bool = False
     c = config.critic
     critic_config = dataclasses.replace(c, sampling=VOTING[config.algorithm.voting].critic_sampling(c.sampling))
     if c.backend != "vllm":
-        return CRITIC_BACKENDS[c.backend](critic_config, c.model)
+        critic = CRITIC_BACKENDS[c.backend](critic_config, c.model)
+        critic.probe()
+        return critic
     kv_bytes = None
     if world is not None:
         arch = Architecture.from_hf_config(json.loads((Path(judge) / "config.json").read_text()))

@@ -36,6 +36,7 @@ from capo_fast.distributed import (
     broadcast_object,
     check_same_environment,
     check_shared_folder,
+    fail_together,
     rank_and_world,
     start_process_group,
 )
@@ -54,6 +55,7 @@ from capo_fast.rollout import (
     critic_sleep_mode,
     sleep_mode_supported,
 )
+from capo_fast.seeds import Stream, rank_seeds, sampling_seed
 from capo_fast.trainer import PolicyTrainer, TrainingDiverged, TrainSequence
 
 logger = logging.getLogger("capo_fast")
@@ -129,9 +131,24 @@ def resolve_model_once(name: str, key: str = "model.path") -> Path:
 
 
 def my_share(items: list, rank: int, world: int) -> list:
-    """A contiguous block per rank, so every rank keeps whole prompt groups."""
-    per = len(items) // world
-    return items[rank * per : (rank + 1) * per]
+    """A contiguous block per rank, so every rank keeps whole prompt groups; when len(items) is not a
+    multiple of world the blocks differ by one (12 prompts on 8 ranks: 1 or 2 each). Uneven shares are
+    safe downstream: micro-batch counts are equalised across ranks (trainer._micro_batches), the loss is
+    normalised by global counts, and step metrics are weighted by each rank's rollouts."""
+    return items[rank * len(items) // world : (rank + 1) * len(items) // world]
+
+
+def describe_shares(prompts: int, world: int) -> str | None:
+    """What a launch whose ranks hold unequal numbers of prompt groups should know, or None."""
+    if prompts % world == 0:
+        return None
+    sizes = sorted({len(my_share(list(range(prompts)), r, world)) for r in range(world)})
+    idle = " (ranks without a prompt still join every collective and optimizer step)" if sizes[0] == 0 else ""
+    return (
+        f"{prompts} prompts per step over {world} ranks: each rank holds {' or '.join(map(str, sizes))} prompt "
+        f"groups{idle}; a step waits for the busiest rank, so trainer.prompts_per_step a multiple of {world} "
+        f"uses every GPU fully"
+    )
 
 
 @contextmanager
@@ -139,11 +156,6 @@ def timed(times: dict[str, float], phase: str):
     start = time.perf_counter()
     yield
     times[f"time/{phase}"] = times.get(f"time/{phase}", 0.0) + time.perf_counter() - start
-
-
-def sample_seed(base: int, step: int, position: int) -> int:
-    """One seed per (step, prompt): the same samples whatever the batch split or a resume."""
-    return (base * 1_000_003 + step * 100_003 + position) % (2**31 - 1)
 
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -156,6 +168,9 @@ class Run:
         self.config = c = config
         self.rank, self.world = rank_and_world()
         c.check_world_size(self.world)
+        shares = describe_shares(c.trainer.prompts_per_step, self.world)
+        if shares and self.rank == 0:
+            print(f"note: {shares}", flush=True)
         check_same_environment(required_env(c))
         self.out = Path(c.logging.output_dir)
         self.model_path = resolve_model_once(c.model.path)
@@ -166,26 +181,11 @@ class Run:
         )
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
 
-        d = c.data
-        keys = DataKeys(d.question_key, d.answer_key, d.reference_key)
-        self.train_set = load_problems(d.train, size=d.num_train, seed=d.seed, keys=keys)
-        eval_source = d.eval or (d.train if d.train.startswith("gym:") else "")
-        eval_seed = d.seed + EVAL_SEED_OFFSET
-        self.eval_set = []
-        if eval_source:
-            self.eval_set = load_problems(eval_source, size=d.num_eval, seed=eval_seed, keys=keys)[: d.num_eval]
-        self.train_prompts = encode_prompts(self.tokenizer, self.train_set, d.system_prompt)
-        self.eval_sets = {}  # eval.sets: NAME=SOURCE, scored like the held-out set
-        for name, source in parse_sets(c.eval.sets).items():
-            problems = load_set(source, seed=eval_seed, limit=d.num_eval if source.startswith("gym:") else 0, keys=keys)
-            self.eval_sets[name] = (problems, encode_prompts(self.tokenizer, problems, d.system_prompt))
-        self.eval_prompts = encode_prompts(self.tokenizer, self.eval_set, d.system_prompt)
-        too_long = [i for i, p in enumerate(self.train_prompts) if len(p) > d.max_prompt_tokens]
-        if too_long:
-            raise DataError(
-                f"{d.train}: {len(too_long)} prompts exceed data.max_prompt_tokens, e.g. problem {too_long[0]}"
-            )
-        self.sampler = PromptSampler(len(self.train_set), c.trainer.seed)
+        # Data errors stop every rank here, before deepspeed.initialize or an engine starts.
+        fail_together(self._load_data, "loading the data")
+        # A judge server (or a critic function) answers now, not after the first rollouts.
+        remote_judge = c.needs_judge() and c.critic.backend != "vllm"
+        self.critic = fail_together(lambda: build_critic(c, None), "reaching the judge") if remote_judge else None
 
         self.trainer = PolicyTrainer(c, self.model_path)
         r = c.rollout
@@ -206,8 +206,7 @@ class Run:
         )  # fmt: skip
         self.voting = VotingConfig(a.voting, a.vote_threshold, a.min_valid_critiques)
         # The reward mode says whether critiques are read at all: GRPO-Rule and CAPO with P = 0 skip the judge.
-        self.critic = None
-        if c.needs_judge():
+        if c.needs_judge() and self.critic is None:  # a local engine: after the policy's (one sleep-mode engine)
             sleeps = c.critic.backend == "vllm" and critic_sleep_mode(
                 requested=r.sleep_mode, supported=sleep_mode_supported(), policy_sleeps=self.policy.engine.sleep_enabled
             )
@@ -226,6 +225,30 @@ class Run:
         if self.rank == 0:
             write_run_info(self.out, to_dict(c))
         self.step = 0
+
+    def _load_data(self) -> None:
+        """Training, held-out and eval.sets problems and their prompt tokens; DataError names what is wrong."""
+        c = self.config
+        d = c.data
+        keys = DataKeys(d.question_key, d.answer_key, d.reference_key)
+        self.train_set = load_problems(d.train, size=d.num_train, seed=d.seed, keys=keys)
+        eval_source = d.eval or (d.train if d.train.startswith("gym:") else "")
+        eval_seed = d.seed + EVAL_SEED_OFFSET
+        self.eval_set = []
+        if eval_source:
+            self.eval_set = load_problems(eval_source, size=d.num_eval, seed=eval_seed, keys=keys)[: d.num_eval]
+        self.train_prompts = encode_prompts(self.tokenizer, self.train_set, d.system_prompt)
+        self.eval_sets = {}  # eval.sets: NAME=SOURCE, scored like the held-out set
+        for name, source in parse_sets(c.eval.sets).items():
+            problems = load_set(source, seed=eval_seed, limit=d.num_eval if source.startswith("gym:") else 0, keys=keys)
+            self.eval_sets[name] = (problems, encode_prompts(self.tokenizer, problems, d.system_prompt))
+        self.eval_prompts = encode_prompts(self.tokenizer, self.eval_set, d.system_prompt)
+        too_long = [i for i, p in enumerate(self.train_prompts) if len(p) > d.max_prompt_tokens]
+        if too_long:
+            raise DataError(
+                f"{d.train}: {len(too_long)} prompts exceed data.max_prompt_tokens, e.g. problem {too_long[0]}"
+            )
+        self.sampler = PromptSampler(len(self.train_set), c.trainer.seed)
 
     # ---- checkpoints ---------------------------------------------------------------------------------
 
@@ -248,8 +271,14 @@ class Run:
         """The paper reports its best checkpoint: `checkpoints/best` holds the one with the highest held-out
         accuracy so far (best.json says which step); the periodic ones are pruned, this one is not."""
         record = self.checkpoint_dir / "best.json"
-        best = json.loads(record.read_text())["eval/accuracy"] if record.exists() else float("-inf")
-        if not accuracy > best:
+
+        def beats_best() -> bool:
+            best = json.loads(record.read_text())["eval/accuracy"] if record.exists() else float("-inf")
+            return accuracy > best
+
+        # Decided on rank 0 alone: another rank may read a stale best.json from a shared filesystem's cache,
+        # and ranks that disagree would not all enter the collective save.
+        if not broadcast_object(beats_best() if self.rank == 0 else None):
             return
         self.trainer.save(self.checkpoint_dir, "best", self._state(), latest=False)
         if self.rank == 0:
@@ -319,8 +348,8 @@ class Run:
         n = c.rollout.n
 
         with timed(times, "rollout"):  # includes the weight sync, reported apart as time/sync
-            seeds = [sample_seed(c.trainer.seed, self.step, p) for p in positions]
-            groups = self.policy.generate(prompts, c.rollout.sampling, n=n, seeds=seeds)
+            seeds = rank_seeds(c.trainer.seed, self.step, positions, n, c.critic.num_critiques)
+            groups = self.policy.generate(prompts, c.rollout.sampling, n=n, seeds=seeds.rollouts)
         times["time/sync"] = self.policy.last_sync_s
         by_prompt = [
             [Rollout(g, c.token_ids, c.text, c.finish_reason == "length", self.split_steps(c.text)) for c in group]
@@ -336,8 +365,7 @@ class Run:
                     CritiqueRequest(p.question, r.steps, p.reference_solution, p.answer)
                     for r, p in ((r, problems[r.group]) for r in rollouts)
                 ]
-                seed = sample_seed(c.trainer.seed + 1, self.step, positions[0])
-                for r, critiques in zip(rollouts, self.critic.critique(requests, seed=seed), strict=True):
+                for r, critiques in zip(rollouts, self.critic.critique(requests, seed=seeds.critiques), strict=True):
                     r.critiques = critiques
                 self.critic.sleep()
             scores = verified.result()
@@ -352,7 +380,8 @@ class Run:
             assign_credit(by_prompt, self.tokenizer, self.voting, self.credit_config)
             judged = rollout_metrics(rollouts, self.credit_config, num_critiques)
             if self.critic is not None:  # before the update: a dead judge must not leave a step on outcome alone
-                failed = all_reduce([judged["credit/failed_critique_rate"]])[0] / self.world  # equal shares per rank
+                failed, total = all_reduce([judged["credit/failed_critique_rate"] * len(rollouts), len(rollouts)])
+                failed /= max(total, 1)  # ranks may hold different numbers of rollouts
                 check_critique_failures(failed, c.critic, self.step + 1)
             sequences = [
                 TrainSequence(prompts[r.group], r.token_ids, r.advantage, r.penalty, r.credit) for r in rollouts
@@ -371,11 +400,9 @@ class Run:
             "response/truncated": _mean([float(r.truncated) for r in rollouts]),
         }
         self.samples.write(self.step + 1, problems, by_prompt)
-        keys = sorted(local)
+        metrics = reduce_step_metrics(local, len(rollouts))
         stat_keys = ("loss", "clipped", "entropy", "kl", "tokens")
-        summed = all_reduce([local[k] for k in keys] + [stats[k] for k in stat_keys])
-        metrics = {k: v if k in COUNTED_METRICS else v / self.world for k, v in zip(keys, summed, strict=False)}
-        loss, clipped, entropy, kl, tokens = summed[len(keys) :]
+        loss, clipped, entropy, kl, tokens = all_reduce([stats[k] for k in stat_keys])
         metrics.update({
             "actor/skipped_steps": stats["skipped"],  # the same on every rank: ZeRO reduces its overflow flag
             "actor/loss": loss, "actor/clip_fraction": clipped / max(tokens, 1),
@@ -389,7 +416,7 @@ class Run:
     def _ppo_epochs(self, sequences) -> dict[str, float]:
         c = self.config
         totals = {"loss": 0.0, "clipped": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0, "skipped": 0.0}
-        order = torch.Generator().manual_seed(sample_seed(c.trainer.seed + 2, self.step, 0))
+        order = torch.Generator().manual_seed(sampling_seed(c.trainer.seed, Stream.SHUFFLE, self.step, 0))
         for _ in range(c.algorithm.mini_epochs):
             shuffled = [sequences[i] for i in torch.randperm(len(sequences), generator=order).tolist()]
             size = -(-len(shuffled) // c.trainer.mini_batches)
@@ -484,6 +511,14 @@ def check_critique_failures(rate: float, config, step: int) -> None:
     if rate > config.warn_failure_rate:
         logger.warning("step %d: %.0f%% of critiques failed (critic.warn_failure_rate=%s)", step, 100 * rate,
                        config.warn_failure_rate)  # fmt: skip
+
+
+def reduce_step_metrics(local: dict[str, float], rollouts: int) -> dict[str, float]:
+    """Step metrics over all ranks, by name: counts summed, rates weighted by each rank's number of rollouts
+    (ranks may hold different numbers of prompt groups)."""
+    keys = sorted(local)  # the same keys on every rank
+    *sums, total = all_reduce([local[k] if k in COUNTED_METRICS else local[k] * rollouts for k in keys] + [rollouts])
+    return {k: v if k in COUNTED_METRICS else v / max(total, 1) for k, v in zip(keys, sums, strict=True)}
 
 
 def _mean(values) -> float:

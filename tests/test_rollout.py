@@ -151,6 +151,33 @@ def test_remote_critic_failures_become_failed_critiques():
     assert critiques == [[critiques[0][0]] * 2] * 2 and not critiques[0][0].valid
 
 
+def test_a_judge_server_that_is_down_stops_the_run_before_the_first_rollout():
+    from capo_fast.config import Config
+    from capo_fast.rollout import JudgeError, build_critic
+
+    with socket.socket() as s:  # a port that refuses connections
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    config = Config()
+    config.critic = CriticConfig(backend="remote", url=url, model="judge", retries=0, timeout_s=2)
+    with pytest.raises(JudgeError, match=rf"critic\.url='{url}': the judge server did not answer"):
+        build_critic(config, None)
+
+
+def test_a_judge_server_serving_another_model_is_named():
+    from types import SimpleNamespace
+
+    from capo_fast.rollout import JudgeError
+
+    critic = RemoteCritic(CriticConfig(backend="remote", url="http://judge:8000/v1"), model="Qwen2.5-72B-Instruct")
+    served = SimpleNamespace(data=[SimpleNamespace(id="Llama-3-70B-Instruct")])
+    critic.client = SimpleNamespace(models=SimpleNamespace(list=lambda: served))
+    with pytest.raises(JudgeError, match=r"critic\.model='Qwen2\.5-72B-Instruct' is not served .*Llama-3-70B"):
+        critic.probe()
+    critic.model = "Llama-3-70B-Instruct"
+    critic.probe()
+
+
 def test_the_judge_evaluation_reaches_a_remote_judge(served_tiny_model, tmp_path):
     """evaluate_judge with critic.backend=remote: every critique comes back from the server (a random model
     writes no block: abstentions, not failures), and the tokens are the server's count."""
