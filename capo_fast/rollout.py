@@ -212,6 +212,8 @@ class VLLMEngine:
         # Ranks of one tensor-parallel engine submit the same requests: each submits the group's.
         local = list(zip(prompts, seeds, regex or [None] * len(seeds), strict=True))
         requests, counts = gather_requests(local, self.tp_group)
+        if not requests:  # a rank without prompts (fewer prompts per step than ranks)
+            return []
         prompts, seeds, regex = ([r[k] for r in requests] for k in range(3))
         params = [
             SamplingParams(
