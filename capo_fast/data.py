@@ -1,6 +1,7 @@
 """Prompt datasets: files (jsonl, json, csv, parquet), saved HF datasets, hub datasets, offline generators.
 
 A source string picks the loader: `gym:<task>[+<task>...]` generates reasoning-gym tasks offline,
+`chain:train` / `chain:heldout` the chain-arithmetic task of the default run (capo_fast.chain_arithmetic),
 `org/name[:config][@split]` that is not a local path loads a hub dataset through `datasets`, anything
 else is a path. Rows of verl (chat prompt, reward_model.ground_truth, data_source) and TRL/open-r1
 (problem, solution) load as they are. Every row becomes a `Problem`; a bad row fails with its file and line.
@@ -14,6 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+
+from capo_fast.chain_arithmetic import split_rows
 
 QUESTION_KEYS = ("question", "problem", "prompt", "Question")  # the last: GPQA's rows
 ANSWER_KEYS = ("answer", "final_answer", "gold", "reward_model.ground_truth", "answerKey")  # verl's, ARC's rows
@@ -297,9 +300,26 @@ def _generate_gym(tasks: str, size: int, seed: int) -> list[Problem]:
     ][:size]
 
 
+def _generate_chain(split: str, size: int, seed: int) -> list[Problem]:
+    return [Problem(r["question"], r["answer"], r["reference_solution"]) for r in split_rows(split, size, seed)]
+
+
+def held_out_source(train: str) -> str:
+    """Where held-out problems come from when data.eval is empty: the same generator (another seed for gym,
+    the held-out split for the chain task), or none for files."""
+    if train.startswith("gym:"):
+        return train
+    return "chain:heldout" if train.startswith("chain:") else ""
+
+
 def load_problems(source: str, *, size: int, seed: int, keys: DataKeys = DataKeys()) -> list[Problem]:
     """Problems from `source` (see the module docstring); `size` and `seed` apply to generators, and `seed`
     shuffles the options of multiple-choice rows."""
+    if source.startswith("chain:"):
+        try:
+            return _generate_chain(source[6:], size, seed)
+        except ValueError as err:
+            raise DataError(str(err)) from None
     if source.startswith("gym:"):
         try:
             return _generate_gym(source[4:], size, seed)

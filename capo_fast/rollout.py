@@ -390,6 +390,11 @@ class Critic(ABC):
     def sleep(self) -> None:  # noqa: B027 - most backends hold nothing to free
         """Frees what it can between critiques (a local engine's accelerator memory)."""
 
+    @staticmethod
+    @abstractmethod
+    def describe(config: CriticConfig, policy: str) -> str:
+        """The judge in words, for the first line a run prints (`policy`: the model a judge defaults to)."""
+
     def probe(self) -> None:  # noqa: B027 - a local engine or a function is there once built
         """Raises JudgeError when the judge cannot answer, so a run stops before its first rollout."""
 
@@ -426,6 +431,10 @@ class ChatCritic(Critic):
 
 class LocalCritic(ChatCritic):
     """The GenPRM as a second vLLM engine in this process; sleeps at level 1 (frozen weights)."""
+
+    @staticmethod
+    def describe(config: CriticConfig, policy: str) -> str:
+        return f"LLM judge {config.model or policy} in a local vLLM engine"
 
     def __init__(
         self,
@@ -479,6 +488,10 @@ class RemoteCritic(ChatCritic):
     Requests run with bounded concurrency; each has a timeout and a number of retries, after which
     its N critiques are failed ones.
     """
+
+    @staticmethod
+    def describe(config: CriticConfig, policy: str) -> str:
+        return f"LLM judge {config.model or '(the served model)'} at {config.url}"
 
     def __init__(self, config: CriticConfig, model: str = ""):
         super().__init__(config)
@@ -544,6 +557,10 @@ class FunctionCritic(Critic):
     """Critiques from Python (`critic.function`, `module:function`), for tasks whose steps a program can
     check: `function(requests, num_critiques, seed)` returns, per request, N critique texts (parsed like a
     judge's) or `Critique` objects; None marks a failed one."""
+
+    @staticmethod
+    def describe(config: CriticConfig, policy: str) -> str:
+        return f"program critic {config.function} (a Python function standing in for an LLM judge)"
 
     def __init__(self, config: CriticConfig, model: str = ""):
         from capo_fast.plugins import load_callable

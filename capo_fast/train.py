@@ -24,12 +24,21 @@ from pathlib import Path
 
 import torch
 
+from capo_fast.chain_arithmetic import warmed_up_policy
 from capo_fast.config import Config, ConfigError, describe_config, load_config, to_dict
 from capo_fast.console import quiet_libraries
 from capo_fast.credit import COUNTED_METRICS as CREDIT_COUNTS
 from capo_fast.credit import CreditConfig, Rollout, VotingConfig, assign_credit, describe, rollout_metrics
 from capo_fast.critique import make_splitter
-from capo_fast.data import EVAL_SEED_OFFSET, DataError, DataKeys, PromptSampler, encode_prompts, load_problems
+from capo_fast.data import (
+    EVAL_SEED_OFFSET,
+    DataError,
+    DataKeys,
+    PromptSampler,
+    encode_prompts,
+    held_out_source,
+    load_problems,
+)
 from capo_fast.distributed import (
     all_gather_objects,
     all_reduce,
@@ -43,10 +52,20 @@ from capo_fast.distributed import (
 from capo_fast.evaluate import EvalOptions, evaluate_set, is_correct, load_set, parse_sets
 from capo_fast.launch_env import required_env
 from capo_fast.memory_budget import Architecture, kv_cache_bytes
-from capo_fast.metrics import MetricsLog, RolloutSamples, format_line, plot_run, write_run_info
+from capo_fast.metrics import (
+    MetricsLog,
+    RolloutSamples,
+    accuracy_change,
+    binomial_se,
+    format_line,
+    plot_run,
+    run_summary,
+    write_run_info,
+)
 from capo_fast.reward import COUNTED_METRICS as REWARD_COUNTS
 from capo_fast.reward import OutcomeVerifier, outcome_metrics
 from capo_fast.rollout import (
+    CRITIC_BACKENDS,
     CritiqueRequest,
     JudgeError,
     PolicyEngine,
@@ -84,6 +103,8 @@ def resolve_model(name: str, cache_dir: str | None = None, key: str = "model.pat
         return local_models.smollm2_instruct()
     if name == "tiny":
         return local_models.build_tiny_model(local_models.default_cache_dir() / "tiny-qwen2")
+    if name == "chain":
+        return warmed_up_policy()
     path = Path(name)
     if (path / "config.json").exists():
         return path
@@ -166,7 +187,17 @@ class Run:
         from transformers import AutoTokenizer
 
         self.config = c = config
+        self.started = time.monotonic()
         self.rank, self.world = rank_and_world()
+        a = c.algorithm
+        self.credit_config = CreditConfig(
+            correct_reward=a.correct_reward, penalty=a.penalty, format_weight=a.format_weight,
+            reward_mode=a.reward_mode, genorm_alpha=a.genorm_alpha, genorm_beta=a.genorm_beta,
+        )  # fmt: skip
+        judge = CRITIC_BACKENDS[c.critic.backend].describe(c.critic, c.model.path) if c.needs_judge() else "no judge"
+        self.method = f"{describe(self.credit_config)}, voting={a.voting}; {judge}"
+        if self.rank == 0:
+            print(f"method: {self.method}", flush=True)  # the first line the run prints
         c.check_world_size(self.world)
         shares = describe_shares(c.trainer.prompts_per_step, self.world)
         if shares and self.rank == 0:
@@ -199,11 +230,6 @@ class Run:
             ),
             self.trainer,
         )  # fmt: skip
-        a = c.algorithm
-        self.credit_config = CreditConfig(
-            correct_reward=a.correct_reward, penalty=a.penalty, format_weight=a.format_weight,
-            reward_mode=a.reward_mode, genorm_alpha=a.genorm_alpha, genorm_beta=a.genorm_beta,
-        )  # fmt: skip
         self.voting = VotingConfig(a.voting, a.vote_threshold, a.min_valid_critiques)
         # The reward mode says whether critiques are read at all: GRPO-Rule and CAPO with P = 0 skip the judge.
         if c.needs_judge() and self.critic is None:  # a local engine: after the policy's (one sleep-mode engine)
@@ -213,8 +239,6 @@ class Run:
             self.critic = build_critic(c, self.critic_path or self.model_path, sleep_mode=sleeps, world=self.world)
         self.verifier = OutcomeVerifier(num_workers=1, timeout_s=a.verifier_timeout_s, verifier=a.verifier)
         self.split_steps = make_splitter(c.critic.step_splitter)
-        if self.rank == 0:
-            print(f"method: {describe(self.credit_config)}, voting={a.voting}", flush=True)
         self.log = MetricsLog(
             self.out, enabled=self.rank == 0, tensorboard=c.logging.tensorboard,
             wandb_project=c.logging.wandb_project, config=to_dict(c),
@@ -232,7 +256,7 @@ class Run:
         d = c.data
         keys = DataKeys(d.question_key, d.answer_key, d.reference_key)
         self.train_set = load_problems(d.train, size=d.num_train, seed=d.seed, keys=keys)
-        eval_source = d.eval or (d.train if d.train.startswith("gym:") else "")
+        eval_source = d.eval or held_out_source(d.train)
         eval_seed = d.seed + EVAL_SEED_OFFSET
         self.eval_set = []
         if eval_source:
@@ -464,6 +488,9 @@ class Run:
             if self.rank == 0:
                 shutil.copy(self.out / "run.json", self.out / "final" / "run.json")
         if self.rank == 0:
+            summary = run_summary(self.log.rows(), problems=len(self.eval_set), seconds=time.monotonic() - self.started,
+                                  method=self.method)  # fmt: skip
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             curves = plot_run(self.log.path, self.out / "curves.png")
             print(f"logs: {self.log.path}  curves: {curves}  checkpoints: {self.checkpoint_dir}  final model: "
                   f"{self.out / 'final'}")  # fmt: skip
@@ -492,10 +519,16 @@ class Run:
         )
 
     def _report_eval(self, when: str, metrics: dict[str, float]) -> None:
-        if self.rank == 0:
-            accuracy = metrics["eval/accuracy"]
-            print(f"eval accuracy {when}: {accuracy:.3f} on {len(self.eval_set)} held-out problems", flush=True)
-            self.log.log(self.step, {f"eval/accuracy_{when.split()[0]}": accuracy, **metrics})
+        if self.rank != 0:
+            return
+        accuracy, n = metrics["eval/accuracy"], len(self.eval_set)
+        line = f"eval accuracy {when}: {accuracy:.3f} ± {binomial_se(accuracy, n):.3f} (SE) on {n} held-out problems"
+        before = next((r["eval/accuracy_before"] for r in self.log.rows() if "eval/accuracy_before" in r), None)
+        if when == "after training" and before is not None:
+            change, se = accuracy_change(before, accuracy, n)
+            line += f"; change {change:+.3f} ± {se:.3f} ({change / se if se else float('nan'):+.1f} SE)"
+        print(line, flush=True)
+        self.log.log(self.step, {f"eval/accuracy_{when.split()[0]}": accuracy, **metrics})
 
 
 def check_critique_failures(rate: float, config, step: int) -> None:
