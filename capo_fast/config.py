@@ -72,6 +72,9 @@ class DataConfig:
     question_key: str = ""
     answer_key: str = ""  # as question_key, for the gold answer
     reference_key: str = ""  # as question_key, for the reference solution the judge sees
+    # A dataset's instruction wrapper stripped from every question (data.INSTRUCTION_WRAPPERS), e.g. dapo:
+    # DAPO-Math-17k's "... of the form Answer: $Answer ..." around each problem; empty: questions as given.
+    strip_instruction: str = ""
 
 
 @dataclass
@@ -289,6 +292,10 @@ class Config:
             f"{t.deepspeed_config} does not exist (paths are relative to the working directory)",
         )
         _check(self.data.num_eval >= 0, "data.num_eval", "must be >= 0")
+        from capo_fast.data import INSTRUCTION_WRAPPERS
+
+        wrappers = ["", *sorted(INSTRUCTION_WRAPPERS)]
+        _check(self.data.strip_instruction in wrappers, "data.strip_instruction", f"must be one of {wrappers}")
         _check(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
         _check(self.logging.rollout_samples >= 0, "logging.rollout_samples", "must be >= 0")
         return self

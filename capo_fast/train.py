@@ -167,7 +167,7 @@ class Run:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
 
         d = c.data
-        keys = DataKeys(d.question_key, d.answer_key, d.reference_key)
+        keys = DataKeys(d.question_key, d.answer_key, d.reference_key, d.strip_instruction)
         self.train_set = load_problems(d.train, size=d.num_train, seed=d.seed, keys=keys)
         eval_source = d.eval or (d.train if d.train.startswith("gym:") else "")
         eval_seed = d.seed + EVAL_SEED_OFFSET
