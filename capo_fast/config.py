@@ -188,6 +188,8 @@ class CheckpointConfig:
 class EvalConfig:
     every: int = 0  # steps; 0: only before and after training
     sets: list[str] = field(default_factory=list)  # NAME=SOURCE, scored with the held-out set: eval/NAME/pass@1
+    # NAME=SOURCE sets of the final evaluation (python -m capo_fast.evaluate --config FILE); not scored in training
+    benchmarks: list[str] = field(default_factory=list)
     max_tokens: int = 128  # new tokens per evaluation answer
 
 

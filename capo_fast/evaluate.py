@@ -2,6 +2,10 @@
 
     python -m capo_fast.evaluate --model Qwen/Qwen2.5-1.5B --runs 3 --samples 16 --k 1 8 16 \\
         --sets math500=HuggingFaceH4/MATH-500@test aime24=/data/aime24.jsonl --out results.json
+    python -m capo_fast.evaluate --model runs/capo-qwen2.5-7b/final --config configs/gpu-qwen2.5-7b.yaml
+
+`--config` takes the sets from the run config's eval.benchmarks (the GPU configs list the paper's seven)
+and the system prompt from its data.system_prompt.
 
 Per set: greedy pass@1 averaged over `--runs` runs (the paper: 3; also per `data_source` of the rows)
 with its spread over the runs (population std, min and max, as the paper's Tables 11-12 report a
@@ -211,7 +215,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m capo_fast.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", required=True, help="HF model folder or hub id (or smollm2 / tiny)")
-    parser.add_argument("--sets", nargs="+", required=True, metavar="NAME=SOURCE", help="data sources as in data.train")
+    parser.add_argument("--sets", nargs="+", metavar="NAME=SOURCE", help="data sources as in data.train")
+    parser.add_argument(
+        "--config", type=Path, help="a run config: --sets default to its eval.benchmarks, --system-prompt to its data's"
+    )
     parser.add_argument("--runs", type=int, default=3, help="greedy runs averaged for pass@1")
     parser.add_argument("--samples", type=int, default=0, help="sampled answers per problem for pass@k and maj@k")
     parser.add_argument("--k", type=int, nargs="+", default=[1], help="k of pass@k and maj@k (<= --samples)")
@@ -219,7 +226,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--temperature", type=float, default=0.6, help="of the sampled answers")
     parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--system-prompt", default=PAPER_SYSTEM_PROMPT)
+    parser.add_argument("--system-prompt", help="the policy's system prompt (default: the paper's)")
     parser.add_argument("--limit", type=int, default=0, help="first N problems of each set (0: all)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0, help="sampling seeds; run r shuffles options with seed + r")
@@ -241,7 +248,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--tensor-parallel-size: must be >= 1, got {args.tensor_parallel_size}")
     if args.runs < 1:
         parser.error(f"--runs: must be >= 1, got {args.runs}")
+    if not args.sets and not args.config:
+        parser.error("name the sets: --sets NAME=SOURCE ... or --config FILE (its eval.benchmarks)")
     return args
+
+
+def _from_config(args: argparse.Namespace) -> argparse.Namespace:
+    """Fills --sets and --system-prompt from `--config` where the command line left them out."""
+    if args.config is None:
+        return argparse.Namespace(**vars(args) | {"system_prompt": args.system_prompt or PAPER_SYSTEM_PROMPT})
+    from capo_fast.config import ConfigError, load_config
+
+    config = load_config(args.config)
+    sets = args.sets or config.eval.benchmarks
+    if not sets:
+        raise ConfigError(f"{args.config}: eval.benchmarks lists no sets (or pass --sets)")
+    return argparse.Namespace(
+        **vars(args) | {"sets": sets, "system_prompt": args.system_prompt or config.data.system_prompt}
+    )
 
 
 def build_engine(args: argparse.Namespace, model: Path):
@@ -274,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     from capo_fast.train import resolve_model
 
     try:
+        args = _from_config(args)
         named = parse_sets(args.sets)
         keys = DataKeys(args.question_key, args.answer_key)
         sets = {
@@ -291,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     options = EvalOptions(
         args.runs, args.samples, tuple(args.k), args.max_tokens, args.temperature, args.top_p, args.seed
     )
-    results = {"model": args.model, "options": vars(args) | {"out": str(args.out)}, "sets": {}}
+    results = {
+        "model": args.model,
+        "options": vars(args) | {"out": str(args.out), "config": str(args.config)},
+        "sets": {},
+    }
     with OutcomeVerifier(num_workers=2) as verifier:
         for name, per_run in sets.items():
             first, rest = per_run[0], per_run[1:]
