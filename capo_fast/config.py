@@ -72,6 +72,9 @@ class DataConfig:
     question_key: str = ""
     answer_key: str = ""  # as question_key, for the gold answer
     reference_key: str = ""  # as question_key, for the reference solution the judge sees
+    # A dataset's instruction wrapper stripped from every question (data.INSTRUCTION_WRAPPERS), e.g. dapo:
+    # DAPO-Math-17k's "... of the form Answer: $Answer ..." around each problem; empty: questions as given.
+    strip_instruction: str = ""
 
 
 @dataclass
@@ -185,6 +188,8 @@ class CheckpointConfig:
 class EvalConfig:
     every: int = 5  # steps; 0: only before and after training
     sets: list[str] = field(default_factory=list)  # NAME=SOURCE, scored with the held-out set: eval/NAME/pass@1
+    # NAME=SOURCE sets of the final evaluation (python -m capo_fast.evaluate --config FILE); not scored in training
+    benchmarks: list[str] = field(default_factory=list)
     max_tokens: int = 80  # new tokens per evaluation answer
 
 
@@ -289,6 +294,10 @@ class Config:
             f"{t.deepspeed_config} does not exist (paths are relative to the working directory)",
         )
         _check(self.data.num_eval >= 0, "data.num_eval", "must be >= 0")
+        from capo_fast.data import INSTRUCTION_WRAPPERS
+
+        wrappers = ["", *sorted(INSTRUCTION_WRAPPERS)]
+        _check(self.data.strip_instruction in wrappers, "data.strip_instruction", f"must be one of {wrappers}")
         _check(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
         _check(self.logging.rollout_samples >= 0, "logging.rollout_samples", "must be >= 0")
         return self

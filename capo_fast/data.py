@@ -55,6 +55,7 @@ class DataKeys:
     question: str = ""
     answer: str = ""
     reference: str = ""
+    instruction: str = ""  # data.strip_instruction: the INSTRUCTION_WRAPPERS entry stripped from questions
 
 
 class DataError(ValueError):
@@ -125,7 +126,41 @@ def problem_from_row(row: object, where: str, keys: DataKeys = DataKeys()) -> Pr
         answer = LETTERS[_correct_option(choices, labels, answer, where)]
     source = row.get("data_source")
     reference = str(reference) if reference else None
-    return Problem(question, str(answer), reference, messages, str(source or ""), choices)
+    return strip_instruction(Problem(question, str(answer), reference, messages, str(source or ""), choices), keys)
+
+
+# Instruction wrappers some datasets put around every problem, as (prefix, suffix), stripped by
+# data.strip_instruction so the policy and the judge read the problem under the paper's own system prompt.
+# dapo: DAPO-Math-17k's rows (BytedTsinghua-SIA/DAPO-Math-17k; the example rows of its README) ask for a last
+# line "Answer: $Answer", which contradicts the paper's \boxed{} answer.
+INSTRUCTION_WRAPPERS: dict[str, tuple[str, str]] = {
+    "dapo": (
+        "Solve the following math problem step by step. The last line of your response should be of the form "
+        "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n",
+        '\n\nRemember to put your answer on its own line after "Answer:".',
+    ),
+}
+
+
+def strip_instruction(problem: Problem, keys: DataKeys) -> Problem:
+    """The problem without the `keys.instruction` wrapper (INSTRUCTION_WRAPPERS), in its question and in the
+    user messages of its chat prompt; each part of the wrapper goes where present, and a question without it
+    (an evaluation set read with the training set's keys) is kept as it is."""
+    if not keys.instruction:
+        return problem
+    if keys.instruction not in INSTRUCTION_WRAPPERS:
+        raise DataError(f"data.strip_instruction: {keys.instruction!r} is not one of {sorted(INSTRUCTION_WRAPPERS)}")
+    prefix, suffix = (part.strip() for part in INSTRUCTION_WRAPPERS[keys.instruction])
+
+    def strip(text: str) -> str:
+        text = text.strip()
+        text = text.removeprefix(prefix).lstrip()
+        return text.removesuffix(suffix).rstrip()
+
+    messages = problem.messages
+    if messages is not None:
+        messages = tuple(m | {"content": strip(m["content"])} if m["role"] == "user" else m for m in messages)
+    return replace(problem, question=strip(problem.question), messages=messages)
 
 
 _OWN_LETTER = re.compile(r"^\(?([A-Z])\s*[).:]\s*")

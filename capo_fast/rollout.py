@@ -97,6 +97,8 @@ class VLLMEngine:
         model: HF model folder.
         sleep_level: 2 for the policy (weights are re-synced every step), 1 for a frozen critic.
         kv_cache_memory_bytes: the KV cache's size on CUDA (default: what gpu_memory_utilization leaves).
+        executor_backend: vLLM's distributed_executor_backend; empty: one engine rank per launched process
+            (`_executor_backend`); "mp": vLLM's own worker processes (a standalone engine over several GPUs).
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class VLLMEngine:
         sleep_level: int = 2,
         sleep_mode: bool = True,
         kv_cache_memory_bytes: int | None = None,
+        executor_backend: str = "",
     ):
         global _sleep_notice_given
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model must live in this process
@@ -136,7 +139,7 @@ class VLLMEngine:
             dtype=dtype,
             seed=seed,
             tensor_parallel_size=tensor_parallel_size,
-            distributed_executor_backend=_executor_backend(tensor_parallel_size),
+            distributed_executor_backend=executor_backend or _executor_backend(tensor_parallel_size),
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
             enforce_eager=enforce_eager or not on_cuda,
@@ -445,6 +448,7 @@ class LocalCritic(ChatCritic):
         seed: int,
         sleep_mode: bool,
         kv_cache_memory_bytes: int | None = None,
+        executor_backend: str = "",
     ):
         super().__init__(config)
         self.engine = VLLMEngine(

@@ -254,7 +254,7 @@ class Run:
         """Training, held-out and eval.sets problems and their prompt tokens; DataError names what is wrong."""
         c = self.config
         d = c.data
-        keys = DataKeys(d.question_key, d.answer_key, d.reference_key)
+        keys = DataKeys(d.question_key, d.answer_key, d.reference_key, d.strip_instruction)
         self.train_set = load_problems(d.train, size=d.num_train, seed=d.seed, keys=keys)
         eval_source = d.eval or held_out_source(d.train)
         eval_seed = d.seed + EVAL_SEED_OFFSET
