@@ -341,14 +341,20 @@ def model_weights(model: torch.nn.Module, *, bucket_bytes: int = 256 << 20) -> I
 
 
 def guided_critique_regex(reasoning_chars: int, num_steps: int) -> str:
-    """What `answer_format: guided` lets a critic write: the paper's judgment line, some reasoning, and
-    an `<incorrect_steps>` list that can only name steps the response has."""
+    """What `answer_format: guided` lets a critic write: the paper's judgment line first; after "Yes" the
+    critique ends there (valid, it flags nothing); after "No", some reasoning and an `<incorrect_steps>`
+    list that can only name steps the response has (possibly none: a judge that finds no wrong step is not
+    made to pick one).
+
+    The paper asks for the list only when the solution is wrong. A grammar that required a list after "Yes"
+    made a small judge fill it: SmolLM2-135M, told to leave it empty, named steps in 93% of its "Yes"
+    critiques, and training penalised them. Every text this grammar admits parses as a valid critique
+    whose verdict is the one on its first line (the reasoning cannot open a block: it has no "<")."""
     reasoning = f"[^<]{{0,{reasoning_chars}}}\\n" if reasoning_chars else ""
     index = "(" + "|".join(str(k) for k in range(num_steps)) + ")"
     indices = f"({index}(,{index}){{0,{num_steps - 1}}})?" if num_steps else ""
     literal = re.sub(r"([()?.])", r"\\\1", JUDGMENT_LINE)  # no "\\ ": engines differ on it
-    judgment = literal + " (Yes|No)\\n"
-    return judgment + reasoning + f"<incorrect_steps>{indices}</incorrect_steps>"
+    return literal + f" (Yes|No\\n{reasoning}<incorrect_steps>{indices}</incorrect_steps>)"
 
 
 class JudgeError(RuntimeError):
