@@ -283,3 +283,13 @@ def test_the_judge_sees_the_reference_solution_else_the_gold_answer():
     critic = Recording(CriticConfig(num_critiques=1, include_reference=False))
     critic.critique(requests[:1])
     assert "\\boxed{4}" not in critic.prompts[0] and "none given" in critic.prompts[0]
+
+
+def test_vote_threshold_must_be_a_fraction_of_the_critiques_in_zero_one():
+    from capo_fast.config import ConfigError, load_config
+
+    for bad in ("0", "-0.1", "1.5", ".nan"):
+        with pytest.raises(ConfigError, match=r"algorithm\.vote_threshold.*\(0, 1\]"):
+            load_config(None, [f"--algorithm.vote_threshold={bad}"])
+    assert load_config(None, ["--algorithm.vote_threshold=1"]).algorithm.vote_threshold == 1.0
+    assert load_config(None).algorithm.vote_threshold == 0.5
