@@ -176,10 +176,10 @@ def _answer_after(lines: list[str], row: int, column: int) -> bool | None:
 
 def parse_judgment(text: str) -> bool | None:
     """The verdict of the judgment line: the Yes or No that answers "(Yes/No)?" on a line that says
-    "Judgment" (or "Judgement") before the question. The first such answer counts: the paper's judge
-    answers it first, and whatever it writes after (prose with "judgment" in it, a second judgment line
-    in its reasoning) never overrides it. Without such a line, the first line that starts "Judgment: Yes"
-    or "Judgment: No" (the verdict ending its clause). None when there is neither."""
+    "Judgment" (or "Judgement") before the question, or a line that starts "Judgment: Yes" or
+    "Judgment: No" (the verdict ending its clause). The first such line counts: the paper's judge answers
+    it first, and whatever it writes after (prose with "judgment" in it, a second judgment line in its
+    reasoning) never overrides it. None when there is none."""
     lines = text.split("\n")
     for row, line in enumerate(lines):
         asked_from = 0
@@ -189,7 +189,6 @@ def parse_judgment(text: str) -> bool | None:
                 if answer is not None:
                     return answer
             asked_from = question.end()
-    for line in lines:
         keyed = _KEYED_VERDICT.match(line)
         if keyed:
             return keyed.group(1).lower() == "yes"
