@@ -92,8 +92,8 @@ class CriticConfig:
     backend: str = "vllm"  # rollout.CRITIC_BACKENDS: vllm (an engine in each training process) or remote
     model: str = ""  # judge model (folder or name on the server); empty: the policy's start
     num_critiques: int = 2  # N: critiques per rollout, combined by algorithm.voting
-    # guided: decoding is constrained so the critique ends in the judgment and <incorrect_steps> lines
-    # (small judges rarely keep the format on their own); free: the judge writes as it likes.
+    # guided: decoding is constrained to the judgment line, then nothing after Yes, the <incorrect_steps> list
+    # after No (small judges rarely keep the format on their own); free: the judge writes as it likes.
     answer_format: AnswerFormat = "guided"  # guided | free, see the comment above
     guided_reasoning_chars: int = 200  # room for reasoning before the closing lines when guided
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=128))

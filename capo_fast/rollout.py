@@ -464,7 +464,7 @@ class LocalCritic(ChatCritic):
         outputs = self.engine.generate(pick(prompts), self.config.sampling, n=n, seeds=pick(seeds), regex=pick(regexes))
         texts: list[list[str | None]] = [[None] * self.config.num_critiques for _ in prompts]
         for i, completions in zip(fits, outputs, strict=True):
-            texts[i] = [c.text for c in completions]  # a cut-off critique without its block parses as failed
+            texts[i] = [c.text for c in completions]  # cut off before its block: an abstention unless it said Yes
             self.tokens_generated += sum(len(c.token_ids) for c in completions)
         return texts
 
