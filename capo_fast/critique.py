@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _BLANK_LINE = re.compile(r"\n[ \t\r]*\n\s*")
-# Critique parsing (DESIGN.md 1.3). Every pattern below is a literal or a run of one character class, so a
-# scan costs linear time in the critique whatever a judge writes (32k tokens of unclosed tags included).
+# Critique parsing (DESIGN.md 1.3). Each pattern below starts at a literal or a digit run and scans forward
+# over one character class, and no stretch of text is scanned twice, so parsing costs linear time whatever a
+# judge writes (32k tokens of unclosed tags took seconds with a lazy block pattern that restarts at each tag).
 _TAG = re.compile(r"<(/?)incorrect_steps>", re.IGNORECASE)
 _STEP_TOKEN = re.compile(r"</?step_(\d+)>", re.IGNORECASE)
 # An index or a range of them ("2-4", "2 to 4", "2..4"); a number right after a minus sign is negative, not a step.
@@ -29,7 +30,7 @@ _NOTHING_BUT_MARKUP = re.compile(r"[ \t\r*_`'\"\[:]*$")
 # "Judgment: No" without the question, at the start of a line; the verdict must end its clause, so that
 # "Judgment: no step is wrong" is prose, not a verdict.
 _KEYED_VERDICT = re.compile(
-    r"[ \t>#*_-]*judge?ment[ \t*_]*:[ \t*_]*(yes|no)\b(?=[ \t*_]*(?:[.,;:!)]|$))", re.IGNORECASE
+    r"[ \t>#*_-]*judge?ment[ \t*_]*:[ \t*_]*(yes|no)\b(?=[ \t\r*_]*(?:[.,;:!)]|$))", re.IGNORECASE
 )
 
 

@@ -293,3 +293,9 @@ def test_vote_threshold_must_be_a_fraction_of_the_critiques_in_zero_one():
             load_config(None, [f"--algorithm.vote_threshold={bad}"])
     assert load_config(None, ["--algorithm.vote_threshold=1"]).algorithm.vote_threshold == 1.0
     assert load_config(None).algorithm.vote_threshold == 0.5
+
+
+def test_windows_line_ends_read_the_same():
+    text = "Reasoning.\r\nJudgment: No\r\n<incorrect_steps>1</incorrect_steps>\r\n"
+    assert parse_critique(text, 3) == Critique(True, frozenset({1}), False)
+    assert parse_judgment("Judgment: Is the solution correct (Yes/No)?\r\n**Yes**\r\n") is True
