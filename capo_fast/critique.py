@@ -27,10 +27,10 @@ _JUDGMENT_KEY = re.compile(r"judge?ment", re.IGNORECASE)
 _YES_NO_QUESTION = re.compile(r"\(\s*yes\s*/\s*no\s*\)\s*\??", re.IGNORECASE)
 _ANSWER = re.compile(r"[ \t\r*_`'\"\[:]*(yes|no)\b", re.IGNORECASE)  # the first word after the question
 _NOTHING_BUT_MARKUP = re.compile(r"[ \t\r*_`'\"\[:]*$")
-# "Judgment: No" without the question, at the start of a line; the verdict must end its clause, so that
-# "Judgment: no step is wrong" is prose, not a verdict.
+# "Judgment: No" without the question, at the start of a line; the verdict must end its clause (punctuation,
+# the line's end or the list's tag), so that "Judgment: no step is wrong" is prose, not a verdict.
 _KEYED_VERDICT = re.compile(
-    r"[ \t>#*_-]*judge?ment[ \t*_]*:[ \t*_]*(yes|no)\b(?=[ \t\r*_]*(?:[.,;:!)]|$))", re.IGNORECASE
+    r"[ \t>#*_-]*judge?ment[ \t*_]*:[ \t*_]*(yes|no)\b(?=[ \t\r*_]*(?:[.,;:!)]|<incorrect_steps>|$))", re.IGNORECASE
 )
 
 
@@ -183,6 +183,9 @@ def parse_judgment(text: str) -> bool | None:
     reasoning) never overrides it. None when there is none."""
     lines = text.split("\n")
     for row, line in enumerate(lines):
+        keyed = _KEYED_VERDICT.match(line)  # at the start of the line: before any question on it
+        if keyed:
+            return keyed.group(1).lower() == "yes"
         asked_from = 0
         for question in _YES_NO_QUESTION.finditer(line):
             if _JUDGMENT_KEY.search(line, asked_from, question.start()):
@@ -190,9 +193,6 @@ def parse_judgment(text: str) -> bool | None:
                 if answer is not None:
                     return answer
             asked_from = question.end()
-        keyed = _KEYED_VERDICT.match(line)
-        if keyed:
-            return keyed.group(1).lower() == "yes"
     return None
 
 

@@ -42,8 +42,8 @@ def judgment_line(draw, verdict: bool):
     colon = "" if key.endswith(":**") else ":"
     shape = draw(st.sampled_from(["line", "bold", "next line", "short"]))
     end = draw(st.sampled_from(["", ".", " ", ", as explained.", "!"]))
-    if shape == "short":  # the line without the question
-        return f"{key}{colon} {word}{end}"
+    if shape == "short":  # the line without the question: the verdict ends its clause, or the line
+        return f"{key}{colon} {word}{end}" + draw(st.sampled_from(["\n", " <incorrect_steps>", ", so"]))
     answer = {"line": f" {word}", "bold": f" **{word}**", "next line": f"\n{word}"}[shape]
     return f"{key}{colon} {QUESTION}{answer}{end}"
 
