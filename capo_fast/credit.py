@@ -156,7 +156,8 @@ def _genorm_score(sig: RolloutSignals, cfg: CreditConfig) -> float:
     return verdict + cfg.genorm_beta * sig.correct - 1.0 + cfg.format_weight * sig.formatted
 
 
-def _critique_has_steps(c: Critique) -> bool:
+def _critique_votes(c: Critique) -> bool:
+    """A block, or a Yes without one (it votes for no wrong step)."""
     return c.valid
 
 
@@ -174,7 +175,7 @@ class RewardMode:
     needs_judge: Callable[[CreditConfig], bool]
     name: str  # what the logs call the run
     params: Callable[[CreditConfig], str]  # the constants the logs name
-    usable: Callable[[Critique], bool] = _critique_has_steps  # a critique this mode reads (else: failed)
+    usable: Callable[[Critique], bool] = _critique_votes  # a critique this mode reads (else: failed)
 
 
 REWARD_MODES: dict[str, RewardMode] = {
