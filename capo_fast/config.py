@@ -365,7 +365,7 @@ _KNOWN_TAGS = {_YAML_TAG + t for t in ("str", "int", "float", "bool", "null", "t
 
 def _shown(value: Any) -> str:
     text = repr(value)
-    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
+    return text if len(text) <= 120 else f"{text[:80]}... ({len(text)} characters)"
 
 
 class _Scalar(typing.NamedTuple):
