@@ -8,6 +8,7 @@ offline arithmetic, sized for a 2-core CPU.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,11 @@ class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key and where it was set."""
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # evaluates every annotation's text: once per class
+
+
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
@@ -34,9 +40,9 @@ MAX_GENORM_ALPHA = 92.0  # sigmoid(-92) < 1e-40: every larger |alpha| scores lik
 def _check_numbers(section: Any, prefix: str) -> None:
     """One rule for every number of every section: a finite value of the field's type (no NaN or inf,
     which pass every `>=` check by failing it silently or by being infinite)."""
+    hints = _type_hints(type(section))
     for f in dataclasses.fields(section):
-        value, key = getattr(section, f.name), f"{prefix}{f.name}"
-        hint = typing.get_type_hints(type(section))[f.name]
+        value, key, hint = getattr(section, f.name), f"{prefix}{f.name}", hints[f.name]
         if dataclasses.is_dataclass(value):
             _check_numbers(value, key + ".")
         elif hint in (int, float):
@@ -360,7 +366,9 @@ MAX_YAML_VALUES = 10_000  # values a config may expand to through aliases: a "bi
 _YAML_TAG = "tag:yaml.org,2002:"
 # What PyYAML's resolver reads plain text as, and the collections: any other tag (`!x`, `!!python/...`,
 # the merge key `<<`) was written by the user on purpose and is refused rather than half-honoured.
-_KNOWN_TAGS = {_YAML_TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp", "map", "seq")}
+_KNOWN_TAGS = {
+    _YAML_TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp", "value", "merge", "map", "seq")
+}
 
 
 def _shown(value: Any) -> str:
@@ -480,7 +488,7 @@ def _hint(obj: Any, path: list[str]) -> Any:
     """The type of the field (or section) a dotted path names; None for an unknown key."""
     hint = None
     for name in path:
-        hints = typing.get_type_hints(type(obj)) if dataclasses.is_dataclass(obj) else {}
+        hints = _type_hints(type(obj)) if dataclasses.is_dataclass(obj) else {}
         if name not in hints:
             return None
         hint, obj = hints[name], getattr(obj, name)
@@ -489,7 +497,7 @@ def _hint(obj: Any, path: list[str]) -> Any:
 
 def _assign(obj: Any, path: list[str], value: Any, where: str) -> None:
     key = ".".join(path)
-    hints = typing.get_type_hints(type(obj))
+    hints = _type_hints(type(obj))
     name = path[0]
     if name not in hints:
         known = ", ".join(f.name for f in dataclasses.fields(obj))
