@@ -364,8 +364,8 @@ class Config:
 
 MAX_YAML_VALUES = 10_000  # values a config may expand to through aliases: a "billion laughs" stops here
 _YAML_TAG = "tag:yaml.org,2002:"
-# What PyYAML's resolver reads plain text as, and the collections: any other tag (`!x`, `!!python/...`,
-# the merge key `<<`) was written by the user on purpose and is refused rather than half-honoured.
+# What PyYAML's resolver reads plain text as (`=` and `<<` too: the merge key then is an unknown key), and the
+# collections: any other tag (`!x`, `!!python/...`) was written on purpose and is refused, not half-honoured.
 _KNOWN_TAGS = {
     _YAML_TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp", "value", "merge", "map", "seq")
 }
@@ -451,8 +451,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Converts a YAML or command-line value to the field's type, or raises naming the key."""
     origin = typing.get_origin(hint)
     if origin is list:
-        if isinstance(value, _Scalar):
-            return [value.text] if value.resolved(key) not in ("", None) else []
+        if isinstance(value, _Scalar):  # one item; empty or null: none
+            return [] if value.text == "" or (value.node and value.node.tag == _YAML_TAG + "null") else [value.text]
         if not isinstance(value, list) or not all(isinstance(v, _Scalar) for v in value):
             raise ConfigError(f"{key}: expected a list of strings")
         return [v.text for v in value]

@@ -9,6 +9,7 @@ never raised.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 import re
 import time
@@ -205,8 +206,10 @@ class OutcomeVerifier:
     def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, verifier: str = DEFAULT_VERIFIER):
         from capo_fast.plugins import load_callable
 
-        if num_workers < 1 or timeout_s <= 0:
-            raise ValueError("num_workers must be >= 1 and timeout_s > 0")
+        if num_workers < 1 or not 0 < timeout_s < math.inf:  # NaN fails every comparison: no item would time out
+            raise ValueError(
+                f"num_workers must be >= 1 and timeout_s a finite number > 0, got {num_workers}, {timeout_s}"
+            )
         load_callable(verifier, "algorithm.verifier")  # a bad name fails here, not in a worker
         self.num_workers, self.timeout_s, self.verifier = num_workers, timeout_s, verifier
         self._ctx = mp.get_context("spawn")  # no fork of a process holding threads or devices

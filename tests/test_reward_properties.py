@@ -101,3 +101,11 @@ def test_whitespace_runs_do_not_make_answer_patterns_backtrack():
     assert final_answer("The answer is" + " \t" * 50_000 + "\n") is None
     assert final_answer("So there are 12 apples. " + "so " * 30_000 + "x is 5.") == "$5$"
     assert final_answer("Thus" + " " * 100_000 + "we get 3.") == "$3$"
+
+
+@pytest.mark.parametrize("timeout_s", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_verifier_timeout_must_be_a_finite_positive_number(timeout_s):
+    from capo_fast.reward import OutcomeVerifier
+
+    with pytest.raises(ValueError, match="timeout_s a finite number > 0"):
+        OutcomeVerifier(timeout_s=timeout_s)
