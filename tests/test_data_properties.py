@@ -22,7 +22,7 @@ FORMATS = [".jsonl", ".json", ".csv", ".parquet"]
 SINGLE_LINE = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"), min_size=1,
                       max_size=20).filter(lambda s: s.strip())  # fmt: skip
 SMALL = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-LARGE = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+LARGE = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def write(path, rows, text_only=False):

@@ -38,7 +38,7 @@ NOISE = st.lists(st.sampled_from(["So ", "the answer is 7", "{", "}", "\n", "\n\
                                   "Answer: 5", "final answer: 9", "$", "\\frac", "boxed", "\\", "12"]),
                  max_size=20).map("".join)  # fmt: skip
 SMALL = settings(max_examples=150, deadline=None)
-LARGE = settings(max_examples=2000, deadline=None)
+LARGE = settings(max_examples=1000, deadline=None)
 
 
 def check_boxed(before, answer, after):
