@@ -94,27 +94,28 @@ MAX_SILENT_TOKENS = 8  # tokens without text after which a window restarts (a ch
 
 
 def _spans_by_window_decoding(tokenizer, token_ids: Sequence[int], text_len: int) -> list[tuple[int, int]]:
-    """Spans from decoding a short window of tokens, as vLLM detokenizes incrementally
-    (vllm/tokenizers/detokenizer_utils.py:176-276): a token's text is decode(ids[prefix:k+1]) minus
-    decode(ids[prefix:read]), where the tokens before `read` are already placed and those from `prefix`
-    give the decoder its context (SentencePiece's leading spaces); text ending in U+FFFD waits for the
-    next token. Decoding every prefix instead cost O(L^2) (16 s for 8,192 tokens)."""
+    """What decoding every prefix would give each token (the text it adds; an unfinished character, U+FFFD,
+    not yet), from a short window of tokens, as vLLM detokenizes incrementally
+    (vllm/tokenizers/detokenizer_utils.py:176-276): the window starts a few tokens back (`prefix`), so the
+    decoder keeps its context (SentencePiece's leading spaces), and moves on once its text is complete.
+    Decoding every prefix instead cost O(L^2) (16 s for 8,192 tokens)."""
     ids = list(token_ids)
     special = set(tokenizer.all_special_ids)
     spans, pos, prefix, read = [], 0, 0, 0
-    placed = ""  # decode(ids[prefix:read])
+    placed, shown = "", 0  # decode(ids[prefix:read]), and how much of the window's text tokens already hold
     for k, tid in enumerate(ids):
         added = 0
         if tid not in special:
-            window = [t for t in ids[prefix : k + 1] if t not in special]
-            decoded = tokenizer.decode(window, skip_special_tokens=True)
+            decoded = tokenizer.decode([t for t in ids[prefix : k + 1] if t not in special], skip_special_tokens=True)
+            visible = len(decoded.rstrip("\ufffd"))
+            added, shown = max(visible - shown, 0), max(visible, shown)
             if len(decoded) > len(placed) and not decoded.endswith("\ufffd"):
-                added = len(decoded) - len(placed)
                 prefix, read = read, k + 1
                 placed = tokenizer.decode([t for t in ids[prefix:read] if t not in special], skip_special_tokens=True)
+                shown = len(placed)
             elif k + 1 - read > MAX_SILENT_TOKENS:  # no text from many tokens: start afresh after them
                 prefix = read = k + 1
-                placed = ""
+                placed, shown = "", 0
         end = min(pos + added, text_len)
         spans.append((pos, end))
         pos = end
