@@ -176,6 +176,17 @@ def test_a_text_that_is_not_the_tokens_is_mapped_as_decoding_prefixes_would(tiny
     assert token_char_spans(tok, ids, other[:cut]) == prefix_decoding_spans(tok, ids, cut)
 
 
+@pytest.mark.slow
+@settings(max_examples=60, deadline=None)
+@given(TEXTS.filter(lambda t: t).map(lambda t: t.replace("日", " 日")), st.data())
+def test_smollm2_spans_of_a_text_that_is_not_the_tokens_match_prefix_decoding(smol_tokenizer, text, data):
+    # byte pieces of one character split over tokens, a space before them: " 日" is three tokens in SmolLM2
+    ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"]
+    other = "Z" + text[1:]
+    cut = data.draw(st.integers(0, len(other)))
+    assert token_char_spans(smol_tokenizer, ids, other[:cut]) == prefix_decoding_spans(smol_tokenizer, ids, cut)
+
+
 def test_span_mapping_is_linear_in_the_tokens(tiny_model_dir):
     tok = CountingTokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
     text = "Step 1: 12 + 30 = 42, so é€😀 日本.\n\n" * 200
