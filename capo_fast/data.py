@@ -298,8 +298,13 @@ def _csv_rows(path: Path) -> list[tuple[str, object]]:
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, len(text)))  # a field (a long solution) may be as long as the file
     reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
     try:
-        return [(f"{path}:{reader.line_num}", row) for row in reader]  # line_num: where the row ends
+        start = reader.line_num + 1 if reader.fieldnames else 1  # a row is named by its first line
+        for row in reader:
+            rows.append((f"{path}:{start}", row))
+            start = reader.line_num + 1
+        return rows
     except csv.Error as err:
         raise DataError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
     finally:

@@ -257,3 +257,10 @@ def test_an_empty_generated_set_is_empty():
     assert load_problems("gym:basic_arithmetic", size=0, seed=0) == []  # data.num_eval=0 with a gym train set
     with pytest.raises(DataError, match="gym:no_such_task"):
         load_problems("gym:no_such_task", size=0, seed=0)  # the task names are still checked
+
+
+def test_a_csv_row_is_named_by_its_first_line(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text('question,answer\n"two\nlines",1\n"three\n\nlines", \n')
+    with pytest.raises(DataError, match=r"train\.csv:4: the answer ' ' is blank"):
+        load_problems(str(path), size=0, seed=0)

@@ -87,7 +87,7 @@ def rows_for(suffix):
     row = st.fixed_dictionaries(
         {"question": SINGLE_LINE, "answer": answer, "solution": st.one_of(st.none(), SINGLE_LINE)}
     )
-    return st.lists(row, min_size=1, max_size=6)  # single-line fields: row i is line i + 2 (the error names its end)
+    return st.lists(row, min_size=1, max_size=6)  # single-line fields: row i is line i + 2
 
 
 @pytest.mark.parametrize("suffix", FORMATS)
