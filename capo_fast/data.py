@@ -167,6 +167,8 @@ def problem_from_row(row: object, where: str, keys: DataKeys = DataKeys()) -> Pr
     reference = row_field(row, keys.reference, REFERENCE_KEYS)
     answer = row_field(row, keys.answer, ANSWER_KEYS)
     choices, labels = _options(row)
+    for i, option in enumerate(choices or ()):
+        _checked_text(option, where, f"option {i}")
     if choices and answer in (None, "") and GPQA_CORRECT in row:
         answer = "A"  # GPQA: the correct option comes first in the data's order
     if answer is None and isinstance(reference, str):

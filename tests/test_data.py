@@ -198,6 +198,13 @@ def test_a_lone_surrogate_is_refused(tmp_path):
         load_problems(str(path), size=0, seed=0)
 
 
+def test_a_lone_surrogate_in_an_option_is_refused(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"question": "q", "choices": ["a", "b\\udc80"], "answer": 0}\n')
+    with pytest.raises(DataError, match=r"train\.jsonl:1: the option 1 holds a lone surrogate U\+DC80"):
+        load_problems(str(path), size=0, seed=0)
+
+
 def test_openai_content_parts_are_joined_as_vllm_joins_them(tmp_path):
     path = tmp_path / "train.jsonl"
     parts = [{"type": "text", "text": "Compute 2+3."}, {"type": "text", "text": "Box it."}]
