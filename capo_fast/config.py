@@ -10,6 +10,7 @@ runs the same loop with SmolLM2-135M-Instruct as policy and judge.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -25,9 +26,34 @@ class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key and where it was set."""
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # evaluates every annotation's text: once per class
+
+
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
+
+
+MAX_GENORM_ALPHA = 92.0  # sigmoid(-92) < 1e-40: every larger |alpha| scores like this one
+
+
+def _check_numbers(section: Any, prefix: str) -> None:
+    """One rule for every number of every section: a finite value of the field's type (no NaN or inf,
+    which pass every `>=` check by failing it silently or by being infinite)."""
+    hints = _type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, key, hint = getattr(section, f.name), f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(value):
+            _check_numbers(value, key + ".")
+        elif hint in (int, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            _check(
+                ok and (hint is float or isinstance(value, int)),
+                key,
+                f"must be a finite {hint.__name__}, got {value!r}",
+            )
 
 
 @dataclass
@@ -218,6 +244,7 @@ class Config:
         return REWARD_MODES[a.reward_mode].needs_judge(CreditConfig(penalty=a.penalty, reward_mode=a.reward_mode))
 
     def validate(self) -> Config:
+        _check_numbers(self, "")
         r, c, a, t = self.rollout, self.critic, self.algorithm, self.trainer
         r.sampling.validate("rollout.sampling")
         c.sampling.validate("critic.sampling")
@@ -274,8 +301,6 @@ class Config:
             f"must be in [1, critic.num_critiques={c.num_critiques}]",
         )
         _check(0 < a.vote_threshold <= 1, "algorithm.vote_threshold", "must be in (0, 1] (0 would flag every step)")
-        _check(math.isfinite(a.genorm_alpha) and a.genorm_alpha >= 0, "algorithm.genorm_alpha",
-               "must be a number >= 0 (a negative alpha rewards the judge's No)")  # fmt: skip
         _check(math.isfinite(a.genorm_beta), "algorithm.genorm_beta", "must be a finite number")
         _check(a.eps_low >= 0 and a.eps_high >= 0, "algorithm.eps_low", "clip ranges must be >= 0")
         _check(a.dual_clip == 0 or a.dual_clip > 1, "algorithm.dual_clip", "must be 0 (off) or > 1")
@@ -301,14 +326,39 @@ class Config:
             "trainer.deepspeed_config",
             f"{t.deepspeed_config} does not exist (paths are relative to the working directory)",
         )
-        _check(self.data.num_eval >= 0, "data.num_eval", "must be >= 0")
         from capo_fast.data import INSTRUCTION_WRAPPERS
 
         wrappers = ["", *sorted(INSTRUCTION_WRAPPERS)]
         _check(self.data.strip_instruction in wrappers, "data.strip_instruction", f"must be one of {wrappers}")
-        _check(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
-        _check(self.logging.rollout_samples >= 0, "logging.rollout_samples", "must be >= 0")
+        self._validate_ranges()
         return self
+
+    def _validate_ranges(self) -> None:
+        """Values outside these ranges would not fail: they would quietly do something else (a negative
+        `every` checkpointing every few steps, a zero timeout scoring every answer 0)."""
+        d, r, c, a, t = self.data, self.rollout, self.critic, self.algorithm, self.trainer
+        _check(d.num_train >= 1, "data.num_train", "must be >= 1")
+        _check(d.num_eval >= 0, "data.num_eval", "must be >= 0")
+        _check(d.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
+        _check(r.max_model_len >= 1, "rollout.max_model_len", "must be >= 1")
+        _check(c.max_model_len >= 1, "critic.max_model_len", "must be >= 1")
+        _check(c.max_concurrency >= 1, "critic.max_concurrency", "must be >= 1")
+        _check(c.retries >= 0, "critic.retries", "must be >= 0")
+        _check(c.timeout_s > 0, "critic.timeout_s", "must be > 0 seconds")
+        _check(a.verifier_timeout_s > 0, "algorithm.verifier_timeout_s", "must be > 0 seconds")
+        _check(a.format_weight >= 0, "algorithm.format_weight", "must be >= 0")
+        # Eq. 3's sigmoid(alpha * r_m): a negative alpha rewards the judge's No; past 92 it is saturated to 1e-40.
+        _check(0 <= a.genorm_alpha <= MAX_GENORM_ALPHA, "algorithm.genorm_alpha",
+               f"must be in [0, {MAX_GENORM_ALPHA}] (a negative alpha rewards the judge's No; the sigmoid is "
+               f"saturated past {MAX_GENORM_ALPHA})")  # fmt: skip
+        _check(t.warmup_steps >= 0, "trainer.warmup_steps", "must be >= 0")
+        _check(t.weight_decay >= 0, "trainer.weight_decay", "must be >= 0")
+        _check(t.grad_clip >= 0, "trainer.grad_clip", "must be >= 0 (0: no clipping)")
+        _check(self.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0: no periodic checkpoints)")
+        _check(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+        _check(self.eval.every >= 0, "eval.every", "must be >= 0 (0: only before and after training)")
+        _check(self.eval.max_tokens >= 1, "eval.max_tokens", "must be >= 1")
+        _check(self.logging.rollout_samples >= 0, "logging.rollout_samples", "must be >= 0")
 
     def check_world_size(self, world: int) -> None:
         """What depends on the number of ranks the launcher started (checked before any heavy work).
@@ -326,54 +376,152 @@ class Config:
 
 # ---- loading --------------------------------------------------------------------------------------
 
+MAX_YAML_VALUES = 10_000  # values a config may expand to through aliases: a "billion laughs" stops here
+_YAML_TAG = "tag:yaml.org,2002:"
+# What PyYAML's resolver reads plain text as (`=` and `<<` too: the merge key then is an unknown key), and the
+# collections: any other tag (`!x`, `!!python/...`) was written on purpose and is refused, not half-honoured.
+_KNOWN_TAGS = {
+    _YAML_TAG + t for t in ("str", "int", "float", "bool", "null", "timestamp", "value", "merge", "map", "seq")
+}
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else f"{text[:80]}... ({len(text)} characters)"
+
+
+class _Scalar(typing.NamedTuple):
+    """A scalar as the user typed it, and the YAML node that says what YAML would read it as (None: a
+    command-line value taken as text). String fields keep `text`: YAML would turn `007` into 7, `3.10`
+    into 3.1, `no` into False and `1:30` into 90."""
+
+    text: str
+    node: Any = None
+
+    def resolved(self, key: str) -> Any:
+        if self.node is None:
+            return self.text
+        from yaml import YAMLError
+        from yaml.constructor import SafeConstructor
+
+        try:
+            return SafeConstructor().construct_object(self.node)
+        except (YAMLError, ValueError, OverflowError) as err:  # int() refuses 4,300+ digits: ValueError
+            raise ConfigError(f"{key}: {_shown(self.text)} cannot be read ({type(err).__name__})") from None
+
+
+def _tree(node: Any, key: str, where: str, lines: dict[str, int], count: list[int], path: list[int]) -> Any:
+    """A composed YAML node as dicts, lists and _Scalar leaves, each key's line recorded in `lines`.
+
+    Aliases share nodes: a node inside itself is a cycle, and the values counted past MAX_YAML_VALUES
+    are an alias fan-out; both are refused, as are keys that are not plain text and keys set twice.
+    """
+    import yaml
+
+    line = f"{where}:{node.start_mark.line + 1}"
+    count[0] += 1
+    if count[0] > MAX_YAML_VALUES:
+        raise ConfigError(f"{line}: {key or 'config'}: more than {MAX_YAML_VALUES} values (aliases expanding?)")
+    if id(node) in path:
+        raise ConfigError(f"{line}: {key or 'config'}: an alias refers to a value that contains it")
+    if node.tag not in _KNOWN_TAGS:
+        raise ConfigError(f"{line}: {key or 'config'}: YAML tags ({node.tag}) are not supported")
+    if isinstance(node, yaml.ScalarNode):
+        return _Scalar(node.value, node)
+    path.append(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        out: Any = [_tree(item, key, where, lines, count, path) for item in node.value]
+    else:
+        out = {}
+        for key_node, value_node in node.value:
+            at = f"{where}:{key_node.start_mark.line + 1}"
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in _KNOWN_TAGS:
+                raise ConfigError(f"{at}: {key or 'config'}: a key must be a plain name")
+            name = key_node.value
+            dotted = f"{key}.{name}" if key else name
+            if name in out:
+                raise ConfigError(f"{at}: {dotted}: set twice (also on line {lines[dotted]})")
+            lines[dotted] = key_node.start_mark.line + 1
+            out[name] = _tree(value_node, dotted, where, lines, count, path)
+    path.pop()
+    return out
+
+
+def _read_yaml(text: str, where: str) -> tuple[Any, dict[str, int]]:
+    """YAML text as dicts, lists and _Scalar leaves (None when empty), and each dotted key's line."""
+    import yaml
+
+    lines: dict[str, int] = {}
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        return (None if node is None else _tree(node, "", where, lines, [0], [])), lines
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: values nested too deeply") from None
+
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Converts a YAML or command-line value to the field's type, or raises naming the key."""
     origin = typing.get_origin(hint)
+    if origin is list:
+        if isinstance(value, _Scalar):  # one item; empty or null: none
+            return [] if value.text == "" or (value.node and value.node.tag == _YAML_TAG + "null") else [value.text]
+        if not isinstance(value, list) or not all(isinstance(v, _Scalar) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings")
+        return [v.text for v in value]
+    if not isinstance(value, _Scalar):
+        kind = "str" if hint is str or origin is Literal else hint.__name__
+        raise ConfigError(f"{key}: expected {kind}, got a {'mapping' if isinstance(value, dict) else 'list'}")
     if origin is Literal:
         choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
-        return value
-    if origin is list:
-        if isinstance(value, str):
-            value = [value] if value else []
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
-        return value
-    if hint is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if hint in (int, float):
-        try:
-            number = hint(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}") from None
-        if isinstance(value, bool) or (hint is int and isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
-        return number
+        if value.text not in choices:
+            raise ConfigError(f"{key}: {_shown(value.text)} is not one of {list(choices)}")
+        return value.text
     if hint is str:
-        if not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
+        return value.text
+    resolved = value.resolved(key)
+    if hint is bool:
+        if isinstance(resolved, str) and resolved.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return resolved.lower() in ("true", "1", "yes")
+        if not isinstance(resolved, bool):
+            raise ConfigError(f"{key}: expected true or false, got {_shown(resolved)}")
+        return resolved
+    if hint in (int, float):
+        integral = not isinstance(resolved, float) or resolved.is_integer()
+        if isinstance(resolved, bool) or not isinstance(resolved, (int, float, str)) or (hint is int and not integral):
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {_shown(resolved)}")
+        try:
+            return hint(resolved)
+        except (ValueError, OverflowError):  # "fast", or int() of a 4,300+ digit string
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {_shown(resolved)}") from None
     raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _hint(obj: Any, path: list[str]) -> Any:
+    """The type of the field (or section) a dotted path names; None for an unknown key."""
+    hint = None
+    for name in path:
+        hints = _type_hints(type(obj)) if dataclasses.is_dataclass(obj) else {}
+        if name not in hints:
+            return None
+        hint, obj = hints[name], getattr(obj, name)
+    return hint
 
 
 def _assign(obj: Any, path: list[str], value: Any, where: str) -> None:
     key = ".".join(path)
-    hints = typing.get_type_hints(type(obj))
+    hints = _type_hints(type(obj))
     name = path[0]
     if name not in hints:
         known = ", ".join(f.name for f in dataclasses.fields(obj))
-        raise ConfigError(f"{where}{key}: unknown key {name!r} (known here: {known})")
+        raise ConfigError(f"{where}{key}: unknown key {_shown(name)} (known here: {known})")
     current = getattr(obj, name)
     if dataclasses.is_dataclass(current):
         if len(path) == 1:
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}{key}: expected a mapping of keys, got {value!r}")
+                shown = _shown(value.text) if isinstance(value, _Scalar) else "a list"
+                raise ConfigError(f"{where}{key}: expected a mapping of keys, got {shown}")
             for sub, subvalue in value.items():
                 _assign(current, [sub], subvalue, f"{where}{name}.")
             return
@@ -381,56 +529,52 @@ def _assign(obj: Any, path: list[str], value: Any, where: str) -> None:
         return
     if len(path) > 1:
         raise ConfigError(f"{where}{key}: {name!r} is a value, not a section")
-    try:
-        setattr(obj, name, _coerce(value, hints[name], f"{where}{name}"))
-    except ConfigError as err:
-        raise ConfigError(str(err)) from None
-
-
-def _yaml_lines(text: str) -> dict[str, int]:
-    """Dotted key -> 1-based line in the YAML text, so errors can point at the line."""
-    import yaml
-
-    lines: dict[str, int] = {}
-
-    def walk(node, prefix: str) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                dotted = f"{prefix}{key_node.value}"
-                lines[dotted] = key_node.start_mark.line + 1
-                walk(value_node, dotted + ".")
-
-    walk(yaml.compose(text), "")
-    return lines
+    setattr(obj, name, _coerce(value, hints[name], f"{where}{name}"))
 
 
 def parse_override(arg: str) -> tuple[str, str]:
     """`--section.key=value` -> ("section.key", "value")."""
     body = arg[2:] if arg.startswith("--") else arg
     if "=" not in body:
-        raise ConfigError(f"override {arg!r}: expected --section.key=value")
+        raise ConfigError(f"override {_shown(arg)}: expected --section.key=value")
     key, value = body.split("=", 1)
     return key, value
 
 
+def _override_value(config: Config, key: str, value: str, arg: str) -> Any:
+    """A command-line value: text as typed for text fields (and a list field's one item), else YAML."""
+    hint = _hint(config, key.split("."))
+    if hint is None or hint is str or typing.get_origin(hint) is Literal:  # (None: the unknown key is named)
+        return _Scalar(value)
+    if typing.get_origin(hint) is list and not value.lstrip().startswith("["):
+        return _Scalar(value)
+    tree, _ = _read_yaml(value, f"command line {_shown(arg)}")
+    return _Scalar("") if tree is None else tree
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte {err.start}: {data[err.start : err.start + 1]!r})"
+        ) from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """The defaults, updated by the YAML file at `path`, then by `--section.key=value` overrides."""
-    import yaml
-
     config = Config()
     lines: dict[str, int] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text()
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        data, lines = _read_yaml(_read_text(path), str(path))
+        data = {} if data is None or (isinstance(data, _Scalar) and data.text == "") else data
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        lines = _yaml_lines(text)
         for section, values in data.items():
             try:
                 _assign(config, [section], values, "")
@@ -442,17 +586,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     for arg in overrides:
         key, value = parse_override(arg)
         override_args[key] = arg
-        parsed = yaml.safe_load(value) if value else ""
         try:
-            _assign(config, key.split("."), parsed, "")
+            _assign(config, key.split("."), _override_value(config, key, value, arg), "")
         except ConfigError as err:
-            raise ConfigError(f"command line {arg!r}: {err}") from None
+            message = str(err)
+            raise ConfigError(
+                message if message.startswith("command line") else f"command line {_shown(arg)}: {err}"
+            ) from None
     try:
         return config.validate()
     except ConfigError as err:
         key = str(err).split(":", 1)[0]
         if key in override_args:
-            raise ConfigError(f"command line {override_args[key]!r}: {err}") from None
+            raise ConfigError(f"command line {_shown(override_args[key])}: {err}") from None
         if key in lines:
             raise ConfigError(f"{path}:{lines[key]}: {err}") from None
         raise ConfigError(f"{path or 'config'}: {err}") from None

@@ -10,6 +10,7 @@ else is a path. Rows of verl (chat prompt, reward_model.ground_truth, data_sourc
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -90,6 +91,60 @@ def _is_chat(value) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
+def _checked_text(text: str, where: str, what: str) -> str:
+    """`text` itself; a lone surrogate (JSON's "\\ud800") is no text a tokenizer can read, so it stops here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = f"U+{ord(text[err.start]):04X}"
+        raise DataError(f"{where}: the {what} holds a lone surrogate {char} at character {err.start}") from None
+    return text
+
+
+def _message_text(message: dict, where: str, index: int) -> str:
+    """A chat message's content: text, or OpenAI-style content parts whose text parts are joined with a
+    newline, as vLLM renders them (vllm/renderers/chat_utils.py:1588)."""
+    content = message.get("content")
+    what = f"content of message {index} ({message['role']})"
+    if isinstance(content, (list, tuple)) and content and all(isinstance(part, dict) for part in content):
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise DataError(
+                    f"{where}: the {what} has a part of type {part.get('type')!r}; only text parts are read"
+                )
+        content = "\n".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise DataError(f"{where}: the {what} must be text or a list of text parts, got {_shown(content)}")
+    return _checked_text(content, where, what)
+
+
+def _chat_messages(prompt: list, where: str) -> tuple[dict, ...]:
+    for i, m in enumerate(prompt):
+        if not isinstance(m["role"], str):
+            raise DataError(f"{where}: the role of message {i} must be text, got {_shown(m['role'])}")
+    return tuple({"role": m["role"], "content": _message_text(m, where, i)} for i, m in enumerate(prompt))
+
+
+def _checked_answer(answer, where: str):
+    """The gold answer as the data gives it (text, or a number), refused when it states nothing: a list or
+    mapping, true/false, NaN, blank text or an empty \\boxed{}."""
+    from capo_fast.reward import last_boxed
+
+    number = isinstance(answer, (int, float)) and not isinstance(answer, bool)
+    if not (isinstance(answer, str) or (number and math.isfinite(answer))):
+        raise DataError(f"{where}: the answer must be text or a finite number, got {_shown(answer)}")
+    text = _checked_text(str(answer), where, "answer")
+    boxed = last_boxed(text)
+    if not text.strip() or (boxed is not None and not boxed.strip()):
+        raise DataError(f"{where}: the answer {_shown(text)} is blank")
+    return answer
+
+
 def problem_from_row(row: object, where: str, keys: DataKeys = DataKeys()) -> Problem:
     """One row of any supported shape: plain (question/answer), verl (chat `prompt`,
     `reward_model.ground_truth`, `data_source`), TRL/open-r1 (`problem`, `solution` with a \\boxed{} answer)."""
@@ -102,18 +157,22 @@ def problem_from_row(row: object, where: str, keys: DataKeys = DataKeys()) -> Pr
         raise DataError(f"{where}: no question ({keys.question or 'one of ' + ', '.join(QUESTION_KEYS)})")
     messages = None
     if _is_chat(prompt):
-        messages = tuple({"role": str(m["role"]), "content": str(m.get("content", ""))} for m in prompt)
+        messages = _chat_messages(prompt, where)
         users = [m["content"] for m in messages if m["role"] == "user"]
         if not users:
             raise DataError(f"{where}: the chat prompt has no user message")
         question = users[-1]
     elif isinstance(prompt, str):
-        question = prompt
+        question = _checked_text(prompt, where, "question")
     else:
         raise DataError(f"{where}: the question must be text or a list of chat messages, got {type(prompt).__name__}")
+    if not question.strip():
+        raise DataError(f"{where}: the question is blank")
     reference = row_field(row, keys.reference, REFERENCE_KEYS)
     answer = row_field(row, keys.answer, ANSWER_KEYS)
     choices, labels = _options(row)
+    for i, option in enumerate(choices or ()):
+        _checked_text(option, where, f"option {i}")
     if choices and answer in (None, "") and GPQA_CORRECT in row:
         answer = "A"  # GPQA: the correct option comes first in the data's order
     if answer is None and isinstance(reference, str):
@@ -122,10 +181,13 @@ def problem_from_row(row: object, where: str, keys: DataKeys = DataKeys()) -> Pr
         raise DataError(
             f"{where}: no answer ({keys.answer or 'one of ' + ', '.join(ANSWER_KEYS)}, or a \\boxed{{}} in solution)"
         )
+    answer = _checked_answer(answer, where)
     if choices:
         answer = LETTERS[_correct_option(choices, labels, answer, where)]
     source = row.get("data_source")
-    reference = str(reference) if reference else None
+    if reference is not None and not isinstance(reference, str):
+        raise DataError(f"{where}: the reference solution must be text, got {_shown(reference)}")
+    reference = _checked_text(reference, where, "reference solution") if reference and reference.strip() else None
     return strip_instruction(Problem(question, str(answer), reference, messages, str(source or ""), choices), keys)
 
 
@@ -228,17 +290,33 @@ def as_multiple_choice(problem: Problem, seed: int, index: int) -> Problem:
     )
 
 
+def _file_text(path: Path) -> str:
+    """A data file's text: UTF-8, with or without the byte-order mark Excel writes; else an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        utf16 = " (a UTF-16 byte-order mark: save the file as UTF-8)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte {err.start} is {data[err.start : err.start + 1]!r}){utf16}"
+        ) from None
+
+
+def _parsed_json(text: str, path: Path, line: int | None = None):
+    """`text` as JSON; errors name the file and the line (`line`: where `text` starts, one JSON Lines row)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{line or err.lineno}: not valid JSON ({err.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}:{line or 1}: JSON nested too deeply") from None
+
+
 def _jsonl_rows(path: Path) -> list[tuple[str, object]]:
-    rows = []
-    with path.open() as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path}:{number}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-    return rows
+    # Lines end at "\n" only: JSON strings may hold U+2028 and other characters str.splitlines() splits on.
+    lines = _file_text(path).split("\n")
+    return [(f"{path}:{n}", _parsed_json(line, path, n)) for n, line in enumerate(lines, start=1) if line.strip()]
 
 
 def _numbered(rows, where: str) -> list[tuple[str, object]]:
@@ -246,10 +324,7 @@ def _numbered(rows, where: str) -> list[tuple[str, object]]:
 
 
 def _json_rows(path: Path) -> list[tuple[str, object]]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    data = _parsed_json(_file_text(path), path)
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a list of rows")
     return _numbered(data, str(path))
@@ -257,21 +332,43 @@ def _json_rows(path: Path) -> list[tuple[str, object]]:
 
 def _csv_rows(path: Path) -> list[tuple[str, object]]:
     import csv
+    import io
 
-    with path.open(newline="") as f:
-        return [(f"{path}:{i + 2}", row) for i, row in enumerate(csv.DictReader(f))]
+    text = _file_text(path)
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))  # a field (a long solution) may be as long as the file
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        start = reader.line_num + 1 if reader.fieldnames else 1  # a row is named by its first line
+        for row in reader:
+            rows.append((f"{path}:{start}", row))
+            start = reader.line_num + 1
+        return rows
+    except csv.Error as err:
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _parquet_rows(path: Path) -> list[tuple[str, object]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return _numbered(pq.read_table(path).to_pylist(), str(path))
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable parquet file ({err})") from None
+    return _numbered(table.to_pylist(), str(path))
 
 
 def _dataset_folder_rows(path: Path) -> list[tuple[str, object]]:
     from datasets import DatasetDict, load_from_disk
 
-    dataset = load_from_disk(str(path))
+    try:
+        dataset = load_from_disk(str(path))
+    except FileNotFoundError:  # datasets/load.py:1748-1750: neither a Dataset nor a DatasetDict folder
+        raise DataError(f"{path}: a folder, but not a dataset saved with save_to_disk") from None
     if isinstance(dataset, DatasetDict):
         dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
     return _numbered(dataset, str(path))
@@ -323,8 +420,11 @@ def _generate_gym(tasks: str, size: int, seed: int) -> list[Problem]:
     names = [t for t in tasks.split("+") if t]
     if not names:
         raise DataError(f"gym:{tasks}: name at least one reasoning-gym task")
+    if size < 0:
+        raise DataError(f"gym:{tasks}: cannot generate {size} problems")
+    # reasoning-gym asserts size > 0: an empty set (data.num_eval=0) still checks the task names.
     per_task = [
-        reasoning_gym.create_dataset(name, size=size, seed=seed + i, **GYM_TASK_SETTINGS.get(name, {}))
+        reasoning_gym.create_dataset(name, size=max(size, 1), seed=seed + i, **GYM_TASK_SETTINGS.get(name, {}))
         for i, name in enumerate(names)
     ]
     # Interleave the tasks so every batch mixes them.

@@ -1,5 +1,6 @@
 """Run config: defaults, YAML with line numbers in errors, command-line overrides, shipped configs."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,160 @@ def test_no_shipped_config_lets_one_surviving_critique_decide_a_vote(path, monke
     c = load_config(path, launch_world_size(path)[1])
     if c.algorithm.voting in ("intersection", "majority") and c.critic.num_critiques > 1:
         assert c.algorithm.min_valid_critiques >= 2
+
+
+# ---- what the fuzzing of issue 22 found: each input and what the user must see -----------------------------
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--logging.output_dir=007", ("logging", "output_dir", "007")),  # YAML: 7
+        ("--critic.model=3.10", ("critic", "model", "3.10")),  # YAML: 3.1
+        ("--data.eval=no", ("data", "eval", "no")),  # YAML: False
+        ("--data.system_prompt=0x10", ("data", "system_prompt", "0x10")),  # YAML: 16
+        ("--data.system_prompt=1:30", ("data", "system_prompt", "1:30")),  # YAML 1.1 sexagesimal: 90
+        ("--data.system_prompt=@x", ("data", "system_prompt", "@x")),  # YAML: a scanner error
+        ("--data.system_prompt=*x", ("data", "system_prompt", "*x")),  # YAML: an undefined alias
+        ("--data.system_prompt=!x", ("data", "system_prompt", "!x")),  # YAML: a tag
+        ("--data.system_prompt=Answer: in \\boxed{}", ("data", "system_prompt", "Answer: in \\boxed{}")),  # a mapping
+        ("--rollout.sampling.stop=</s>", ("rollout", "sampling", ["</s>"])),
+        ("--rollout.sampling.stop=['</s>', '007']", ("rollout", "sampling", ["</s>", "007"])),
+    ],
+)
+def test_text_fields_keep_the_text_typed_on_the_command_line(override, expected):
+    config = load_config(None, [override])
+    section, key, value = expected
+    got = getattr(getattr(config, section), key)
+    got = got.stop if key == "sampling" else got
+    assert got == value
+
+
+def test_text_fields_keep_the_text_typed_in_a_yaml_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("logging:\n  output_dir: 007\ncritic:\n  model: 3.10\ndata:\n  eval: no\n  system_prompt: 1:30\n"
+                    "rollout:\n  sampling:\n    stop: [0x10, '</s>']\n")  # fmt: skip
+    c = load_config(path)
+    assert (c.logging.output_dir, c.critic.model, c.data.eval, c.data.system_prompt) == ("007", "3.10", "no", "1:30")
+    assert c.rollout.sampling.stop == ["0x10", "</s>"]
+    assert (c.trainer.lr, c.model.gradient_checkpointing) == (Config().trainer.lr, False)  # non-text fields: defaults
+    path.write_text("trainer:\n  lr: 1.0e-6\n  steps: 0x10\nmodel:\n  gradient_checkpointing: yes\n")
+    c = load_config(path)
+    assert (c.trainer.lr, c.trainer.steps, c.model.gradient_checkpointing) == (1e-6, 16, True)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--trainer.lr=[", r"'--trainer\.lr=\[': not valid YAML"),
+        ("--trainer.lr=@x", r"'--trainer\.lr=@x': not valid YAML"),
+        ("--trainer.lr=*x", r"'--trainer\.lr=\*x': not valid YAML: found undefined alias"),
+        ("--trainer.lr=!x 3", r"YAML tags \(!x\) are not supported"),
+        ("--rollout.n=.inf", r"rollout\.n: expected int, got inf"),
+        ("--rollout.n=" + "1" * 4400, r"rollout\.n: '1111.*\(4402 characters\) cannot be read"),
+        ("--rollout.sampling.stop=[a, b", r"not valid YAML"),
+        ("--trainer.lrr=[", r"trainer\.lrr: unknown key 'lrr'"),
+        ("--algorithm.correct_reward=.nan", r"algorithm\.correct_reward: must be a finite float, got nan"),
+        ("--algorithm.format_weight=nan", r"algorithm\.format_weight: must be a finite float"),
+        ("--algorithm.kl_coef=.inf", r"algorithm\.kl_coef: must be a finite float, got inf"),
+        ("--rollout.sampling.temperature=.inf", r"rollout\.sampling\.temperature: must be a finite float"),
+        ("--eval.every=-1", r"eval\.every: must be >= 0"),
+        ("--checkpoint.every=-2", r"checkpoint\.every: must be >= 0"),
+        ("--algorithm.verifier_timeout_s=.nan", r"algorithm\.verifier_timeout_s: must be a finite float"),
+        ("--algorithm.verifier_timeout_s=0", r"algorithm\.verifier_timeout_s: must be > 0"),
+        ("--critic.max_concurrency=0", r"critic\.max_concurrency: must be >= 1"),
+        ("--data.num_train=0", r"data\.num_train: must be >= 1"),
+        ("--algorithm.genorm_alpha=-1000", r"algorithm\.genorm_alpha: must be in \[0, 92\.0\]"),
+        ("--algorithm.genorm_alpha=1000", r"algorithm\.genorm_alpha: must be in \[0, 92\.0\]"),
+        ("--trainer.weight_decay=-0.1", r"trainer\.weight_decay: must be >= 0"),
+        ("--trainer.grad_clip=-1", r"trainer\.grad_clip: must be >= 0"),
+    ],
+)
+def test_bad_command_line_values_name_the_argument_and_key(override, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith("command line '--"), err.value
+    assert len(str(err.value)) < 1000  # a 4,400-digit argument is not echoed whole
+
+
+def _float_keys(obj=None, prefix=""):
+    import dataclasses
+    import typing
+
+    obj = obj or Config()
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _float_keys(value, f"{prefix}{f.name}.")
+        elif typing.get_type_hints(type(obj))[f.name] is float:
+            yield f"{prefix}{f.name}"
+
+
+@pytest.mark.parametrize("key", list(_float_keys()))
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_no_float_field_takes_nan_or_infinity(key, value):
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: must be a finite float"):
+        load_config(None, [f"--{key}={value}"])
+
+
+def test_genorm_alpha_at_its_bound_scores_without_overflow():
+    import torch
+
+    from capo_fast.credit import CreditConfig, RolloutSignals, factored_advantages
+
+    bound = load_config(None, ["--algorithm.genorm_alpha=92", "--algorithm.reward_mode=genorm"]).algorithm
+    cfg = CreditConfig(reward_mode="genorm", genorm_alpha=bound.genorm_alpha, genorm_beta=1.0)
+    group = [RolloutSignals(1.0, 0.0, torch.zeros(2), judge_verdict=v) for v in (1.0, 0.0)]
+    adv = factored_advantages(group, cfg).rollout_advantages
+    # sigmoid(92) = 1 - 1e-40 and sigmoid(0) = 1/2: scores 1 and 0.5 (+ beta*r_v - 1 = 0), normalised to +1 and -1
+    assert adv.tolist() == pytest.approx([1.0, -1.0], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("1: x\n", r"run\.yaml:1: 1: unknown key '1'"),
+        ("trainer:\n  [a]: x\n", r"run\.yaml:2: trainer: a key must be a plain name"),
+        ("trainer:\n  steps: " + "9" * 4400 + "\n", r"run\.yaml:2: trainer\.steps: '9999.* cannot be read"),
+        ("a: &a [*a]\n", r"run\.yaml:1: a: an alias refers to a value that contains it"),
+        ("trainer: &t {lr: *t}\n", r"run\.yaml:1: trainer\.lr: an alias refers to a value that contains it"),
+        ("trainer:\n  lr: 1\n  lr: 2\n", r"run\.yaml:3: trainer\.lr: set twice \(also on line 2\)"),
+        ("trainer: !x {lr: 1}\n", r"run\.yaml:1: trainer: YAML tags \(!x\) are not supported"),
+        ("trainer:\n  lr: !!python/name:os.system\n", r"run\.yaml:2: trainer\.lr: YAML tags"),
+        ("[" * 5000, r"run\.yaml: values nested too deeply"),
+        ("trainer:\n  steps: .inf\n", r"run\.yaml:2: trainer\.steps: expected int, got inf"),
+        ("checkpoint:\n  every: -2\n", r"run\.yaml:2: checkpoint\.every: must be >= 0"),
+        ("algorithm:\n  verifier_timeout_s: .nan\n", r"run\.yaml:2: algorithm\.verifier_timeout_s: must be a finite"),
+    ],
+)
+def test_bad_yaml_files_name_file_line_and_key(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_alias_fan_out_is_refused_before_it_expands(tmp_path):
+    # "billion laughs": 10 values, each level ten aliases of the one before: 10^9 values once expanded
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)]
+    path = tmp_path / "run.yaml"
+    path.write_text("\n".join(levels) + "\n")
+    with pytest.raises(ConfigError, match=r"more than 10000 values \(aliases expanding\?\)"):
+        load_config(path)
+
+
+def test_an_alias_that_expands_little_is_read(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("rollout:\n  sampling: &s {temperature: 0.5, top_p: 0.8}\ncritic:\n  sampling: *s\n")
+    c = load_config(path)
+    assert (c.critic.sampling.temperature, c.critic.sampling.top_p) == (0.5, 0.8)
+
+
+def test_file_encodings(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"trainer:\n  steps: 3\n# caf\xe9\n")  # Latin-1
+    with pytest.raises(ConfigError, match=r"run\.yaml:3: not UTF-8 text \(byte 25: b'\\xe9'\)"):
+        load_config(path)
+    path.write_bytes(b"\xef\xbb\xbftrainer:\n  steps: 3\n")  # a UTF-8 byte-order mark is fine
+    assert load_config(path).trainer.steps == 3

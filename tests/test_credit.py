@@ -127,6 +127,78 @@ def test_token_credit_is_always_aligned(tiny_model_dir, text, data):
     assert all(0.0 <= e <= 1.0 for e in credit.tolist())
 
 
+def prefix_decoding_spans(tok, ids, text_len):
+    """The definition of a token's span when the text is not the tokens' bytes: what decoding the tokens up
+    to it adds to the text (an unfinished character, U+FFFD, not yet), clipped to the text."""
+    spans, prev = [], 0
+    for k in range(1, len(ids) + 1):
+        end = min(len(tok.decode(ids[:k], skip_special_tokens=True).rstrip("\ufffd")), text_len)
+        spans.append((prev, max(prev, end)))
+        prev = max(prev, end)
+    return spans
+
+
+class CountingTokenizer:
+    """A tokenizer whose decode calls and the ids they decode are counted."""
+
+    def __init__(self, tok):
+        self.tok, self.calls, self.ids_decoded = tok, 0, 0
+
+    def decode(self, ids, **kwargs):
+        self.calls += 1
+        self.ids_decoded += len(ids)
+        return self.tok.decode(ids, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+TEXTS = st.lists(st.sampled_from([*"ab1+= \n", "é", "€", "😀", "\n\n", "\\boxed{", "日本"]), max_size=40).map("".join)
+
+
+@settings(max_examples=40, deadline=None)
+@given(TEXTS, st.data())
+def test_a_text_cut_short_maps_through_the_bytes(tiny_model_dir, text, data):
+    """A stop string trimmed or a character held back: each token's span is its span in the whole text,
+    clipped to the part kept, and no decoding is needed."""
+    tok = CountingTokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
+    ids = tok.tok(text)["input_ids"]
+    full = token_char_spans(tok, ids, text)
+    cut = data.draw(st.integers(0, len(text)))
+    assert token_char_spans(tok, ids, text[:cut]) == [(min(a, cut), min(b, cut)) for a, b in full]
+    assert tok.calls == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(TEXTS.filter(lambda t: t), st.data())
+def test_a_text_that_is_not_the_tokens_is_mapped_as_decoding_prefixes_would(tiny_model_dir, text, data):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok(text)["input_ids"]
+    other = "Z" + text[1:]  # not what the tokens decode to, nor a prefix of it
+    cut = data.draw(st.integers(0, len(other)))
+    assert token_char_spans(tok, ids, other[:cut]) == prefix_decoding_spans(tok, ids, cut)
+
+
+@pytest.mark.slow
+@settings(max_examples=60, deadline=None)
+@given(TEXTS.filter(lambda t: t).map(lambda t: t.replace("日", " 日")), st.data())
+def test_smollm2_spans_of_a_text_that_is_not_the_tokens_match_prefix_decoding(smol_tokenizer, text, data):
+    # byte pieces of one character split over tokens, a space before them: " 日" is three tokens in SmolLM2
+    ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"]
+    other = "Z" + text[1:]
+    cut = data.draw(st.integers(0, len(other)))
+    assert token_char_spans(smol_tokenizer, ids, other[:cut]) == prefix_decoding_spans(smol_tokenizer, ids, cut)
+
+
+def test_span_mapping_is_linear_in_the_tokens(tiny_model_dir):
+    tok = CountingTokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
+    text = "Step 1: 12 + 30 = 42, so é€😀 日本.\n\n" * 200
+    ids = tok.tok(text)["input_ids"][:2048]
+    spans = token_char_spans(tok, ids, "Z" + text[1:])  # decoding every prefix: 2,098,176 ids decoded
+    assert len(spans) == 2048 and spans[-1][1] == len(tok.tok.decode(ids).rstrip("\ufffd"))
+    assert tok.calls <= 2 * len(ids) and tok.ids_decoded <= 16 * len(ids), (tok.calls, tok.ids_decoded)
+
+
 @pytest.mark.slow
 def test_straddling_byte_level_pieces_with_smollm2(smol_tokenizer):
     text = "Compute 3€ + 4€.\n\n😀 7€ 😀\n\nSo \\boxed{7}"

@@ -205,3 +205,113 @@ def test_strip_instruction_is_a_validated_config_key(tmp_path):
     config.data.strip_instruction = "Dapo"
     with pytest.raises(ConfigError, match="data.strip_instruction: must be one of"):
         config.validate()
+
+
+# ---- what the fuzzing of issue 22 found: rows and files that must be refused (or read) clearly ------------
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"question": "q", "answer": []}, r"the answer must be text or a finite number, got \[\]"),
+        ({"question": "q", "answer": {"x": 1}}, r"the answer must be text or a finite number, got \{'x': 1\}"),
+        ({"question": "q", "answer": True}, r"the answer must be text or a finite number, got True"),
+        ({"question": "q", "answer": float("nan")}, r"the answer must be text or a finite number, got nan"),
+        ({"question": "q", "answer": " "}, r"the answer ' ' is blank"),
+        ({"question": "q", "answer": "\\boxed{ }"}, r"the answer '\\\\boxed\{ \}' is blank"),
+        ({"question": " \n", "answer": "1"}, r"the question is blank"),
+        ({"prompt": [{"role": "user", "content": None}], "answer": "1"},
+         r"the content of message 0 \(user\) must be text"),
+        ({"prompt": [{"role": "user"}], "answer": "1"}, r"the content of message 0 \(user\) must be text"),
+        ({"prompt": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "answer": "1"},
+         r"the content of message 0 \(user\) has a part of type 'image_url'; only text parts are read"),
+        ({"question": "q", "answer": "1", "solution": ["a"]}, r"the reference solution must be text"),
+    ],
+)  # fmt: skip
+def test_garbage_rows_are_refused_naming_file_and_line(tmp_path, row, message):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"question": "ok", "answer": "1"}\n' + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=r"train\.jsonl:2: " + message):
+        load_problems(str(path), size=0, seed=0)
+
+
+def test_a_lone_surrogate_is_refused(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"question": "a\\ud800b", "answer": "1"}\n')  # JSON's escape of half a UTF-16 pair
+    with pytest.raises(DataError, match=r"train\.jsonl:1: the question holds a lone surrogate U\+D800 at character 1"):
+        load_problems(str(path), size=0, seed=0)
+
+
+def test_a_lone_surrogate_in_an_option_is_refused(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"question": "q", "choices": ["a", "b\\udc80"], "answer": 0}\n')
+    with pytest.raises(DataError, match=r"train\.jsonl:1: the option 1 holds a lone surrogate U\+DC80"):
+        load_problems(str(path), size=0, seed=0)
+
+
+def test_openai_content_parts_are_joined_as_vllm_joins_them(tmp_path):
+    path = tmp_path / "train.jsonl"
+    parts = [{"type": "text", "text": "Compute 2+3."}, {"type": "text", "text": "Box it."}]
+    row = {"prompt": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                      {"role": "user", "content": parts}], "answer": 5}  # fmt: skip
+    path.write_text(json.dumps(row) + "\n")
+    (problem,) = load_problems(str(path), size=0, seed=0)
+    assert problem.question == "Compute 2+3.\nBox it." and problem.answer == "5"
+    assert problem.messages == ({"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "Compute 2+3.\nBox it."})  # fmt: skip
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16"])
+def test_files_that_are_not_utf8_name_file_and_line(tmp_path, suffix, encoding):
+    rows = [{"question": "one", "answer": "1"}, {"question": "café", "answer": "2"}]
+    text = {".jsonl": "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n",
+            ".json": json.dumps(rows, ensure_ascii=False, indent=1),
+            ".csv": "question,answer\none,1\ncafé,2\n"}[suffix]  # fmt: skip
+    path = tmp_path / f"train{suffix}"
+    path.write_bytes(text.encode(encoding))
+    line = {"latin-1": {".jsonl": 2, ".json": 7, ".csv": 3}[suffix], "utf-16": 1}[encoding]
+    with pytest.raises(DataError, match=rf"train\{suffix}:{line}: not UTF-8 text") as err:
+        load_problems(str(path), size=0, seed=0)
+    assert ("UTF-16 byte-order mark" in str(err.value)) == (encoding == "utf-16")
+
+
+def test_csv_with_a_byte_order_mark_and_long_fields(tmp_path):
+    path = tmp_path / "train.csv"
+    solution = "x" * 200_000  # over the csv module's default field limit of 131,072 characters
+    path.write_bytes(b"\xef\xbb\xbfquestion,answer,solution\n" + f'q,7,"{solution}"\n'.encode())
+    assert load_problems(str(path), size=0, seed=0) == [Problem("q", "7", solution)]
+    import csv
+
+    assert csv.field_size_limit() == 131_072  # the process-wide limit is left as it was
+
+
+def test_broken_files_and_folders_are_named(tmp_path):
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    with pytest.raises(DataError, match=r"empty\.parquet: not a readable parquet file"):
+        load_problems(str(tmp_path / "empty.parquet"), size=0, seed=0)
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really PAR1")
+    with pytest.raises(DataError, match=r"bad\.parquet: not a readable parquet file"):
+        load_problems(str(tmp_path / "bad.parquet"), size=0, seed=0)
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match=r"deep\.json:1: JSON nested too deeply"):
+        load_problems(str(tmp_path / "deep.json"), size=0, seed=0)
+    (tmp_path / "deep.jsonl").write_text('{"question": "q", "answer": "1"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError, match=r"deep\.jsonl:2: JSON nested too deeply"):
+        load_problems(str(tmp_path / "deep.jsonl"), size=0, seed=0)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DataError, match=r"folder: a folder, but not a dataset saved with save_to_disk"):
+        load_problems(str(tmp_path / "folder"), size=0, seed=0)
+
+
+def test_an_empty_generated_set_is_empty():
+    assert load_problems("gym:basic_arithmetic", size=0, seed=0) == []  # data.num_eval=0 with a gym train set
+    with pytest.raises(DataError, match="gym:no_such_task"):
+        load_problems("gym:no_such_task", size=0, seed=0)  # the task names are still checked
+
+
+def test_a_csv_row_is_named_by_its_first_line(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text('question,answer\n"two\nlines",1\n"three\n\nlines", \n')
+    with pytest.raises(DataError, match=r"train\.csv:4: the answer ' ' is blank"):
+        load_problems(str(path), size=0, seed=0)

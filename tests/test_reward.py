@@ -88,3 +88,9 @@ def test_the_final_answer_is_read_never_the_last_number(verifier):
     assert final_answer("So 5*4=20. Then we subtract 3 to get 17 apples.") is None
     scores = verifier.score([cut_off, stated, "Answer: $\\frac{1}{2}$", "It is 5, then 4."], ["20", "13", "0.5", "4"])
     assert [s.correct for s in scores] == [0, 1, 1, 0]
+
+
+def test_a_degenerate_rollout_of_unclosed_boxes_is_scored_at_once(verifier):
+    # issue 22: 3,000 unclosed \boxed{ took 12 s (9 s of them in the caller's format reward, past any timeout)
+    (score,) = verifier.score(["\\boxed{" * 3000], ["1"])
+    assert (score.correct, score.formatted, score.status) == (0.0, 0.0, "ok")

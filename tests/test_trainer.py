@@ -140,7 +140,7 @@ def test_deepspeed_config_is_merged_and_decides_optimizer_and_offload(monkeypatc
     from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum as State
 
     monkeypatch.chdir(Path(__file__).parent.parent)
-    plain3 = deepspeed_config(load_config(None, ["--trainer.zero_stage=3"]), fused_adam=True)
+    plain3 = deepspeed_config(load_config(None, ["--trainer.zero_stage=3", "--trainer.lr=2e-6"]), fused_adam=True)
     assert plain3["optimizer"] == {"type": "AdamW", "params": {"lr": 2e-6, "weight_decay": 0.0}}  # FusedAdam
     states = states_to_offload(plain3, cuda=True, wanted=True)
     assert State.optim_states in states and State.hp_params in states and State.lp_params not in states
