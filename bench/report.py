@@ -5,8 +5,9 @@ python bench/report.py [--write]
 The tables: the policy loss over logits (pytest-benchmark files with a `floor` row), the linear
 variant (files ending in -linear.json), and the ahead-of-time compilation of the Triton kernels
 (triton-aot-ptxas.json, written by `python -m capo_fast.kernels.aot --json ...`), and the per-GPU
-memory budget of the 7B config (capo_fast.memory_budget), the learning experiment
-(bench/learning_experiment.py), and the judge evaluation (judge-*.json, by python -m capo_fast.evaluate_judge).
+memory budget and step cost model of the 7B config (capo_fast.memory_budget, capo_fast.gpu_cost),
+the learning experiment (bench/learning_experiment.py), and the judge evaluation (judge-*.json, by
+python -m capo_fast.evaluate_judge).
 """
 
 from __future__ import annotations
@@ -106,6 +107,14 @@ def memory_budget_table() -> str:
     return markdown(budget(config, QWEN25_7B, world=4))
 
 
+def gpu_cost_table() -> str:
+    from capo_fast.config import load_config
+    from capo_fast.gpu_cost import cost_table
+    from capo_fast.memory_budget import QWEN25_7B
+
+    return cost_table(load_config(ROOT / "configs" / "gpu-qwen2.5-7b.yaml"), QWEN25_7B, world=4)
+
+
 def _learning_result() -> dict | None:
     paths = [p for p in sorted(RESULTS.glob("learning-*.json")) if not p.stem.endswith("-quick")]
     return json.loads(paths[0].read_text()) if paths else None
@@ -198,6 +207,7 @@ TABLES = {
     "bench-linear-table": linear_table,
     "aot-table": aot_table,
     "memory-budget": memory_budget_table,
+    "gpu-cost": gpu_cost_table,
     "learning-table": learning_table,
     "judge-table": judge_table,
 }

@@ -134,7 +134,8 @@ def step_phases(
     dtype = dtype_bytes(config)
     stage, optimizer_offloaded = _zero(config)
     p = policy.params
-    weights = policy.params * dtype
+    weights = p * dtype  # all of them: what a sync or a ZeRO-3 gather moves
+    read = policy.matmul_params * dtype  # what a forward or backward pass reads
     gathered = (world - 1) / world * weights  # what a ZeRO-3 all-gather brings to each GPU
     prompts = t.prompts_per_step // world
     sequences = prompts * r.n
@@ -167,7 +168,7 @@ def step_phases(
     models = 1 + (a.kl_coef > 0)  # the reference is a ZeRO-3 engine, gathered like a ZeRO-3 policy
     gathers = (stage == 3) + (a.kl_coef > 0)
     logprobs = Work(
-        hbm_bytes=models * micro_batches * weights,
+        hbm_bytes=models * micro_batches * read,
         flops=models * forward_flops(policy, tokens, keys),
         nvlink_bytes=gathers * micro_batches * gathered,
     )
@@ -176,7 +177,7 @@ def step_phases(
     optimizer_steps = a.mini_epochs * t.mini_batches
     reduced = (world - 1) / world * p * dtype * (2 if stage <= 1 else 1)  # all-reduce or reduce-scatter of grads
     update = Work(
-        hbm_bytes=a.mini_epochs * micro_batches * units * weights
+        hbm_bytes=a.mini_epochs * micro_batches * units * read
         + (0.0 if optimizer_offloaded else optimizer_steps * ADAM_BYTES_PER_PARAM * p / (world if stage >= 1 else 1)),
         flops=a.mini_epochs * units * forward_flops(policy, tokens, keys),
         nvlink_bytes=a.mini_epochs * micro_batches * (reduced + (units - 1) * gathered * (stage == 3)),
