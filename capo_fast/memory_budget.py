@@ -139,7 +139,7 @@ def architecture_of(model: str, key: str = "model.path") -> Architecture:
 def vllm_batch_limits(gpu_bytes: float) -> tuple[int, int]:
     """vLLM's defaults for an `LLM` object: tokens per forward (max_num_batched_tokens) and sequences in
     flight (max_num_seqs); 16384 and 1024 on GPUs of 70 GiB and more (A100 aside), else 8192 and 256
-    (vllm/engine/arg_utils.py:2933-2951)."""
+    (vllm/engine/arg_utils.py:2922-2951)."""
     return (16384, 1024) if gpu_bytes >= 70 * GIB else (8192, 256)
 
 
@@ -160,6 +160,8 @@ def dtype_bytes(config: Config) -> int:
 
 
 def kv_cache_bytes(config: Config, arch: Architecture, world: int, headroom: float = KV_HEADROOM) -> int:
+    """The policy engine's kv_cache_memory_bytes: vLLM allocates that many bytes in whole blocks, with no cap
+    from its share (vllm/v1/core/kv_cache_utils.py:1627-1629)."""
     return int(headroom * rank_token_demand(config, world) * kv_bytes_per_token(arch, dtype_bytes(config)))
 
 
@@ -194,22 +196,26 @@ class JudgeMemory(NamedTuple):
     kv_cache: float
     kv_tokens: int  # tokens the KV cache holds
     demand_tokens: int  # tokens a step's critiques on one rank would hold at once
+    rollouts: int  # a rank's rollouts to judge in a step
+    rollout_tokens: int  # one rollout's judge prompt and its N critiques
 
     @property
     def waves(self) -> int:
-        """Rounds a rank's critiques take at least when the KV cache holds only part of them at once."""
-        return max(1, math.ceil(self.demand_tokens / max(self.kv_tokens, 1)))
+        """Rounds a rank's critiques take at least: whole rollouts (a prompt and its critiques) at a time."""
+        return math.ceil(self.rollouts / max(self.kv_tokens // self.rollout_tokens, 1))
 
 
 def judge_memory(config: Config, judge: Architecture, world: int, gpu_bytes: float) -> JudgeMemory:
-    dtype = dtype_bytes(config)
-    share = config.critic.gpu_memory_utilization * gpu_bytes
+    c, dtype = config.critic, dtype_bytes(config)
+    share = c.gpu_memory_utilization * gpu_bytes
     weights = judge.params * dtype
     activations = engine_activation_bytes(judge, dtype, gpu_bytes)
     kv = max(share - weights - activations, 0.0)
     return JudgeMemory(
-        share, weights, activations, kv, int(kv // kv_bytes_per_token(judge, dtype)), critic_token_demand(config, world)
-    )
+        share, weights, activations, kv, int(kv // kv_bytes_per_token(judge, dtype)),
+        critic_token_demand(config, world), rollouts=config.trainer.prompts_per_step // world * config.rollout.n,
+        rollout_tokens=c.max_model_len - c.sampling.max_tokens + c.num_critiques * c.sampling.max_tokens,
+    )  # fmt: skip
 
 
 def has_colocated_judge(config: Config) -> bool:
@@ -348,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
             f"activations + {j.kv_cache / GIB:.1f} KV cache, {j.kv_tokens} tokens of the {j.demand_tokens} a step's "
             f"critiques on one rank ask for at once ({j.waves} waves)"
         )
+        if j.kv_tokens < config.critic.max_model_len:  # vLLM refuses to start an engine that cannot hold one
+            print(
+                f"critic.gpu_memory_utilization={config.critic.gpu_memory_utilization} leaves the judge no KV cache "
+                f"for one sequence of critic.max_model_len={config.critic.max_model_len} tokens: raise it"
+            )
     return 0
 
 
