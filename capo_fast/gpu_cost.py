@@ -161,7 +161,7 @@ def step_phases(
             judge, dtype, gpu, prompts=sequences, prompt_tokens=c.max_model_len - c.sampling.max_tokens,
             children=c.num_critiques, new_tokens=c.sampling.max_tokens, kv_tokens=j.kv_tokens,
         )  # fmt: skip
-        critique_note = f"local judge, KV cache for {j.kv_tokens // 1000}k of {j.demand_tokens // 1000}k tokens"
+        critique_note = f"local judge, KV cache for {j.kv_tokens / 1000:.0f}k of {j.demand_tokens / 1000:.0f}k tokens"
     elif config.needs_judge():
         critique_note = f"{c.backend} judge: not on these GPUs"
 

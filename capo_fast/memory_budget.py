@@ -41,8 +41,9 @@ class GPU:
 
 
 GPUS = {
-    "H100": GPU("H100 SXM 80 GB", 79.1 * GIB, 3.35e12, 989e12, 450e9, 64e9),
-    "H200": GPU("H200 141 GB", 139.8 * GIB, 4.8e12, 989e12, 450e9, 64e9),
+    # memory: the total capacity CUDA reports (79.19 and 139.80 GiB in PyTorch's out-of-memory messages)
+    "H100": GPU("H100 SXM 80 GB", 79.19 * GIB, 3.35e12, 989e12, 450e9, 64e9),
+    "H200": GPU("H200 141 GB", 139.80 * GIB, 4.8e12, 989e12, 450e9, 64e9),
 }
 
 
@@ -301,8 +302,8 @@ def header_comment(config_path: Path, config: Config, arch: Architecture, world:
         lines.append(
             f"# The colocated judge keeps its share all run long: judge {s['judge']:.1f} GiB = judge weights "
             f"{s['judge weights']:.1f} GiB + activations + judge KV cache {s['judge KV cache']:.1f} GiB "
-            f"({j.kv_tokens // 1000}k tokens of the {j.demand_tokens // 1000}k a step's critiques ask for at once: "
-            f"{j.waves} waves)."
+            f"({j.kv_tokens / 1000:.0f}k tokens of the {j.demand_tokens / 1000:.0f}k a step's critiques ask for "
+            f"at once: {j.waves} waves)."
         )
     return "\n".join(lines)
 
