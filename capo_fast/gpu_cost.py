@@ -43,6 +43,7 @@ from capo_fast.memory_budget import (
     judge_memory,
     kv_bytes_per_token,
     vllm_batch_limits,
+    zero_setup,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,20 +120,13 @@ def generation(
     return prefill.plus(decode)
 
 
-def _zero(config: Config) -> tuple[int, bool]:
-    from capo_fast.trainer import deepspeed_config, offload_device
-
-    ds = deepspeed_config(config, fused_adam=True)
-    return ds["zero_optimization"].get("stage", 0), offload_device(ds) != "none"
-
-
 def step_phases(
     config: Config, policy: Architecture, world: int, gpu: GPU, judge: Architecture | None = None
 ) -> list[Phase]:
     """The phases of one step on one GPU of `world` (judge: a local judge's shape; None for a remote one)."""
     d, r, c, t, a = config.data, config.rollout, config.critic, config.trainer, config.algorithm
     dtype = dtype_bytes(config)
-    stage, optimizer_offloaded = _zero(config)
+    stage, optimizer_offloaded = zero_setup(config)
     p = policy.params
     weights = p * dtype  # all of them: what a sync or a ZeRO-3 gather moves
     read = policy.matmul_params * dtype  # what a forward or backward pass reads

@@ -223,7 +223,8 @@ def has_colocated_judge(config: Config) -> bool:
     return config.critic.backend == "vllm" and config.needs_judge()
 
 
-def _zero(config: Config) -> tuple[int, bool]:
+def zero_setup(config: Config) -> tuple[int, bool]:
+    """The ZeRO stage of the run's merged DeepSpeed config, and whether it offloads the optimizer."""
     from capo_fast.trainer import deepspeed_config, offload_device
 
     ds = deepspeed_config(config, fused_adam=True)
@@ -244,7 +245,7 @@ def budget(
 
     p = arch.params
     half = dtype_bytes(config)
-    stage, optimizer_offloaded = _zero(config)
+    stage, optimizer_offloaded = zero_setup(config)
     share = lambda partitioned: world if partitioned else 1  # noqa: E731
     weights = p * half / share(stage == 3)
     # the reference is an inference-only ZeRO-3 engine: partitioned over the ranks (layers gathered in forward)
