@@ -120,70 +120,106 @@ def generation(
     return prefill.plus(decode)
 
 
-def step_phases(
-    config: Config, policy: Architecture, world: int, gpu: GPU, judge: Architecture | None = None
-) -> list[Phase]:
-    """The phases of one step on one GPU of `world` (judge: a local judge's shape; None for a remote one)."""
-    d, r, c, t, a = config.data, config.rollout, config.critic, config.trainer, config.algorithm
-    dtype = dtype_bytes(config)
+class Batch(NamedTuple):
+    """One rank's share of a step, as the trainer sees it: sequences of prompt + response tokens."""
+
+    prompts: int
+    sequences: int
+    tokens: int
+    keys: int  # keys the tokens attend to in all
+    micro_batches: int  # in one mini-epoch
+
+    @classmethod
+    def of(cls, config: Config, world: int) -> Batch:
+        d, r, t = config.data, config.rollout, config.trainer
+        prompts = t.prompts_per_step // world
+        sequences = prompts * r.n
+        length = d.max_prompt_tokens + r.sampling.max_tokens
+        tokens = sequences * length
+        micro_batches = t.mini_batches * math.ceil(tokens / t.mini_batches / t.micro_batch_tokens)
+        return cls(prompts, sequences, tokens, sequences * context_sum(0, length), micro_batches)
+
+
+def weight_sync(config: Config, policy: Architecture, world: int) -> Work:
+    """The trainer's weights into the engine (gathered first under ZeRO-3), and the optimizer state the
+    trainer moves to the CPU while the engines generate and back (trainer.states_to_offload)."""
     stage, optimizer_offloaded = zero_setup(config)
-    p = policy.params
-    weights = p * dtype  # all of them: what a sync or a ZeRO-3 gather moves
-    read = policy.matmul_params * dtype  # what a forward or backward pass reads
-    gathered = (world - 1) / world * weights  # what a ZeRO-3 all-gather brings to each GPU
-    prompts = t.prompts_per_step // world
-    sequences = prompts * r.n
-    length = d.max_prompt_tokens + r.sampling.max_tokens
-    tokens, keys = sequences * length, sequences * context_sum(0, length)
-    micro_batches = t.mini_batches * math.ceil(tokens / t.mini_batches / t.micro_batch_tokens)  # one mini-epoch
+    p, weights = policy.params, policy.params * dtype_bytes(config)
+    state = 0.0
+    if config.trainer.offload_states_while_generating:
+        state += 0.0 if optimizer_offloaded else 12 * p / (world if stage >= 1 else 1)  # fp32 master + Adam
+        state += 0.0 if (optimizer_offloaded and stage == 3) else 2 * p / (world if stage >= 2 else 1)  # grads
+    gathered = (world - 1) / world * weights if stage == 3 else 0.0
+    return Work(hbm_bytes=2 * weights, nvlink_bytes=gathered, pcie_bytes=2 * state)
 
-    offloaded_state = 0.0  # bytes the trainer moves to the CPU while the engines generate
-    if t.offload_states_while_generating:
-        offloaded_state += 0.0 if optimizer_offloaded else 12 * p / (world if stage >= 1 else 1)
-        offloaded_state += 0.0 if (optimizer_offloaded and stage == 3) else 2 * p / (world if stage >= 2 else 1)
-    sync = Work(hbm_bytes=2 * weights, nvlink_bytes=gathered if stage == 3 else 0.0, pcie_bytes=2 * offloaded_state)
 
-    rollout = generation(
-        policy, dtype, gpu, prompts=prompts, prompt_tokens=d.max_prompt_tokens, children=r.n,
-        new_tokens=r.sampling.max_tokens, tensor_parallel=r.tensor_parallel_size,
+def critique(config: Config, judge: Architecture | None, world: int, gpu: GPU) -> tuple[Work, str]:
+    """A local judge's N critiques of each of the rank's rollouts, in as many waves as its KV cache needs."""
+    c = config.critic
+    if not config.needs_judge():
+        return Work(), "no judge"
+    if c.backend != "vllm" or judge is None:
+        return Work(), f"{c.backend} judge: not on these GPUs"
+    j = judge_memory(config, judge, world, gpu.memory_bytes)
+    work = generation(
+        judge, dtype_bytes(config), gpu, prompts=Batch.of(config, world).sequences,
+        prompt_tokens=c.max_model_len - c.sampling.max_tokens, children=c.num_critiques,
+        new_tokens=c.sampling.max_tokens, kv_tokens=j.kv_tokens,
     )  # fmt: skip
+    return work, f"local judge, KV cache for {j.kv_tokens / 1000:.0f}k of {j.demand_tokens / 1000:.0f}k tokens"
 
-    critique, critique_note = Work(), "no judge"
-    if config.needs_judge() and c.backend == "vllm" and judge is not None:
-        j = judge_memory(config, judge, world, gpu.memory_bytes)
-        critique = generation(
-            judge, dtype, gpu, prompts=sequences, prompt_tokens=c.max_model_len - c.sampling.max_tokens,
-            children=c.num_critiques, new_tokens=c.sampling.max_tokens, kv_tokens=j.kv_tokens,
-        )  # fmt: skip
-        critique_note = f"local judge, KV cache for {j.kv_tokens / 1000:.0f}k of {j.demand_tokens / 1000:.0f}k tokens"
-    elif config.needs_judge():
-        critique_note = f"{c.backend} judge: not on these GPUs"
+
+def training(config: Config, policy: Architecture, world: int) -> tuple[Work, Work]:
+    """Old (and reference) log-probs, then the PPO mini-epochs with their optimizer steps."""
+    t, a = config.trainer, config.algorithm
+    stage, optimizer_offloaded = zero_setup(config)
+    b, p, dtype = Batch.of(config, world), policy.params, dtype_bytes(config)
+    read = policy.matmul_params * dtype  # what a forward or backward pass reads
+    gathered = (world - 1) / world * p * dtype  # what a ZeRO-3 all-gather brings to each GPU
+    forward = forward_flops(policy, b.tokens, b.keys)
 
     models = 1 + (a.kl_coef > 0)  # the reference is a ZeRO-3 engine, gathered like a ZeRO-3 policy
     gathers = (stage == 3) + (a.kl_coef > 0)
     logprobs = Work(
-        hbm_bytes=models * micro_batches * read,
-        flops=models * forward_flops(policy, tokens, keys),
-        nvlink_bytes=gathers * micro_batches * gathered,
+        hbm_bytes=models * b.micro_batches * read,
+        flops=models * forward,
+        nvlink_bytes=gathers * b.micro_batches * gathered,
     )
 
     units = 4 if config.model.gradient_checkpointing else 3  # forward, backward (2), recompute
-    optimizer_steps = a.mini_epochs * t.mini_batches
+    passes = a.mini_epochs * b.micro_batches
+    steps = a.mini_epochs * t.mini_batches
+    adam = 0.0 if optimizer_offloaded else steps * ADAM_BYTES_PER_PARAM * p / (world if stage >= 1 else 1)
     reduced = (world - 1) / world * p * dtype * (2 if stage <= 1 else 1)  # all-reduce or reduce-scatter of grads
     update = Work(
-        hbm_bytes=a.mini_epochs * micro_batches * units * read
-        + (0.0 if optimizer_offloaded else optimizer_steps * ADAM_BYTES_PER_PARAM * p / (world if stage >= 1 else 1)),
-        flops=a.mini_epochs * units * forward_flops(policy, tokens, keys),
-        nvlink_bytes=a.mini_epochs * micro_batches * (reduced + (units - 1) * gathered * (stage == 3)),
-        pcie_bytes=optimizer_steps * 2 * dtype * p / world if optimizer_offloaded else 0.0,
+        hbm_bytes=passes * units * read + adam,
+        flops=a.mini_epochs * units * forward,
+        nvlink_bytes=passes * (reduced + (units - 1) * gathered * (stage == 3)),
+        pcie_bytes=steps * 2 * dtype * p / world if optimizer_offloaded else 0.0,  # grads out, weights back
     )
-    update_note = "Adam on the CPU (not counted)" if optimizer_offloaded else ""
+    return logprobs, update
+
+
+def step_phases(
+    config: Config, policy: Architecture, world: int, gpu: GPU, judge: Architecture | None = None
+) -> list[Phase]:
+    """The phases of one step on one GPU of `world` (judge: a local judge's shape; None for a remote one)."""
+    r, a = config.rollout, config.algorithm
+    rollout = generation(
+        policy, dtype_bytes(config), gpu, prompts=Batch.of(config, world).prompts,
+        prompt_tokens=config.data.max_prompt_tokens, children=r.n, new_tokens=r.sampling.max_tokens,
+        tensor_parallel=r.tensor_parallel_size,
+    )  # fmt: skip
+    critiques, note = critique(config, judge, world, gpu)
+    logprobs, update = training(config, policy, world)
+    stage, optimizer_offloaded = zero_setup(config)
+    adam = "Adam on the CPU (not counted)" if optimizer_offloaded else ""
     return [
-        Phase("weight sync", sync, "ZeRO-3 gather" if stage == 3 else ""),
+        Phase("weight sync", weight_sync(config, policy, world), "ZeRO-3 gather" if stage == 3 else ""),
         Phase("rollout (prefill + decode)", rollout),
-        Phase("critique", critique, critique_note),
-        Phase("old + reference log-probs" if models == 2 else "old log-probs", logprobs),
-        Phase(f"update ({a.mini_epochs} mini-epochs)", update, update_note),
+        Phase("critique", critiques, note),
+        Phase("old + reference log-probs" if a.kl_coef > 0 else "old log-probs", logprobs),
+        Phase(f"update ({a.mini_epochs} mini-epochs)", update, adam),
     ]
 
 
