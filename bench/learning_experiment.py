@@ -3,7 +3,7 @@
     python bench/learning_experiment.py                # the whole experiment (about an hour on 2 cores)
     python bench/learning_experiment.py --quick        # one seed, two arms, a few steps (the slow test)
 
-The task, its step critic and the warmed-up policy are in bench/chain_arithmetic.py. Every arm is an
+The task, its step critic and the warmed-up policy are in capo_fast/chain_arithmetic.py. Every arm is an
 ordinary run of the training loop (`deepspeed capo_fast/train.py --config bench/chain_arithmetic.yaml`);
 the arms differ in their overrides and in the critic's noise only. Arms, each over several seeds:
   grpo, capo                     GRPO-Rule against CAPO (C=2, P=1) with an accurate critic (questions 1, 2)
@@ -36,7 +36,7 @@ from queue import Queue
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.chain_arithmetic import equation_error, questions, warm_up_policy, write_split  # noqa: E402
+from capo_fast.chain_arithmetic import equation_error, questions, warm_up_policy, write_split  # noqa: E402
 from capo_fast.config import load_config  # noqa: E402
 
 CONFIG = ROOT / "bench" / "chain_arithmetic.yaml"

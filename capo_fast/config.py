@@ -1,8 +1,10 @@
 """Run configuration: typed sections, YAML loading, `--section.key=value` overrides, validation.
 
 Every invalid value raises `ConfigError` naming the key (and the YAML file and line when it came
-from one). The defaults are the embedded default run: SmolLM2-135M-Instruct as policy and judge on
-offline arithmetic, sized for a 2-core CPU.
+from one). The defaults are the embedded default run (`make train`): CAPO on the chain-arithmetic task
+(capo_fast.chain_arithmetic) with a tiny warmed-up policy and the task's program critic standing in for the
+LLM judge, sized to show learning in about ten minutes on a 2-core CPU. configs/cpu-smollm2-judge.yaml
+runs the same loop with SmolLM2-135M-Instruct as policy and judge.
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ class SamplingConfig:
 
 @dataclass
 class ModelConfig:
-    """`path` is an HF model folder, or `smollm2` / `tiny` for the models that ship offline."""
+    """`path` is an HF model folder, or `chain` / `smollm2` / `tiny` for the models that ship offline."""
 
-    path: str = "smollm2"  # HF folder, hub id (org/name), or smollm2 / tiny (offline)
+    path: str = "chain"  # HF folder, hub id (org/name), or chain / smollm2 / tiny (offline; chain is warmed up once)
     dtype: Dtype = "float32"  # of training and generation; flash-attn needs bfloat16/float16
     gradient_checkpointing: bool = False  # recompute layers in backward: less memory, ~30% more time
     liger_patches: bool = True  # RMSNorm, SwiGLU, RoPE kernels on CUDA; the loss stays capo-fast's
@@ -58,13 +60,11 @@ class DataConfig:
     """`train` / `eval`: a .jsonl/.json/.csv/.parquet file, a saved HF dataset folder, a hub dataset
     `org/name[:config][@split]`, or `gym:<task>[+<task>]` (generated offline)."""
 
-    train: str = "gym:basic_arithmetic+gsm_symbolic"  # a file, dataset folder, hub dataset or gym:<task>
-    eval: str = ""  # empty: a held-out split generated with another seed (gym) or none (files)
+    train: str = "chain:train"  # a file, dataset folder, hub dataset, gym:<task> or chain:train
+    eval: str = ""  # empty: held out from the same generator (gym: another seed; chain: its held-out split) or none
     num_train: int = 2000  # size of generated task sets
-    num_eval: int = 32  # held-out problems scored before, during and after training
-    system_prompt: str = (  # the policy's system prompt (a chat prompt in the data may bring its own)
-        "Solve the problem step by step. Separate steps with a blank line. Put the final answer in \\boxed{}."
-    )
+    num_eval: int = 200  # held-out problems scored before, during and after training
+    system_prompt: str = ""  # the policy's system prompt (a chat prompt in the data may bring its own)
     max_prompt_tokens: int = 256  # longer prompts are a data error, named with their index
     seed: int = 0  # of the generated task sets
     # Dotted paths of a row's fields (e.g. reward_model.ground_truth); empty: the usual names, which
@@ -72,12 +72,15 @@ class DataConfig:
     question_key: str = ""
     answer_key: str = ""  # as question_key, for the gold answer
     reference_key: str = ""  # as question_key, for the reference solution the judge sees
+    # A dataset's instruction wrapper stripped from every question (data.INSTRUCTION_WRAPPERS), e.g. dapo:
+    # DAPO-Math-17k's "... of the form Answer: $Answer ..." around each problem; empty: questions as given.
+    strip_instruction: str = ""
 
 
 @dataclass
 class RolloutConfig:
-    n: int = 4  # rollouts per prompt
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=128))
+    n: int = 8  # rollouts per prompt
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=80))
     tensor_parallel_size: int = 1  # GPUs per policy engine (consecutive ranks)
     gpu_memory_utilization: float = 0.35  # engine's share of the GPU (the KV cache is sized from demand on CUDA)
     max_model_len: int = 1024  # prompt + answer tokens an engine accepts
@@ -89,7 +92,7 @@ class RolloutConfig:
 class CriticConfig:
     """The GenPRM. `model` empty: the policy's starting weights, frozen."""
 
-    backend: str = "vllm"  # rollout.CRITIC_BACKENDS: vllm (an engine in each training process) or remote
+    backend: str = "function"  # rollout.CRITIC_BACKENDS: vllm (an engine in each process), remote or function
     model: str = ""  # judge model (folder or name on the server); empty: the policy's start
     num_critiques: int = 2  # N: critiques per rollout, combined by algorithm.voting
     # guided: decoding is constrained so the critique ends in the judgment and <incorrect_steps> lines
@@ -98,7 +101,7 @@ class CriticConfig:
     guided_reasoning_chars: int = 200  # room for reasoning before the closing lines when guided
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=128))
     include_reference: bool = True  # the reference solution in the prompt, else the gold answer
-    function: str = ""  # backend function: module:function returning critiques (see rollout.FunctionCritic)
+    function: str = "capo_fast.chain_arithmetic:critique"  # function backend: module:function (rollout.FunctionCritic)
     step_splitter: str = ""  # empty: blank lines; a regex whose matches end a step; or module:function
     prompt_template: str = ""  # a text file with {question}, {reference_solution}, {steps}; empty: the packaged one
     gpu_memory_utilization: float = 0.35  # a colocated judge keeps this share all run long
@@ -142,13 +145,13 @@ class AlgorithmConfig:
 
 @dataclass
 class TrainerConfig:
-    steps: int = 4  # rollout batches to train on
-    prompts_per_step: int = 4  # global, over all ranks
-    mini_batches: int = 1  # optimizer steps per mini-epoch
+    steps: int = 30  # rollout batches to train on
+    prompts_per_step: int = 16  # global, over all ranks
+    mini_batches: int = 2  # optimizer steps per mini-epoch
     micro_batch_tokens: int = 1024  # sdpa keeps [heads, T, T] scores per layer: keep T small on CPU
-    lr: float = 2e-6  # peak learning rate (cosine decay after warmup)
-    min_lr_ratio: float = 0.1  # final lr / peak lr
-    warmup_steps: int = 1  # optimizer steps of linear warmup
+    lr: float = 1e-4  # peak learning rate (cosine decay after warmup)
+    min_lr_ratio: float = 1.0  # final lr / peak lr (1: constant after warmup)
+    warmup_steps: int = 2  # optimizer steps of linear warmup
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max gradient norm
     zero_stage: int = 2  # 1-3: ZeRO skips steps whose gradient norm is not finite, ZeRO-0 applies them
@@ -174,7 +177,7 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 2  # steps; 0 turns periodic checkpoints off
+    every: int = 10  # steps; 0 turns periodic checkpoints off
     keep: int = 2  # periodic checkpoints kept (best is kept apart)
     resume: bool = True  # continue from the newest checkpoint in output_dir
     export: bool = True  # HF model folder at the end
@@ -183,9 +186,11 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # steps; 0: only before and after training
+    every: int = 5  # steps; 0: only before and after training
     sets: list[str] = field(default_factory=list)  # NAME=SOURCE, scored with the held-out set: eval/NAME/pass@1
-    max_tokens: int = 128  # new tokens per evaluation answer
+    # NAME=SOURCE sets of the final evaluation (python -m capo_fast.evaluate --config FILE); not scored in training
+    benchmarks: list[str] = field(default_factory=list)
+    max_tokens: int = 80  # new tokens per evaluation answer
 
 
 @dataclass
@@ -289,18 +294,20 @@ class Config:
             f"{t.deepspeed_config} does not exist (paths are relative to the working directory)",
         )
         _check(self.data.num_eval >= 0, "data.num_eval", "must be >= 0")
+        from capo_fast.data import INSTRUCTION_WRAPPERS
+
+        wrappers = ["", *sorted(INSTRUCTION_WRAPPERS)]
+        _check(self.data.strip_instruction in wrappers, "data.strip_instruction", f"must be one of {wrappers}")
         _check(self.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
         _check(self.logging.rollout_samples >= 0, "logging.rollout_samples", "must be >= 0")
         return self
 
     def check_world_size(self, world: int) -> None:
-        """What depends on the number of ranks the launcher started (checked before any heavy work)."""
-        t, r = self.trainer, self.rollout
-        _check(
-            t.prompts_per_step % world == 0,
-            "trainer.prompts_per_step",
-            f"{t.prompts_per_step} is not a multiple of the {world} ranks launched (a rank owns whole prompt groups)",
-        )
+        """What depends on the number of ranks the launcher started (checked before any heavy work).
+
+        Any number of prompts per step fits any world size: ranks hold whole prompt groups, one more on
+        some ranks when the count is not a multiple (train.my_share)."""
+        r = self.rollout
         _check(
             world % r.tensor_parallel_size == 0 and (world > 1 or r.tensor_parallel_size == 1),
             "rollout.tensor_parallel_size",

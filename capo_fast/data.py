@@ -1,6 +1,7 @@
 """Prompt datasets: files (jsonl, json, csv, parquet), saved HF datasets, hub datasets, offline generators.
 
 A source string picks the loader: `gym:<task>[+<task>...]` generates reasoning-gym tasks offline,
+`chain:train` / `chain:heldout` the chain-arithmetic task of the default run (capo_fast.chain_arithmetic),
 `org/name[:config][@split]` that is not a local path loads a hub dataset through `datasets`, anything
 else is a path. Rows of verl (chat prompt, reward_model.ground_truth, data_source) and TRL/open-r1
 (problem, solution) load as they are. Every row becomes a `Problem`; a bad row fails with its file and line.
@@ -14,6 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+
+from capo_fast.chain_arithmetic import split_rows
 
 QUESTION_KEYS = ("question", "problem", "prompt", "Question")  # the last: GPQA's rows
 ANSWER_KEYS = ("answer", "final_answer", "gold", "reward_model.ground_truth", "answerKey")  # verl's, ARC's rows
@@ -52,6 +55,7 @@ class DataKeys:
     question: str = ""
     answer: str = ""
     reference: str = ""
+    instruction: str = ""  # data.strip_instruction: the INSTRUCTION_WRAPPERS entry stripped from questions
 
 
 class DataError(ValueError):
@@ -122,7 +126,41 @@ def problem_from_row(row: object, where: str, keys: DataKeys = DataKeys()) -> Pr
         answer = LETTERS[_correct_option(choices, labels, answer, where)]
     source = row.get("data_source")
     reference = str(reference) if reference else None
-    return Problem(question, str(answer), reference, messages, str(source or ""), choices)
+    return strip_instruction(Problem(question, str(answer), reference, messages, str(source or ""), choices), keys)
+
+
+# Instruction wrappers some datasets put around every problem, as (prefix, suffix), stripped by
+# data.strip_instruction so the policy and the judge read the problem under the paper's own system prompt.
+# dapo: DAPO-Math-17k's rows (BytedTsinghua-SIA/DAPO-Math-17k; the example rows of its README) ask for a last
+# line "Answer: $Answer", which contradicts the paper's \boxed{} answer.
+INSTRUCTION_WRAPPERS: dict[str, tuple[str, str]] = {
+    "dapo": (
+        "Solve the following math problem step by step. The last line of your response should be of the form "
+        "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n",
+        '\n\nRemember to put your answer on its own line after "Answer:".',
+    ),
+}
+
+
+def strip_instruction(problem: Problem, keys: DataKeys) -> Problem:
+    """The problem without the `keys.instruction` wrapper (INSTRUCTION_WRAPPERS), in its question and in the
+    user messages of its chat prompt; each part of the wrapper goes where present, and a question without it
+    (an evaluation set read with the training set's keys) is kept as it is."""
+    if not keys.instruction:
+        return problem
+    if keys.instruction not in INSTRUCTION_WRAPPERS:
+        raise DataError(f"data.strip_instruction: {keys.instruction!r} is not one of {sorted(INSTRUCTION_WRAPPERS)}")
+    prefix, suffix = (part.strip() for part in INSTRUCTION_WRAPPERS[keys.instruction])
+
+    def strip(text: str) -> str:
+        text = text.strip()
+        text = text.removeprefix(prefix).lstrip()
+        return text.removesuffix(suffix).rstrip()
+
+    messages = problem.messages
+    if messages is not None:
+        messages = tuple(m | {"content": strip(m["content"])} if m["role"] == "user" else m for m in messages)
+    return replace(problem, question=strip(problem.question), messages=messages)
 
 
 _OWN_LETTER = re.compile(r"^\(?([A-Z])\s*[).:]\s*")
@@ -297,9 +335,26 @@ def _generate_gym(tasks: str, size: int, seed: int) -> list[Problem]:
     ][:size]
 
 
+def _generate_chain(split: str, size: int, seed: int) -> list[Problem]:
+    return [Problem(r["question"], r["answer"], r["reference_solution"]) for r in split_rows(split, size, seed)]
+
+
+def held_out_source(train: str) -> str:
+    """Where held-out problems come from when data.eval is empty: the same generator (another seed for gym,
+    the held-out split for the chain task), or none for files."""
+    if train.startswith("gym:"):
+        return train
+    return "chain:heldout" if train.startswith("chain:") else ""
+
+
 def load_problems(source: str, *, size: int, seed: int, keys: DataKeys = DataKeys()) -> list[Problem]:
     """Problems from `source` (see the module docstring); `size` and `seed` apply to generators, and `seed`
     shuffles the options of multiple-choice rows."""
+    if source.startswith("chain:"):
+        try:
+            return _generate_chain(source[6:], size, seed)
+        except ValueError as err:
+            raise DataError(str(err)) from None
     if source.startswith("gym:"):
         try:
             return _generate_gym(source[4:], size, seed)

@@ -8,15 +8,20 @@ backend serves, so the same code runs on gloo (CPU, CI) and on NCCL (GPUs).
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from capo_fast.config import ConfigError
+
+T = TypeVar("T")
 
 # The deepspeed launcher's pdsh/mpi runners forward only variables with these prefixes to other nodes
 # (deepspeed/launcher/runner.py:36 EXPORT_ENVS, plus NCCL from accelerator/cuda_accelerator.py:411);
@@ -100,6 +105,40 @@ def all_gather_objects(obj, group=None) -> list:
     parts = [None] * dist.get_world_size(group)
     dist.all_gather_object(parts, obj, group=group)
     return parts
+
+
+def fail_together(action: Callable[[], T], what: str) -> T:
+    """Runs `action` on every rank; a failure on any rank stops every rank with it.
+
+    Without this, a rank whose data or judge check fails leaves the others waiting in the next collective
+    (deepspeed.initialize, an engine's start) until the NCCL timeout. The failing rank re-raises its own
+    error; the others raise the same type (ConfigError, DataError ...) with its message and rank.
+    """
+    rank, world = rank_and_world()
+    try:
+        result, failure = action(), None
+    except Exception as err:  # any failure must reach the gather below, or the other ranks hang
+        result, failure, mine = None, (_picklable_type(err), str(err)), err
+    failures = [(r, f) for r, f in enumerate(all_gather_objects(failure)) if f is not None]
+    if not failures:
+        return result
+    if failure is not None:
+        raise mine
+    first, (kind, message) = failures[0]
+    where = f"rank {first} of {world} ({what})"
+    try:
+        error = kind(f"{where}: {message}")
+    except Exception:  # an exception type whose constructor takes other arguments
+        error = RuntimeError(f"{where}: {kind.__name__}: {message}")
+    raise error
+
+
+def _picklable_type(err: Exception) -> type[Exception]:
+    try:
+        pickle.dumps(type(err))
+        return type(err)
+    except Exception:  # a class defined inside a function travels as a RuntimeError
+        return RuntimeError
 
 
 def broadcast_object(obj, src: int = 0):

@@ -2,14 +2,23 @@
 
     python -m capo_fast.evaluate --model Qwen/Qwen2.5-1.5B --runs 3 --samples 16 --k 1 8 16 \\
         --sets math500=HuggingFaceH4/MATH-500@test aime24=/data/aime24.jsonl --out results.json
+    python -m capo_fast.evaluate --model runs/capo-qwen2.5-7b/final --config configs/gpu-qwen2.5-7b.yaml
 
-Per set: greedy pass@1 averaged over `--runs` runs (the paper: 3; also per `data_source` of the rows),
-and with `--samples n` the unbiased
+`--config` takes the sets from the run config's eval.benchmarks (the GPU configs list the paper's seven)
+and the system prompt from its data.system_prompt.
+
+Per set: greedy pass@1 averaged over `--runs` runs (the paper: 3; also per `data_source` of the rows)
+with its spread over the runs (population std, min and max, as the paper's Tables 11-12 report a
+spread beside each mean), and with `--samples n` the unbiased
 pass@k from n samples (1 - C(n-c, k) / C(n, k), c of them correct; pass@1_sampled for k = 1) and maj@k
 (the most frequent final answer among k samples is correct); mean response length and the fraction
 cut at max tokens. Multiple-choice rows (`choices`/`options` lists, ARC's choices with labels, GPQA's
-correct and incorrect answers) have their options shuffled with the seed, lettered, and are scored on
-the letter of the answer.
+correct and incorrect answers) have their options shuffled, lettered, and are scored on the letter of
+the answer; run r shuffles with seed + r (`run_seed`), so the runs differ in the options' order as the
+paper's shuffled out-of-domain sets do, and run 0 is what training's evaluation (one run) scores.
+
+Engine: `--gpu-memory-utilization` (the evaluation owns the GPU: 0.9 by default) and
+`--tensor-parallel-size` (GPUs of one engine; above 1 vLLM starts its own worker processes) go to vLLM.
 """
 
 from __future__ import annotations
@@ -18,11 +27,13 @@ import argparse
 import json
 import math
 import re
+import statistics
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from capo_fast.config import SamplingConfig
 from capo_fast.data import DataKeys, Problem, encode_prompts, load_problems
@@ -79,23 +90,56 @@ def _correct(problems: Sequence[Problem], texts: list[str], score: Score) -> lis
     return [is_correct(p, t, v) for p, t, v in zip(problems, texts, verified, strict=True)]
 
 
+class RunInputs(NamedTuple):
+    """What one greedy run answers: the problems (multiple-choice options lettered for that run) and their
+    prompt token ids, in the same order as every other run's."""
+
+    problems: Sequence[Problem]
+    prompts: Sequence[list[int]]
+
+
+def run_seed(seed: int, run: int) -> int:
+    """The seed that shuffles the multiple-choice options of evaluation run `run` (0-based)."""
+    return seed + run
+
+
 def evaluate_set(
-    problems: Sequence[Problem], prompts: Sequence[list[int]], generate: Generate, score: Score, options: EvalOptions
+    problems: Sequence[Problem],
+    prompts: Sequence[list[int]],
+    generate: Generate,
+    score: Score,
+    options: EvalOptions,
+    *,
+    later_runs: Sequence[RunInputs] = (),
 ) -> dict[str, float]:
-    """The metrics of one set (module docstring) for the prompts `generate` answers."""
+    """The metrics of one set (module docstring) for the prompts `generate` answers.
+
+    Args:
+        problems, prompts: what run 0 answers (and the sampled answers of pass@k / maj@k).
+        later_runs: runs 1.. of a set whose options are reshuffled per run (`load_runs`), one per run
+            after the first; empty: every run answers `problems`.
+    """
     n = len(problems)
+    if later_runs and len(later_runs) != options.runs - 1:
+        raise ValueError(f"later_runs: {len(later_runs)} given for {options.runs} runs (expected {options.runs - 1})")
+    if any(len(r.problems) != n or len(r.prompts) != n for r in later_runs):
+        raise ValueError(f"later_runs: every run must answer the same {n} problems")
+    runs = [RunInputs(problems, prompts), *later_runs] if later_runs else [RunInputs(problems, prompts)] * options.runs
     seeds = [options.seed * 1_000_003 + i for i in range(n)]
     greedy = SamplingConfig(temperature=0.0, top_p=1.0, max_tokens=options.max_tokens)
     accuracy, lengths, truncated, per_problem_greedy = [], [], [], [0.0] * n
-    for run in range(options.runs):
-        outs = [group[0] for group in generate(prompts, greedy, n=1, seeds=[s + run for s in seeds])]
-        correct = _correct(problems, [o.text for o in outs], score)
+    for run, inputs in enumerate(runs):
+        outs = [group[0] for group in generate(inputs.prompts, greedy, n=1, seeds=[s + run for s in seeds])]
+        correct = _correct(inputs.problems, [o.text for o in outs], score)
         accuracy.append(sum(correct) / max(n, 1))
         per_problem_greedy = [a + c / options.runs for a, c in zip(per_problem_greedy, correct, strict=True)]
         lengths += [len(o.token_ids) for o in outs]
         truncated += [o.finish_reason == "length" for o in outs]
     metrics = {
         "pass@1": sum(accuracy) / max(len(accuracy), 1),
+        "pass@1_std": statistics.pstdev(accuracy) if accuracy else 0.0,
+        "pass@1_min": min(accuracy, default=0.0),
+        "pass@1_max": max(accuracy, default=0.0),
         "pass@1_runs": accuracy,
         "length": sum(lengths) / max(len(lengths), 1),
         "truncated": sum(truncated) / max(len(truncated), 1),
@@ -142,6 +186,18 @@ def load_set(source: str, *, seed: int, limit: int = 0, keys: DataKeys | None = 
     return problems[:limit] if limit else problems
 
 
+def load_runs(
+    source: str, *, seed: int, runs: int, limit: int = 0, keys: DataKeys | None = None
+) -> list[list[Problem]]:
+    """The problems each of `runs` evaluation runs answers: run r's options shuffled with `run_seed(seed, r)`
+    (run 0 is `load_set(source, seed=seed)`); a set without multiple-choice rows is read once and every run
+    answers the same list."""
+    first = load_set(source, seed=seed, limit=limit, keys=keys)
+    if not any(p.multiple_choice for p in first):
+        return [first] * runs
+    return [first] + [load_set(source, seed=run_seed(seed, r), limit=limit, keys=keys) for r in range(1, runs)]
+
+
 def parse_sets(specs: Sequence[str]) -> dict[str, str]:
     from capo_fast.config import ConfigError
 
@@ -154,12 +210,15 @@ def parse_sets(specs: Sequence[str]) -> dict[str, str]:
     return sets
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m capo_fast.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", required=True, help="HF model folder or hub id (or smollm2 / tiny)")
-    parser.add_argument("--sets", nargs="+", required=True, metavar="NAME=SOURCE", help="data sources as in data.train")
+    parser.add_argument("--sets", nargs="+", metavar="NAME=SOURCE", help="data sources as in data.train")
+    parser.add_argument(
+        "--config", type=Path, help="a run config: --sets default to its eval.benchmarks, --system-prompt to its data's"
+    )
     parser.add_argument("--runs", type=int, default=3, help="greedy runs averaged for pass@1")
     parser.add_argument("--samples", type=int, default=0, help="sampled answers per problem for pass@k and maj@k")
     parser.add_argument("--k", type=int, nargs="+", default=[1], help="k of pass@k and maj@k (<= --samples)")
@@ -167,27 +226,85 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--temperature", type=float, default=0.6, help="of the sampled answers")
     parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--system-prompt", default=PAPER_SYSTEM_PROMPT)
+    parser.add_argument("--system-prompt", help="the policy's system prompt (default: the paper's)")
     parser.add_argument("--limit", type=int, default=0, help="first N problems of each set (0: all)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--seed", type=int, default=0, help="sampling seeds and the shuffling of options")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seeds; run r shuffles options with seed + r")
+    parser.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.9, help="the engine's share of each GPU (vLLM's own default)"
+    )
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="GPUs of the engine (vLLM starts a worker per GPU above 1)"
+    )
     parser.add_argument(
         "--question-key", default="", help="dotted path of the question in a row (as data.question_key)"
     )
     parser.add_argument("--answer-key", default="", help="dotted path of the gold answer (as data.answer_key)")
     parser.add_argument("--out", type=Path, default=Path("eval_results.json"))
     args = parser.parse_args(argv)
+    if not 0 < args.gpu_memory_utilization <= 1:
+        parser.error(f"--gpu-memory-utilization: must be in (0, 1], got {args.gpu_memory_utilization}")
+    if args.tensor_parallel_size < 1:
+        parser.error(f"--tensor-parallel-size: must be >= 1, got {args.tensor_parallel_size}")
+    if args.runs < 1:
+        parser.error(f"--runs: must be >= 1, got {args.runs}")
+    if not args.sets and not args.config:
+        parser.error("name the sets: --sets NAME=SOURCE ... or --config FILE (its eval.benchmarks)")
+    return args
+
+
+def _from_config(args: argparse.Namespace) -> argparse.Namespace:
+    """Fills --sets and --system-prompt from `--config` where the command line left them out."""
+    if args.config is None:
+        return argparse.Namespace(**vars(args) | {"system_prompt": args.system_prompt or PAPER_SYSTEM_PROMPT})
+    from capo_fast.config import ConfigError, load_config
+
+    config = load_config(args.config)
+    sets = args.sets or config.eval.benchmarks
+    if not sets:
+        raise ConfigError(f"{args.config}: eval.benchmarks lists no sets (or pass --sets)")
+    return argparse.Namespace(
+        **vars(args) | {"sets": sets, "system_prompt": args.system_prompt or config.data.system_prompt}
+    )
+
+
+def build_engine(args: argparse.Namespace, model: Path):
+    """The generation engine of a standalone evaluation: awake all along (no training shares the GPU), its
+    share of the GPU and tensor-parallel size from the command line. Above one GPU vLLM's own worker
+    processes ("mp", what vLLM itself picks for several GPUs of one node: vllm/config/parallel.py:1035-1076)
+    serve the engine, since no launcher started one process per GPU."""
+    from capo_fast.rollout import VLLMEngine
+
+    return VLLMEngine(
+        model, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len, sleep_mode=False,
+        gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
+        executor_backend="mp" if args.tensor_parallel_size > 1 else "",
+    )  # fmt: skip
+
+
+def _summary(name: str, metrics: dict) -> str:
+    shown = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float) and not k.startswith("pass@1_"))
+    runs = ", ".join(f"{a:.3f}" for a in metrics["pass@1_runs"])
+    spread = f"(std {metrics['pass@1_std']:.3f}, runs {runs})"
+    return f"{name}: {shown} {spread} ({metrics['problems']} problems)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     from capo_fast.config import ConfigError
     from capo_fast.data import DataError
     from capo_fast.reward import OutcomeVerifier
-    from capo_fast.rollout import VLLMEngine
     from capo_fast.train import resolve_model
 
     try:
+        args = _from_config(args)
         named = parse_sets(args.sets)
         keys = DataKeys(args.question_key, args.answer_key)
-        sets = {name: load_set(src, seed=args.seed, limit=args.limit, keys=keys) for name, src in named.items()}
+        sets = {
+            name: load_runs(src, seed=args.seed, runs=args.runs, limit=args.limit, keys=keys)
+            for name, src in named.items()
+        }
         model = resolve_model(args.model)
     except (ConfigError, DataError) as err:
         print(f"capo-fast evaluate: {err}", file=sys.stderr)
@@ -195,18 +312,24 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    engine = VLLMEngine(model, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len, sleep_mode=False)
+    engine = build_engine(args, model)
     options = EvalOptions(
         args.runs, args.samples, tuple(args.k), args.max_tokens, args.temperature, args.top_p, args.seed
     )
-    results = {"model": args.model, "options": vars(args) | {"out": str(args.out)}, "sets": {}}
+    results = {
+        "model": args.model,
+        "options": vars(args) | {"out": str(args.out), "config": str(args.config)},
+        "sets": {},
+    }
     with OutcomeVerifier(num_workers=2) as verifier:
-        for name, problems in sets.items():
-            prompts = encode_prompts(tokenizer, problems, args.system_prompt)
-            metrics = evaluate_set(problems, prompts, engine.generate, verifier.score, options)
+        for name, per_run in sets.items():
+            first, rest = per_run[0], per_run[1:]
+            reshuffled = any(problems is not first for problems in rest)  # load_runs: multiple choice
+            later = [RunInputs(p, encode_prompts(tokenizer, p, args.system_prompt)) for p in rest] if reshuffled else []
+            prompts = encode_prompts(tokenizer, first, args.system_prompt)
+            metrics = evaluate_set(first, prompts, engine.generate, verifier.score, options, later_runs=later)
             results["sets"][name] = metrics
-            shown = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
-            print(f"{name}: {shown} ({metrics['problems']} problems)", flush=True)
+            print(_summary(name, metrics), flush=True)
             for source, m in metrics.get("by_source", {}).items():
                 print(f"  {source}: pass@1 {m['pass@1']:.3f} ({m['problems']} problems)", flush=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -265,7 +265,7 @@ def run_judge(critic: Critic, solutions: Sequence[AnnotatedSolution], seed: int,
     tokens_before, start = critic.tokens_generated, time.perf_counter()
     for first in range(0, len(solutions), BATCH):
         batch = [s.request for s in solutions[first : first + BATCH]]
-        critiques += [(list(c) + [FAILED] * n)[:n] for c in critic.critique(batch, seed=seed + first)]
+        critiques += [(list(c) + [FAILED] * n)[:n] for c in critic.critique(batch, seed=seed + first * n)]
         critic.sleep()
         progress(f"  judged {len(critiques)}/{len(solutions)} solutions ({time.perf_counter() - start:.0f} s)")
     answered = sum(c.text is not None or c.valid for per in critiques for c in per)

@@ -211,3 +211,39 @@ def plot_run(metrics_path: Path, out: Path) -> Path | None:
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
+
+
+def binomial_se(accuracy: float, problems: int) -> float:
+    """Standard error of an accuracy measured on `problems` independent problems."""
+    return math.sqrt(max(accuracy * (1 - accuracy), 0.0) / problems) if problems else float("nan")
+
+
+def accuracy_change(before: float, after: float, problems: int) -> tuple[float, float]:
+    """after - before and its standard error (the two evaluations taken as independent: conservative,
+    since the same problems are scored twice)."""
+    return after - before, math.hypot(binomial_se(before, problems), binomial_se(after, problems))
+
+
+def run_summary(rows: list[dict], *, problems: int, seconds: float, method: str) -> dict:
+    """What a finished run shows, from its metrics log: held-out accuracy before and after with standard
+    errors, the held-out curve, and the time of each phase (the README's opening numbers come from this)."""
+    before = next((r["eval/accuracy_before"] for r in rows if "eval/accuracy_before" in r), float("nan"))
+    after = next((r["eval/accuracy_after"] for r in reversed(rows) if "eval/accuracy_after" in r), float("nan"))
+    change, change_se = accuracy_change(before, after, problems)
+    steps = [r for r in rows if "time/rollout" in r]
+    return {
+        "method": method,
+        "heldout_problems": problems,
+        "accuracy_before": before,
+        "accuracy_before_se": binomial_se(before, problems),
+        "accuracy_after": after,
+        "accuracy_after_se": binomial_se(after, problems),
+        "change": change,
+        "change_se": change_se,
+        "heldout_curve": [[r["step"], r["eval/accuracy"]] for r in rows if "eval/accuracy" in r],
+        "steps": len(steps),
+        "seconds": seconds,
+        "seconds_by_phase": {
+            k: sum(r.get(k, 0.0) for r in steps) for k in sorted({k for r in steps for k in r if k.startswith("time/")})
+        },
+    }

@@ -38,6 +38,7 @@ from capo_fast.critique import (
     parse_critique,
 )
 from capo_fast.data import chat_token_ids
+from capo_fast.seeds import critique_request_seeds
 
 logger = logging.getLogger(__name__)
 _sleep_notice_given = False
@@ -94,6 +95,8 @@ class VLLMEngine:
         model: HF model folder.
         sleep_level: 2 for the policy (weights are re-synced every step), 1 for a frozen critic.
         kv_cache_memory_bytes: the KV cache's size on CUDA (default: what gpu_memory_utilization leaves).
+        executor_backend: vLLM's distributed_executor_backend; empty: one engine rank per launched process
+            (`_executor_backend`); "mp": vLLM's own worker processes (a standalone engine over several GPUs).
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class VLLMEngine:
         sleep_level: int = 2,
         sleep_mode: bool = True,
         kv_cache_memory_bytes: int | None = None,
+        executor_backend: str = "",
     ):
         global _sleep_notice_given
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model must live in this process
@@ -133,7 +137,7 @@ class VLLMEngine:
             dtype=dtype,
             seed=seed,
             tensor_parallel_size=tensor_parallel_size,
-            distributed_executor_backend=_executor_backend(tensor_parallel_size),
+            distributed_executor_backend=executor_backend or _executor_backend(tensor_parallel_size),
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
             enforce_eager=enforce_eager or not on_cuda,
@@ -209,6 +213,8 @@ class VLLMEngine:
         # Ranks of one tensor-parallel engine submit the same requests: each submits the group's.
         local = list(zip(prompts, seeds, regex or [None] * len(seeds), strict=True))
         requests, counts = gather_requests(local, self.tp_group)
+        if not requests:  # a rank without prompts (fewer prompts per step than ranks)
+            return []
         prompts, seeds, regex = ([r[k] for r in requests] for k in range(3))
         params = [
             SamplingParams(
@@ -380,10 +386,18 @@ class Critic(ABC):
 
     @abstractmethod
     def critique(self, requests: Sequence[CritiqueRequest], seed: int = 0) -> list[list[Critique]]:
-        """Parsed critiques, N per request."""
+        """Parsed critiques, N per request; request i samples with seeds seed + i*N ... seed + i*N + N - 1."""
 
     def sleep(self) -> None:  # noqa: B027 - most backends hold nothing to free
         """Frees what it can between critiques (a local engine's accelerator memory)."""
+
+    @staticmethod
+    @abstractmethod
+    def describe(config: CriticConfig, policy: str) -> str:
+        """The judge in words, for the first line a run prints (`policy`: the model a judge defaults to)."""
+
+    def probe(self) -> None:  # noqa: B027 - a local engine or a function is there once built
+        """Raises JudgeError when the judge cannot answer, so a run stops before its first rollout."""
 
 
 class ChatCritic(Critic):
@@ -408,7 +422,8 @@ class ChatCritic(Critic):
             guided_critique_regex(self.config.guided_reasoning_chars, len(r.steps)) if self.guided else None
             for r in requests
         ]
-        texts = self._complete(messages, [seed + i for i in range(len(requests))], regexes)
+        seeds = critique_request_seeds(seed, len(requests), self.config.num_critiques)  # N children apart
+        texts = self._complete(messages, seeds, regexes)
         return [
             [parse_critique(t, len(r.steps)) if t is not None else FAILED for t in per_request]
             for r, per_request in zip(requests, texts, strict=True)
@@ -418,6 +433,10 @@ class ChatCritic(Critic):
 class LocalCritic(ChatCritic):
     """The GenPRM as a second vLLM engine in this process; sleeps at level 1 (frozen weights)."""
 
+    @staticmethod
+    def describe(config: CriticConfig, policy: str) -> str:
+        return f"LLM judge {config.model or policy} in a local vLLM engine"
+
     def __init__(
         self,
         config: CriticConfig,
@@ -426,6 +445,7 @@ class LocalCritic(ChatCritic):
         dtype: str,
         seed: int,
         sleep_mode: bool,
+        executor_backend: str = "",
     ):
         super().__init__(config)
         self.engine = VLLMEngine(
@@ -469,6 +489,10 @@ class RemoteCritic(ChatCritic):
     its N critiques are failed ones.
     """
 
+    @staticmethod
+    def describe(config: CriticConfig, policy: str) -> str:
+        return f"LLM judge {config.model or '(the served model)'} at {config.url}"
+
     def __init__(self, config: CriticConfig, model: str = ""):
         super().__init__(config)
         from openai import OpenAI
@@ -479,10 +503,26 @@ class RemoteCritic(ChatCritic):
             timeout=config.timeout_s,
             max_retries=config.retries,
         )
-        self.model = model or self._served_model()
+        self.model = model or next(iter(self._served_models()), "")
 
-    def _served_model(self) -> str:
-        return self.client.models.list().data[0].id
+    def _served_models(self) -> list[str]:
+        """The server's model list; a judge that is down or behind another key raises JudgeError."""
+        try:
+            return [m.id for m in self.client.models.list().data]
+        except Exception as err:  # connection, HTTP and authentication errors alike
+            raise JudgeError(
+                f"critic.url={self.config.url!r}: the judge server did not answer ({type(err).__name__}: {err}); "
+                f"start it (vllm serve MODEL), or check critic.url and the key in ${self.config.api_key_env}"
+            ) from None
+
+    def probe(self) -> None:
+        """One request to the model list: a judge that is down or serves another model is found before the
+        first rollout, not as a step of failed critiques."""
+        served = self._served_models()
+        if self.model not in served:
+            raise JudgeError(
+                f"critic.model={self.model!r} is not served at critic.url={self.config.url!r}; it serves {served}"
+            )
 
     def _one(self, messages: list[dict], seed: int, regex: str | None) -> tuple[list[str | None], int]:
         """N completions of one chat and the tokens the server says it generated for them."""
@@ -518,6 +558,10 @@ class FunctionCritic(Critic):
     check: `function(requests, num_critiques, seed)` returns, per request, N critique texts (parsed like a
     judge's) or `Critique` objects; None marks a failed one."""
 
+    @staticmethod
+    def describe(config: CriticConfig, policy: str) -> str:
+        return f"program critic {config.function} (a Python function standing in for an LLM judge)"
+
     def __init__(self, config: CriticConfig, model: str = ""):
         from capo_fast.plugins import load_callable
 
@@ -548,7 +592,9 @@ def build_critic(config: Config, judge: Path | None, *, sleep_mode: bool = False
     c = config.critic
     critic_config = dataclasses.replace(c, sampling=VOTING[config.algorithm.voting].critic_sampling(c.sampling))
     if c.backend != "vllm":
-        return CRITIC_BACKENDS[c.backend](critic_config, c.model)
+        critic = CRITIC_BACKENDS[c.backend](critic_config, c.model)
+        critic.probe()
+        return critic
     return CRITIC_BACKENDS["vllm"](
         critic_config, str(judge), dtype=config.model.dtype, seed=config.trainer.seed, sleep_mode=sleep_mode
     )

@@ -24,28 +24,48 @@ from pathlib import Path
 
 import torch
 
+from capo_fast.chain_arithmetic import warmed_up_policy
 from capo_fast.config import Config, ConfigError, describe_config, load_config, to_dict
 from capo_fast.console import quiet_libraries
 from capo_fast.credit import COUNTED_METRICS as CREDIT_COUNTS
 from capo_fast.credit import CreditConfig, Rollout, VotingConfig, assign_credit, describe, rollout_metrics
 from capo_fast.critique import make_splitter
-from capo_fast.data import EVAL_SEED_OFFSET, DataError, DataKeys, PromptSampler, encode_prompts, load_problems
+from capo_fast.data import (
+    EVAL_SEED_OFFSET,
+    DataError,
+    DataKeys,
+    PromptSampler,
+    encode_prompts,
+    held_out_source,
+    load_problems,
+)
 from capo_fast.distributed import (
     all_gather_objects,
     all_reduce,
     broadcast_object,
     check_same_environment,
     check_shared_folder,
+    fail_together,
     rank_and_world,
     start_process_group,
 )
 from capo_fast.evaluate import EvalOptions, evaluate_set, is_correct, load_set, parse_sets
 from capo_fast.launch_env import required_env
 from capo_fast.memory_budget import Architecture, kv_cache_bytes
-from capo_fast.metrics import MetricsLog, RolloutSamples, format_line, plot_run, write_run_info
+from capo_fast.metrics import (
+    MetricsLog,
+    RolloutSamples,
+    accuracy_change,
+    binomial_se,
+    format_line,
+    plot_run,
+    run_summary,
+    write_run_info,
+)
 from capo_fast.reward import COUNTED_METRICS as REWARD_COUNTS
 from capo_fast.reward import OutcomeVerifier, outcome_metrics
 from capo_fast.rollout import (
+    CRITIC_BACKENDS,
     CritiqueRequest,
     JudgeError,
     PolicyEngine,
@@ -54,6 +74,7 @@ from capo_fast.rollout import (
     critic_sleep_mode,
     sleep_mode_supported,
 )
+from capo_fast.seeds import Stream, rank_seeds, sampling_seed
 from capo_fast.trainer import PolicyTrainer, TrainingDiverged, TrainSequence
 
 logger = logging.getLogger("capo_fast")
@@ -82,6 +103,8 @@ def resolve_model(name: str, cache_dir: str | None = None, key: str = "model.pat
         return local_models.smollm2_instruct()
     if name == "tiny":
         return local_models.build_tiny_model(local_models.default_cache_dir() / "tiny-qwen2")
+    if name == "chain":
+        return warmed_up_policy()
     path = Path(name)
     if (path / "config.json").exists():
         return path
@@ -129,9 +152,24 @@ def resolve_model_once(name: str, key: str = "model.path") -> Path:
 
 
 def my_share(items: list, rank: int, world: int) -> list:
-    """A contiguous block per rank, so every rank keeps whole prompt groups."""
-    per = len(items) // world
-    return items[rank * per : (rank + 1) * per]
+    """A contiguous block per rank, so every rank keeps whole prompt groups; when len(items) is not a
+    multiple of world the blocks differ by one (12 prompts on 8 ranks: 1 or 2 each). Uneven shares are
+    safe downstream: micro-batch counts are equalised across ranks (trainer._micro_batches), the loss is
+    normalised by global counts, and step metrics are weighted by each rank's rollouts."""
+    return items[rank * len(items) // world : (rank + 1) * len(items) // world]
+
+
+def describe_shares(prompts: int, world: int) -> str | None:
+    """What a launch whose ranks hold unequal numbers of prompt groups should know, or None."""
+    if prompts % world == 0:
+        return None
+    sizes = sorted({len(my_share(list(range(prompts)), r, world)) for r in range(world)})
+    idle = " (ranks without a prompt still join every collective and optimizer step)" if sizes[0] == 0 else ""
+    return (
+        f"{prompts} prompts per step over {world} ranks: each rank holds {' or '.join(map(str, sizes))} prompt "
+        f"groups{idle}; a step waits for the busiest rank, so trainer.prompts_per_step a multiple of {world} "
+        f"uses every GPU fully"
+    )
 
 
 @contextmanager
@@ -139,11 +177,6 @@ def timed(times: dict[str, float], phase: str):
     start = time.perf_counter()
     yield
     times[f"time/{phase}"] = times.get(f"time/{phase}", 0.0) + time.perf_counter() - start
-
-
-def sample_seed(base: int, step: int, position: int) -> int:
-    """One seed per (step, prompt): the same samples whatever the batch split or a resume."""
-    return (base * 1_000_003 + step * 100_003 + position) % (2**31 - 1)
 
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -154,8 +187,21 @@ class Run:
         from transformers import AutoTokenizer
 
         self.config = c = config
+        self.started = time.monotonic()
         self.rank, self.world = rank_and_world()
+        a = c.algorithm
+        self.credit_config = CreditConfig(
+            correct_reward=a.correct_reward, penalty=a.penalty, format_weight=a.format_weight,
+            reward_mode=a.reward_mode, genorm_alpha=a.genorm_alpha, genorm_beta=a.genorm_beta,
+        )  # fmt: skip
+        judge = CRITIC_BACKENDS[c.critic.backend].describe(c.critic, c.model.path) if c.needs_judge() else "no judge"
+        self.method = f"{describe(self.credit_config)}, voting={a.voting}; {judge}"
+        if self.rank == 0:
+            print(f"method: {self.method}", flush=True)  # the first line the run prints
         c.check_world_size(self.world)
+        shares = describe_shares(c.trainer.prompts_per_step, self.world)
+        if shares and self.rank == 0:
+            print(f"note: {shares}", flush=True)
         check_same_environment(required_env(c))
         self.out = Path(c.logging.output_dir)
         self.model_path = resolve_model_once(c.model.path)
@@ -166,10 +212,51 @@ class Run:
         )
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
 
+        # Data errors stop every rank here, before deepspeed.initialize or an engine starts.
+        fail_together(self._load_data, "loading the data")
+        # A judge server (or a critic function) answers now, not after the first rollouts.
+        remote_judge = c.needs_judge() and c.critic.backend != "vllm"
+        self.critic = fail_together(lambda: build_critic(c, None), "reaching the judge") if remote_judge else None
+
+        self.trainer = PolicyTrainer(c, self.model_path)
+        r = c.rollout
+        arch = Architecture.from_hf_config(json.loads((self.model_path / "config.json").read_text()))
+        self.policy = PolicyEngine(
+            VLLMEngine(
+                self.model_path, dtype=c.model.dtype, seed=c.trainer.seed, tensor_parallel_size=r.tensor_parallel_size,
+                gpu_memory_utilization=r.gpu_memory_utilization, max_model_len=r.max_model_len,
+                enforce_eager=r.enforce_eager, sleep_level=2, sleep_mode=r.sleep_mode,
+                kv_cache_memory_bytes=kv_cache_bytes(c, arch, self.world),
+            ),
+            self.trainer,
+        )  # fmt: skip
+        self.voting = VotingConfig(a.voting, a.vote_threshold, a.min_valid_critiques)
+        # The reward mode says whether critiques are read at all: GRPO-Rule and CAPO with P = 0 skip the judge.
+        if c.needs_judge() and self.critic is None:  # a local engine: after the policy's (one sleep-mode engine)
+            sleeps = c.critic.backend == "vllm" and critic_sleep_mode(
+                requested=r.sleep_mode, supported=sleep_mode_supported(), policy_sleeps=self.policy.engine.sleep_enabled
+            )
+            self.critic = build_critic(c, self.critic_path or self.model_path, sleep_mode=sleeps)
+        self.verifier = OutcomeVerifier(num_workers=1, timeout_s=a.verifier_timeout_s, verifier=a.verifier)
+        self.split_steps = make_splitter(c.critic.step_splitter)
+        self.log = MetricsLog(
+            self.out, enabled=self.rank == 0, tensorboard=c.logging.tensorboard,
+            wandb_project=c.logging.wandb_project, config=to_dict(c),
+        )  # fmt: skip
+        self.samples = RolloutSamples(
+            self.out / "rollouts.jsonl", enabled=self.rank == 0, per_step=c.logging.rollout_samples
+        )
+        if self.rank == 0:
+            write_run_info(self.out, to_dict(c))
+        self.step = 0
+
+    def _load_data(self) -> None:
+        """Training, held-out and eval.sets problems and their prompt tokens; DataError names what is wrong."""
+        c = self.config
         d = c.data
-        keys = DataKeys(d.question_key, d.answer_key, d.reference_key)
+        keys = DataKeys(d.question_key, d.answer_key, d.reference_key, d.strip_instruction)
         self.train_set = load_problems(d.train, size=d.num_train, seed=d.seed, keys=keys)
-        eval_source = d.eval or (d.train if d.train.startswith("gym:") else "")
+        eval_source = d.eval or held_out_source(d.train)
         eval_seed = d.seed + EVAL_SEED_OFFSET
         self.eval_set = []
         if eval_source:
@@ -186,46 +273,6 @@ class Run:
                 f"{d.train}: {len(too_long)} prompts exceed data.max_prompt_tokens, e.g. problem {too_long[0]}"
             )
         self.sampler = PromptSampler(len(self.train_set), c.trainer.seed)
-
-        self.trainer = PolicyTrainer(c, self.model_path)
-        r = c.rollout
-        arch = Architecture.from_hf_config(json.loads((self.model_path / "config.json").read_text()))
-        self.policy = PolicyEngine(
-            VLLMEngine(
-                self.model_path, dtype=c.model.dtype, seed=c.trainer.seed, tensor_parallel_size=r.tensor_parallel_size,
-                gpu_memory_utilization=r.gpu_memory_utilization, max_model_len=r.max_model_len,
-                enforce_eager=r.enforce_eager, sleep_level=2, sleep_mode=r.sleep_mode,
-                kv_cache_memory_bytes=kv_cache_bytes(c, arch, self.world),
-            ),
-            self.trainer,
-        )  # fmt: skip
-        a = c.algorithm
-        self.credit_config = CreditConfig(
-            correct_reward=a.correct_reward, penalty=a.penalty, format_weight=a.format_weight,
-            reward_mode=a.reward_mode, genorm_alpha=a.genorm_alpha, genorm_beta=a.genorm_beta,
-        )  # fmt: skip
-        self.voting = VotingConfig(a.voting, a.vote_threshold, a.min_valid_critiques)
-        # The reward mode says whether critiques are read at all: GRPO-Rule and CAPO with P = 0 skip the judge.
-        self.critic = None
-        if c.needs_judge():
-            sleeps = c.critic.backend == "vllm" and critic_sleep_mode(
-                requested=r.sleep_mode, supported=sleep_mode_supported(), policy_sleeps=self.policy.engine.sleep_enabled
-            )
-            self.critic = build_critic(c, self.critic_path or self.model_path, sleep_mode=sleeps)
-        self.verifier = OutcomeVerifier(num_workers=1, timeout_s=a.verifier_timeout_s, verifier=a.verifier)
-        self.split_steps = make_splitter(c.critic.step_splitter)
-        if self.rank == 0:
-            print(f"method: {describe(self.credit_config)}, voting={a.voting}", flush=True)
-        self.log = MetricsLog(
-            self.out, enabled=self.rank == 0, tensorboard=c.logging.tensorboard,
-            wandb_project=c.logging.wandb_project, config=to_dict(c),
-        )  # fmt: skip
-        self.samples = RolloutSamples(
-            self.out / "rollouts.jsonl", enabled=self.rank == 0, per_step=c.logging.rollout_samples
-        )
-        if self.rank == 0:
-            write_run_info(self.out, to_dict(c))
-        self.step = 0
 
     # ---- checkpoints ---------------------------------------------------------------------------------
 
@@ -248,8 +295,14 @@ class Run:
         """The paper reports its best checkpoint: `checkpoints/best` holds the one with the highest held-out
         accuracy so far (best.json says which step); the periodic ones are pruned, this one is not."""
         record = self.checkpoint_dir / "best.json"
-        best = json.loads(record.read_text())["eval/accuracy"] if record.exists() else float("-inf")
-        if not accuracy > best:
+
+        def beats_best() -> bool:
+            best = json.loads(record.read_text())["eval/accuracy"] if record.exists() else float("-inf")
+            return accuracy > best
+
+        # Decided on rank 0 alone: another rank may read a stale best.json from a shared filesystem's cache,
+        # and ranks that disagree would not all enter the collective save.
+        if not broadcast_object(beats_best() if self.rank == 0 else None):
             return
         self.trainer.save(self.checkpoint_dir, "best", self._state(), latest=False)
         if self.rank == 0:
@@ -319,8 +372,8 @@ class Run:
         n = c.rollout.n
 
         with timed(times, "rollout"):  # includes the weight sync, reported apart as time/sync
-            seeds = [sample_seed(c.trainer.seed, self.step, p) for p in positions]
-            groups = self.policy.generate(prompts, c.rollout.sampling, n=n, seeds=seeds)
+            seeds = rank_seeds(c.trainer.seed, self.step, positions, n, c.critic.num_critiques)
+            groups = self.policy.generate(prompts, c.rollout.sampling, n=n, seeds=seeds.rollouts)
         times["time/sync"] = self.policy.last_sync_s
         by_prompt = [
             [Rollout(g, c.token_ids, c.text, c.finish_reason == "length", self.split_steps(c.text)) for c in group]
@@ -336,8 +389,7 @@ class Run:
                     CritiqueRequest(p.question, r.steps, p.reference_solution, p.answer)
                     for r, p in ((r, problems[r.group]) for r in rollouts)
                 ]
-                seed = sample_seed(c.trainer.seed + 1, self.step, positions[0])
-                for r, critiques in zip(rollouts, self.critic.critique(requests, seed=seed), strict=True):
+                for r, critiques in zip(rollouts, self.critic.critique(requests, seed=seeds.critiques), strict=True):
                     r.critiques = critiques
                 self.critic.sleep()
             scores = verified.result()
@@ -352,7 +404,8 @@ class Run:
             assign_credit(by_prompt, self.tokenizer, self.voting, self.credit_config)
             judged = rollout_metrics(rollouts, self.credit_config, num_critiques)
             if self.critic is not None:  # before the update: a dead judge must not leave a step on outcome alone
-                failed = all_reduce([judged["credit/failed_critique_rate"]])[0] / self.world  # equal shares per rank
+                failed, total = all_reduce([judged["credit/failed_critique_rate"] * len(rollouts), len(rollouts)])
+                failed /= max(total, 1)  # ranks may hold different numbers of rollouts
                 check_critique_failures(failed, c.critic, self.step + 1)
             sequences = [
                 TrainSequence(prompts[r.group], r.token_ids, r.advantage, r.penalty, r.credit) for r in rollouts
@@ -371,11 +424,9 @@ class Run:
             "response/truncated": _mean([float(r.truncated) for r in rollouts]),
         }
         self.samples.write(self.step + 1, problems, by_prompt)
-        keys = sorted(local)
+        metrics = reduce_step_metrics(local, len(rollouts))
         stat_keys = ("loss", "clipped", "entropy", "kl", "tokens")
-        summed = all_reduce([local[k] for k in keys] + [stats[k] for k in stat_keys])
-        metrics = {k: v if k in COUNTED_METRICS else v / self.world for k, v in zip(keys, summed, strict=False)}
-        loss, clipped, entropy, kl, tokens = summed[len(keys) :]
+        loss, clipped, entropy, kl, tokens = all_reduce([stats[k] for k in stat_keys])
         metrics.update({
             "actor/skipped_steps": stats["skipped"],  # the same on every rank: ZeRO reduces its overflow flag
             "actor/loss": loss, "actor/clip_fraction": clipped / max(tokens, 1),
@@ -389,7 +440,7 @@ class Run:
     def _ppo_epochs(self, sequences) -> dict[str, float]:
         c = self.config
         totals = {"loss": 0.0, "clipped": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0, "skipped": 0.0}
-        order = torch.Generator().manual_seed(sample_seed(c.trainer.seed + 2, self.step, 0))
+        order = torch.Generator().manual_seed(sampling_seed(c.trainer.seed, Stream.SHUFFLE, self.step, 0))
         for _ in range(c.algorithm.mini_epochs):
             shuffled = [sequences[i] for i in torch.randperm(len(sequences), generator=order).tolist()]
             size = -(-len(shuffled) // c.trainer.mini_batches)
@@ -437,6 +488,9 @@ class Run:
             if self.rank == 0:
                 shutil.copy(self.out / "run.json", self.out / "final" / "run.json")
         if self.rank == 0:
+            summary = run_summary(self.log.rows(), problems=len(self.eval_set), seconds=time.monotonic() - self.started,
+                                  method=self.method)  # fmt: skip
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             curves = plot_run(self.log.path, self.out / "curves.png")
             print(f"logs: {self.log.path}  curves: {curves}  checkpoints: {self.checkpoint_dir}  final model: "
                   f"{self.out / 'final'}")  # fmt: skip
@@ -465,10 +519,16 @@ class Run:
         )
 
     def _report_eval(self, when: str, metrics: dict[str, float]) -> None:
-        if self.rank == 0:
-            accuracy = metrics["eval/accuracy"]
-            print(f"eval accuracy {when}: {accuracy:.3f} on {len(self.eval_set)} held-out problems", flush=True)
-            self.log.log(self.step, {f"eval/accuracy_{when.split()[0]}": accuracy, **metrics})
+        if self.rank != 0:
+            return
+        accuracy, n = metrics["eval/accuracy"], len(self.eval_set)
+        line = f"eval accuracy {when}: {accuracy:.3f} ± {binomial_se(accuracy, n):.3f} (SE) on {n} held-out problems"
+        before = next((r["eval/accuracy_before"] for r in self.log.rows() if "eval/accuracy_before" in r), None)
+        if when == "after training" and before is not None:
+            change, se = accuracy_change(before, accuracy, n)
+            line += f"; change {change:+.3f} ± {se:.3f} ({change / se if se else float('nan'):+.1f} SE)"
+        print(line, flush=True)
+        self.log.log(self.step, {f"eval/accuracy_{when.split()[0]}": accuracy, **metrics})
 
 
 def check_critique_failures(rate: float, config, step: int) -> None:
@@ -484,6 +544,14 @@ def check_critique_failures(rate: float, config, step: int) -> None:
     if rate > config.warn_failure_rate:
         logger.warning("step %d: %.0f%% of critiques failed (critic.warn_failure_rate=%s)", step, 100 * rate,
                        config.warn_failure_rate)  # fmt: skip
+
+
+def reduce_step_metrics(local: dict[str, float], rollouts: int) -> dict[str, float]:
+    """Step metrics over all ranks, by name: counts summed, rates weighted by each rank's number of rollouts
+    (ranks may hold different numbers of prompt groups)."""
+    keys = sorted(local)  # the same keys on every rank
+    *sums, total = all_reduce([local[k] if k in COUNTED_METRICS else local[k] * rollouts for k in keys] + [rollouts])
+    return {k: v if k in COUNTED_METRICS else v / max(total, 1) for k, v in zip(keys, sums, strict=True)}
 
 
 def _mean(values) -> float:

@@ -457,8 +457,11 @@ class PolicyTrainer:
         as its README.md (model card)."""
         from capo_fast.rollout import model_weights
 
-        state = {name: t.cpu() for name, t in model_weights(self.model)}
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        writer = not dist.is_initialized() or dist.get_rank() == 0
+        # Every rank takes part in ZeRO-3's gathers; only the writer copies the full model to host memory
+        # (on every rank it would take the model's size in host RAM once per GPU of the node).
+        state = {name: t.cpu() for name, t in model_weights(self.model) if writer}
+        if writer:
             self.model.save_pretrained(directory, state_dict=state)
             tokenizer.save_pretrained(directory)
             if card:

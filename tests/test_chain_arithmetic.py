@@ -1,4 +1,4 @@
-"""The learning experiment's task and step critic (bench/chain_arithmetic.py): the program judges steps as
+"""The learning experiment's task and step critic (capo_fast/chain_arithmetic.py): the program judges steps as
 DESIGN.md 1.3 asks of a GenPRM, and its noise has the rates it is given."""
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.chain_arithmetic import (
+from capo_fast.chain_arithmetic import (
     Chain,
     chain_of,
     critique,
@@ -15,6 +15,7 @@ from bench.chain_arithmetic import (
     forgot_carry,
     needs_carry,
     random_chain,
+    split_rows,
     write_split,
     wrong_steps,
 )
@@ -117,3 +118,44 @@ def test_equations_in_free_text():
     assert equation_error("We start with seven.") is None
     assert equation_error("7 + 5 + 3 = 15") is None and equation_error("2 * 3 + 4 = 10") is None  # not one operation
     assert equation_error("10 / 3 = 3.33") is False
+
+
+# ---- the default run (`make train`): the task's splits, the policy keyword, what the run reports ----------
+
+
+def test_held_out_questions_are_never_trained_or_warmed_up_on():
+    heldout = {r["question"] for r in split_rows("heldout", 200, seed=0)}
+    trained = {r["question"] for r in split_rows("train", 2000, seed=0)}
+    demonstrated = {r["question"] for r in split_rows("train", 8000, seed=1, slip=0.6)}  # the warm-up's
+    assert len(heldout) > 150 and not heldout & (trained | demonstrated)
+    assert split_rows("heldout", 5, seed=0) == split_rows("heldout", 5, seed=0)  # seeded
+    rows = split_rows("train", 50, seed=1, slip=0.6)
+    assert any(r["demonstration"] != r["reference_solution"] for r in rows)  # some carries forgotten
+
+
+def test_the_default_run_reads_the_chain_task_and_judges_it_with_the_program_critic():
+    from capo_fast.config import Config
+    from capo_fast.data import DataError, held_out_source, load_problems
+
+    config = Config().validate()
+    assert (config.model.path, config.data.train, config.critic.backend) == ("chain", "chain:train", "function")
+    assert config.data.num_eval >= 200 and held_out_source(config.data.train) == "chain:heldout"
+    assert held_out_source("gym:basic_arithmetic") == "gym:basic_arithmetic" and held_out_source("a.jsonl") == ""
+    problems = load_problems("chain:heldout", size=3, seed=0)
+    assert [p.question for p in problems] == [r["question"] for r in split_rows("heldout", 3, seed=0)]
+    chain = chain_of(problems[0].question, problems[0].reference_solution)
+    assert problems[0].answer == str(chain.values[-1])
+    with pytest.raises(DataError, match="chain:test: the chain task's splits are train, heldout"):
+        load_problems("chain:test", size=3, seed=0)
+
+
+def test_the_first_line_names_the_judge_for_every_backend():
+    from capo_fast.config import CriticConfig
+    from capo_fast.rollout import CRITIC_BACKENDS
+
+    function = CriticConfig()
+    assert "program critic capo_fast.chain_arithmetic:critique" in CRITIC_BACKENDS["function"].describe(function, "x")
+    local = CriticConfig(backend="vllm", model="")
+    assert CRITIC_BACKENDS["vllm"].describe(local, "smollm2") == "LLM judge smollm2 in a local vLLM engine"
+    remote = CriticConfig(backend="remote", url="http://judge:8000/v1", model="Qwen2.5-72B-Instruct")
+    assert CRITIC_BACKENDS["remote"].describe(remote, "x") == "LLM judge Qwen2.5-72B-Instruct at http://judge:8000/v1"

@@ -161,3 +161,47 @@ def test_a_hub_source_names_its_config_and_split(monkeypatch):
     assert calls == [("HuggingFaceH4/MATH-500", None, "test"), ("allenai/ai2_arc", "ARC-Challenge", "validation"),
                      ("openai/gsm8k", "main", "train")]  # fmt: skip
     assert (p.question, p.answer, p.data_source) == ("1+1?", "2", "HuggingFaceH4/MATH-500")
+
+
+# A DAPO-Math-17k row as the dataset stores it (verl's shape; the wrapper as in its README's example rows).
+DAPO_PROBLEM = "Find the largest possible real part of \\[(75+117i)z+\\frac{96+144i}{z}\\] for $|z|=4$."
+DAPO_ROW = {
+    "data_source": "math_dapo",
+    "prompt": [{"role": "user", "content": (
+        "Solve the following math problem step by step. The last line of your response should be of the form "
+        "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+        f"{DAPO_PROBLEM}\n\nRemember to put your answer on its own line after \"Answer:\".")}],
+    "ability": "MATH",
+    "reward_model": {"ground_truth": "540", "style": "rule-lighteval/MATH_v2"},
+    "extra_info": {"index": "9a9b6eb4-a1cb-49d1-8c1e-62eaf2f74079"},
+}  # fmt: skip
+
+
+def test_dapo_instruction_wrapper_is_stripped_by_the_row_option(tmp_path):
+    from capo_fast.data import DataKeys, prompt_messages
+
+    path = tmp_path / "dapo.jsonl"
+    plain = {"problem": "What is $1+1$?", "answer": "2"}  # a MATH500-shaped row read with the same keys
+    path.write_text(json.dumps(DAPO_ROW) + "\n" + json.dumps(plain) + "\n")
+    as_given, _ = load_problems(str(path), size=0, seed=0)
+    assert as_given.question.startswith("Solve the following") and "Answer:" in as_given.question
+    dapo, math = load_problems(str(path), size=0, seed=0, keys=DataKeys(instruction="dapo"))
+    assert dapo.question == DAPO_PROBLEM and dapo.answer == "540" and dapo.data_source == "math_dapo"
+    assert dapo.messages == ({"role": "user", "content": DAPO_PROBLEM},)  # what the policy reads too
+    system = "Please reason step by step, and put your final answer within \\boxed{}."
+    assert prompt_messages(dapo, system) == [
+        {"role": "system", "content": system}, {"role": "user", "content": DAPO_PROBLEM}]  # fmt: skip
+    assert (math.question, math.answer) == ("What is $1+1$?", "2")  # no wrapper: kept as it is
+    with pytest.raises(DataError, match=r"data.strip_instruction: 'dapo2' is not one of \['dapo'\]"):
+        load_problems(str(path), size=0, seed=0, keys=DataKeys(instruction="dapo2"))
+
+
+def test_strip_instruction_is_a_validated_config_key(tmp_path):
+    from capo_fast.config import Config, ConfigError
+
+    config = Config()
+    config.data.strip_instruction = "dapo"
+    config.validate()
+    config.data.strip_instruction = "Dapo"
+    with pytest.raises(ConfigError, match="data.strip_instruction: must be one of"):
+        config.validate()

@@ -1,9 +1,11 @@
 """Collectives on the device their backend serves, vLLM's tensor-parallel layout, start-up checks."""
 
 import ast
+import json
 import os
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -98,10 +100,49 @@ def _two_ranks(rank: int, port: int, folders: list[str], failures):
             failures.put(f"rank {rank}: a folder rank 1 cannot see passed as shared")
         except ConfigError as err:
             assert "not shared" in str(err)
+        _decisions_made_once(rank, Path(folders[1]) / f"rank{rank}", failures)
     except Exception as err:  # reported to the parent, which fails the test
         failures.put(f"rank {rank}: {type(err).__name__}: {err}")
     finally:
         dist.destroy_process_group()
+
+
+def _decisions_made_once(rank: int, own_folder: Path, failures):
+    """What two ranks must agree on: a data error anywhere stops both; the best checkpoint is rank 0's
+    decision; step metrics weight each rank by its rollouts."""
+    from capo_fast.data import DataError
+    from capo_fast.train import Run, reduce_step_metrics
+
+    def load():
+        if rank == 1:
+            raise DataError("train.jsonl:7: blank question")
+        return "loaded"
+
+    try:
+        distributed.fail_together(load, "loading the data")
+        failures.put(f"rank {rank}: rank 1's data error did not stop rank {rank}")
+    except DataError as err:
+        assert "train.jsonl:7: blank question" in str(err), err
+        assert rank == 1 or "rank 1 of 2 (loading the data)" in str(err), err
+    assert distributed.fail_together(lambda: rank, "nothing wrong") == rank
+
+    # rank 1 sees a stale best.json claiming 0.9; rank 0's says 0.5: 0.7 is the best, and both ranks save
+    saves = []
+    run = Run.__new__(Run)
+    run.rank, run.step, run.out = rank, 5, own_folder
+    run.trainer = SimpleNamespace(save=lambda directory, tag, state, latest=True: saves.append(tag))
+    run._state = lambda: {}
+    run.checkpoint_dir.mkdir(parents=True)
+    (run.checkpoint_dir / "best.json").write_text(json.dumps({"step": 1, "eval/accuracy": 0.5 if rank == 0 else 0.9}))
+    run.keep_if_best(0.7)
+    if saves != ["best"]:
+        failures.put(f"rank {rank}: the best-checkpoint decision was not rank 0's ({saves})")
+
+    # 1 rollout on rank 0, 3 on rank 1 (12 prompts on 8 ranks hold 1 or 2 groups): rates by rollouts
+    local = {"reward/accuracy": 1.0 if rank == 0 else 0.0, "reward/verifier_timeouts": float(rank + 1)}
+    metrics = reduce_step_metrics(local, 1 if rank == 0 else 3)
+    if metrics != {"reward/accuracy": 0.25, "reward/verifier_timeouts": 3.0}:
+        failures.put(f"rank {rank}: step metrics {metrics}")
 
 
 def test_tp_gather_environment_and_shared_folder_checks_on_two_ranks(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 
@@ -160,3 +161,134 @@ def test_cli_scores_a_model_on_named_sets(tiny_model_dir, tmp_path):
     for metrics in sets.values():
         assert {"pass@1", "pass@2", "maj@2", "length", "truncated"} <= set(metrics)
         assert 0 <= metrics["pass@1"] <= 1 and metrics["truncated"] == 1.0  # 8 tokens cut every answer
+
+
+def _mc_rows(count: int) -> list[dict]:
+    """Four-option rows whose correct option is the word "steam" at a varying place in the data's order."""
+    rows = []
+    for i in range(count):
+        options = ["ice", "stone", "wood", "sand"]
+        options.insert(i % 4, "steam")
+        rows.append({"question": f"Which is a gas? ({i})", "choices": options[:4], "answer": "steam"})
+    return rows
+
+
+def test_multiple_choice_options_are_reshuffled_per_run(tmp_path):
+    from capo_fast.evaluate import load_runs, run_seed
+
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _mc_rows(12)))
+    runs = load_runs(str(path), seed=5, runs=3)
+    assert len(runs) == 3 and all(len(r) == 12 for r in runs)
+    assert runs[0] == load_set(str(path), seed=5)  # run 0 is what a one-run (training) evaluation scores
+    assert [run_seed(5, r) for r in range(3)] == [5, 6, 7]
+    for r, problems in enumerate(runs):
+        assert problems == load_set(str(path), seed=5 + r)
+        for i, p in enumerate(problems):  # every run letters the same problem, the answer still "steam"
+            assert p.question.startswith(f"Which is a gas? ({i})") and _correct_text(p) == "steam"
+    orders = [tuple(p.question for p in problems) for problems in runs]
+    assert len(set(orders)) == 3  # 12 problems x 4! orders: three runs that coincide would be a bug
+    math_set = tmp_path / "math.jsonl"
+    math_set.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    plain = load_runs(str(math_set), seed=5, runs=3)
+    assert plain[0] is plain[1] is plain[2]  # nothing to reshuffle: read once
+
+
+class AlwaysA:
+    """Answers option A to every prompt and records the prompts of each greedy run."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def generate(self, prompts, sampling, *, n, seeds):
+        self.prompts.append([list(p) for p in prompts])
+        return [[Completion([1], [0.0], "So \\boxed{A}", "stop")] for _ in prompts]
+
+
+def test_pass_at_1_reports_its_spread_over_reshuffled_runs():
+    from capo_fast.evaluate import RunInputs
+
+    def lettered(*answers):
+        return [Problem(f"q{i}", a, choices=("x", "y"), multiple_choice=True) for i, a in enumerate(answers)]
+
+    # Always answering A scores 1/2, 2/2 and 0/2 on runs whose correct letters are (A, B), (A, A), (B, B).
+    engine = AlwaysA()
+    later = [RunInputs(lettered("A", "A"), [[10], [11]]), RunInputs(lettered("B", "B"), [[20], [21]])]
+    with OutcomeVerifier(num_workers=1) as verifier:
+        m = evaluate_set(lettered("A", "B"), [[0], [1]], engine.generate, verifier.score, EvalOptions(runs=3),
+                         later_runs=later)  # fmt: skip
+    assert engine.prompts == [[[0], [1]], [[10], [11]], [[20], [21]]]  # each run answers its own prompts
+    assert m["pass@1_runs"] == [0.5, 1.0, 0.0] and m["pass@1"] == pytest.approx(0.5)
+    assert m["pass@1_std"] == pytest.approx(math.sqrt((0.0**2 + 0.5**2 + 0.5**2) / 3))  # population std
+    assert (m["pass@1_min"], m["pass@1_max"]) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="later_runs: 1 given for 3 runs"):
+        evaluate_set(lettered("A"), [[0]], engine.generate, verifier.score, EvalOptions(runs=3),
+                     later_runs=later[:1])  # fmt: skip
+    with pytest.raises(ValueError, match="the same 1 problems"):
+        evaluate_set(lettered("A"), [[0]], engine.generate, verifier.score, EvalOptions(runs=3), later_runs=later)
+
+
+class RecordingEngine:
+    """Stands in for VLLMEngine: records what it was built with, answers option A."""
+
+    built: list[tuple[tuple, dict]] = []
+
+    def __init__(self, *args, **kwargs):
+        RecordingEngine.built.append((args, kwargs))
+
+    def generate(self, prompts, sampling, *, n, seeds):
+        return [[Completion([1], [0.0], "\\boxed{A}", "stop") for _ in range(n)] for _ in prompts]
+
+
+class CharTokenizer:
+    """A tokenizer stand-in: one token per character of the rendered chat."""
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    def encode(self, text, add_special_tokens):
+        return [ord(c) for c in text]
+
+
+def test_cli_engine_options_reach_the_engine_and_runs_reshuffle(tmp_path, monkeypatch):
+    import inspect
+
+    import transformers
+
+    import capo_fast.rollout
+    import capo_fast.train
+    from capo_fast.evaluate import load_runs, main
+
+    monkeypatch.setattr(capo_fast.rollout, "VLLMEngine", RecordingEngine)
+    monkeypatch.setattr(capo_fast.train, "resolve_model", lambda name: tmp_path)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: CharTokenizer())
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps(r) + "\n" for r in _mc_rows(8)))
+    out = tmp_path / "r.json"
+    RecordingEngine.built.clear()
+    args = ["--model", "m", "--sets", f"mc={mc}", "--runs", "3", "--seed", "2", "--out", str(out)]
+    assert main([*args, "--gpu-memory-utilization", "0.8", "--tensor-parallel-size", "2"]) == 0
+    assert main(args) == 0
+    (first_args, first), (_, default) = RecordingEngine.built
+    assert (first["gpu_memory_utilization"], first["tensor_parallel_size"], first["executor_backend"]) == (0.8, 2, "mp")
+    assert (default["gpu_memory_utilization"], default["tensor_parallel_size"], default["executor_backend"]) == (
+        0.9, 1, "")  # fmt: skip
+    assert first["sleep_mode"] is False
+    from capo_fast.rollout import VLLMEngine  # the real engine takes every option the CLI passes
+
+    inspect.signature(VLLMEngine).bind(*first_args, **first)
+    metrics = json.loads(out.read_text())["sets"]["mc"]
+    expected = [sum(p.answer == "A" for p in run) / 8 for run in load_runs(str(mc), seed=2, runs=3)]
+    assert metrics["pass@1_runs"] == expected and len(set(expected)) > 1  # the runs saw different orders
+    assert metrics["pass@1_std"] == pytest.approx(statistics.pstdev(expected))
+
+
+@pytest.mark.parametrize(
+    "flag", [["--gpu-memory-utilization", "0"], ["--gpu-memory-utilization", "1.5"], ["--tensor-parallel-size", "0"]]
+)
+def test_cli_rejects_engine_options_out_of_range(flag, capsys):
+    from capo_fast.evaluate import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--sets", "a=b", *flag])
+    assert flag[0] in capsys.readouterr().err

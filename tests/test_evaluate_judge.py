@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.chain_arithmetic import chain_of, write_annotated, wrong_steps
+from capo_fast.chain_arithmetic import chain_of, write_annotated, wrong_steps
 from capo_fast.config import load_config
 from capo_fast.critique import critique_messages, load_template, split_steps
 from capo_fast.data import DataError

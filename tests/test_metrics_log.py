@@ -3,6 +3,8 @@
 import sys
 import types
 
+import pytest
+
 from capo_fast.metrics import MetricsLog
 
 
@@ -18,3 +20,22 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     assert [i["id"] for i in inits] == ["first1", "first1"] and all(i["resume"] == "allow" for i in inits)
     MetricsLog(tmp_path / "other", enabled=True, tensorboard=False, wandb_project="capo", config={})
     assert inits[-1]["id"] == "second2"  # a new output folder is a new run
+
+
+def test_the_run_summary_states_before_and_after_with_standard_errors():
+    from capo_fast.metrics import binomial_se, run_summary
+
+    rows = [
+        {"step": 0, "eval/accuracy": 0.4, "eval/accuracy_before": 0.4},
+        {"step": 1, "time/rollout": 2.0, "time/update": 1.0},
+        {"step": 2, "time/rollout": 3.0, "time/update": 1.5, "eval/accuracy": 0.5},
+        {"step": 2, "eval/accuracy": 0.64, "eval/accuracy_after": 0.64},
+    ]
+    summary = run_summary(rows, problems=200, seconds=90.0, method="CAPO")
+    # by hand: sqrt(0.4*0.6/200) = 0.034641, sqrt(0.64*0.36/200) = 0.033941, their hypot = 0.048497
+    assert summary["accuracy_before_se"] == pytest.approx(0.034641, abs=1e-6)
+    assert summary["accuracy_after_se"] == pytest.approx(0.033941, abs=1e-6)
+    assert summary["change"] == pytest.approx(0.24) and summary["change_se"] == pytest.approx(0.048497, abs=1e-6)
+    assert summary["heldout_curve"] == [[0, 0.4], [2, 0.5], [2, 0.64]]
+    assert summary["steps"] == 2 and summary["seconds_by_phase"] == {"time/rollout": 5.0, "time/update": 2.5}
+    assert binomial_se(1.0, 200) == 0.0

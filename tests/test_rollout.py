@@ -69,6 +69,31 @@ def test_weight_sync_tiny(tiny_engine, tiny_model_dir):
     _check_sync(tiny_engine, tiny_model_dir, seed=0)
 
 
+@pytest.mark.gpu
+def test_a_sleep_wake_sync_generate_cycle_on_cuda_sees_the_new_weights(tiny_engine, tiny_model_dir):
+    """The policy engine's step on a GPU: a level-2 sleep discards the weights, the sync wakes the engine and
+    loads new ones, and what it then computes is the new model's."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 0.05 * torch.randn_like(p))
+    ids = [int(t) for t in torch.randint(3, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(3))]
+    assert tiny_engine.sleep_enabled and tiny_engine.sleep_discards_weights
+    tiny_engine.sleep()
+    assert tiny_engine.asleep
+    tiny_engine.load_weights(model_weights(model))
+    assert not tiny_engine.asleep
+    torch.testing.assert_close(tiny_engine.prompt_logprobs(ids).double(), _hf_prompt_logprobs(model, ids),
+                               atol=1e-3, rtol=0)  # fmt: skip
+    completion = tiny_engine.generate([ids[:8]], SamplingConfig(temperature=0.0, max_tokens=4), n=1, seeds=[0])[0][0]
+    with torch.no_grad():  # the new model's greedy continuation, from HF
+        expected = model.generate(torch.tensor([ids[:8]]), max_new_tokens=4, do_sample=False)[0, 8:].tolist()
+    assert completion.token_ids == expected[: len(completion.token_ids)] and completion.token_ids
+    tiny_engine.load_weights(model_weights(AutoModelForCausalLM.from_pretrained(tiny_model_dir)))  # for other tests
+
+
 @pytest.fixture(scope="module")
 def smollm2_engine(smollm2_dir):
     # Module-scoped like the tiny one: tearing an engine down resets vLLM's process-wide parallel
@@ -149,6 +174,33 @@ def test_remote_critic_failures_become_failed_critiques():
     critic = RemoteCritic(config, model="judge")
     critiques = critic.critique(REQUESTS, seed=0)
     assert critiques == [[critiques[0][0]] * 2] * 2 and not critiques[0][0].valid
+
+
+def test_a_judge_server_that_is_down_stops_the_run_before_the_first_rollout():
+    from capo_fast.config import Config
+    from capo_fast.rollout import JudgeError, build_critic
+
+    with socket.socket() as s:  # a port that refuses connections
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    config = Config()
+    config.critic = CriticConfig(backend="remote", url=url, model="judge", retries=0, timeout_s=2)
+    with pytest.raises(JudgeError, match=rf"critic\.url='{url}': the judge server did not answer"):
+        build_critic(config, None)
+
+
+def test_a_judge_server_serving_another_model_is_named():
+    from types import SimpleNamespace
+
+    from capo_fast.rollout import JudgeError
+
+    critic = RemoteCritic(CriticConfig(backend="remote", url="http://judge:8000/v1"), model="Qwen2.5-72B-Instruct")
+    served = SimpleNamespace(data=[SimpleNamespace(id="Llama-3-70B-Instruct")])
+    critic.client = SimpleNamespace(models=SimpleNamespace(list=lambda: served))
+    with pytest.raises(JudgeError, match=r"critic\.model='Qwen2\.5-72B-Instruct' is not served .*Llama-3-70B"):
+        critic.probe()
+    critic.model = "Llama-3-70B-Instruct"
+    critic.probe()
 
 
 def test_the_judge_evaluation_reaches_a_remote_judge(served_tiny_model, tmp_path):

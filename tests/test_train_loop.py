@@ -45,7 +45,7 @@ def _shm_buffers() -> set[str]:
 
 def test_two_ranks_log_finite_losses_flag_steps_and_checkpoint(tmp_path):
     before = _shm_buffers()
-    _run(2, tmp_path)
+    _run(2, tmp_path, "--trainer.prompts_per_step=3")  # uneven shares: 1 and 2 prompt groups
     assert _shm_buffers() - before == set(), "DeepSpeed's shared-memory buffers outlived the run"
     steps = _steps(tmp_path)
     assert sorted(steps) == [1, 2, 3]

@@ -3,7 +3,7 @@
 Each problem is a chain of operations ("Start with 7. Add 5. Multiply by 3. Subtract 4."); a solution
 writes one equation per step ("7 + 5 = 12"), steps separated by blank lines, and ends with
 "The answer is \\boxed{32}.". The critic (`critic.backend=function`, `critic.function=
-bench.chain_arithmetic:critique`) judges a rollout the way DESIGN.md 1.3 asks of a GenPRM: "Yes" when the
+capo_fast.chain_arithmetic:critique`) judges a rollout the way DESIGN.md 1.3 asks of a GenPRM: "Yes" when the
 final answer is right, otherwise "No" and the wrong steps, each judged on its own (a step that applies the
 right operation correctly to an earlier wrong result is not wrong). Its noise is set by environment
 variables, so the training loop runs it like any other critic:
@@ -19,6 +19,7 @@ import os
 import random
 import re
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +112,53 @@ def write_split(path: Path, size: int, seed: int, slip: float = 0.0, exclude: se
                 row["demonstration"] = chain.solution(rng, slip)
             f.write(json.dumps(row) + "\n")
     return path
+
+
+# ---- the default run's data: generated offline, held-out questions never seen in warm-up or training ----
+
+SPLITS = ("train", "heldout")
+WARMUP_STEPS = 900  # supervised steps of the default run's policy: it still forgets carries for RL to fix
+WARMUP_EXAMPLES = 8000
+WARMUP_SLIP = 0.6  # the demonstrations forget 60% of the carries they meet
+
+
+def is_heldout(question: str) -> bool:
+    """One question in eight, by a hash of its text: held-out questions are apart from every training and
+    warm-up question whatever the seeds and sizes."""
+    return zlib.crc32(question.encode()) % 8 == 0
+
+
+def split_rows(split: str, size: int, seed: int, slip: float = 0.0) -> list[dict]:
+    """`size` problems of `split` ("train" or "heldout") as rows data.py reads (question, answer,
+    reference_solution; with `slip`, a `demonstration` that forgets carries)."""
+    if split not in SPLITS:
+        raise ValueError(f"chain:{split}: the chain task's splits are {', '.join(SPLITS)}")
+    rng, rows = random.Random(f"chain-{split}-{seed}"), []
+    while len(rows) < size:
+        chain = random_chain(rng)
+        if is_heldout(chain.question()) != (split == "heldout"):
+            continue
+        row = {"question": chain.question(), "answer": str(chain.values[-1]), "reference_solution": chain.solution()}
+        if slip:
+            row["demonstration"] = chain.solution(rng, slip)
+        rows.append(row)
+    return rows
+
+
+def warmed_up_policy(cache_dir: Path | None = None) -> Path:
+    """The default run's policy (`model.path: chain`): a tiny Qwen2 warmed up on demonstrations of the train
+    split, built on first use (a few minutes on 2 cores) and cached after."""
+    from capo_fast.local_models import default_cache_dir
+
+    out = (cache_dir or default_cache_dir()) / f"chain-policy-{WARMUP_STEPS}"
+    if (out / "warmup.json").exists():
+        return out
+    demonstrations = out.with_name(out.name + "-data") / "warmup.jsonl"
+    demonstrations.parent.mkdir(parents=True, exist_ok=True)
+    rows = split_rows("train", WARMUP_EXAMPLES, seed=1, slip=WARMUP_SLIP)
+    demonstrations.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    print(f"warming up the chain-arithmetic policy ({WARMUP_STEPS} supervised steps, once) ...", flush=True)
+    return warm_up_policy(out, demonstrations, steps=WARMUP_STEPS)
 
 
 def annotated_solution(chain: Chain, rng: random.Random, wrong: bool) -> tuple[list[str], int] | None:
