@@ -42,6 +42,7 @@ from capo_fast.memory_budget import (
     dtype_bytes,
     judge_memory,
     kv_bytes_per_token,
+    rank_prompts,
     vllm_batch_limits,
     zero_setup,
 )
@@ -132,7 +133,7 @@ class Batch(NamedTuple):
     @classmethod
     def of(cls, config: Config, world: int) -> Batch:
         d, r, t = config.data, config.rollout, config.trainer
-        prompts = t.prompts_per_step // world
+        prompts = rank_prompts(config, world)  # the busiest rank's: a step waits for it
         sequences = prompts * r.n
         length = d.max_prompt_tokens + r.sampling.max_tokens
         tokens = sequences * length

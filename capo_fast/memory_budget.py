@@ -149,10 +149,16 @@ def kv_bytes_per_token(arch: Architecture, dtype_bytes: int) -> int:
     return arch.layers * 2 * arch.kv_heads * arch.head_dim * dtype_bytes
 
 
+def rank_prompts(config: Config, world: int) -> int:
+    """Prompt groups the busiest rank holds in a step: train.my_share gives some ranks one more when the
+    prompts do not split evenly (12 on 8 ranks: 1 or 2)."""
+    return -(-config.trainer.prompts_per_step // world)
+
+
 def rank_token_demand(config: Config, world: int) -> int:
     """Tokens one rank's policy engine holds at most in a step: its prompts x n x (prompt + answer)."""
     d, r = config.data, config.rollout
-    per_rank = config.trainer.prompts_per_step // world * r.n * (d.max_prompt_tokens + r.sampling.max_tokens)
+    per_rank = rank_prompts(config, world) * r.n * (d.max_prompt_tokens + r.sampling.max_tokens)
     return max(per_rank, r.max_model_len)  # at least one full-length sequence (evaluation included)
 
 
@@ -171,7 +177,7 @@ def critic_token_demand(config: Config, world: int) -> int:
     (the judge skips prompts past max_model_len - max_tokens) once, shared by the N critiques through
     vLLM's prefix caching, plus N critiques."""
     c, r = config.critic, config.rollout
-    rollouts = config.trainer.prompts_per_step // world * r.n
+    rollouts = rank_prompts(config, world) * r.n
     per_rollout = c.max_model_len - c.sampling.max_tokens + c.num_critiques * c.sampling.max_tokens
     return max(rollouts * per_rollout, c.max_model_len)
 
@@ -214,7 +220,7 @@ def judge_memory(config: Config, judge: Architecture, world: int, gpu_bytes: flo
     kv = max(share - weights - activations, 0.0)
     return JudgeMemory(
         share, weights, activations, kv, int(kv // kv_bytes_per_token(judge, dtype)),
-        critic_token_demand(config, world), rollouts=config.trainer.prompts_per_step // world * config.rollout.n,
+        critic_token_demand(config, world), rollouts=rank_prompts(config, world) * config.rollout.n,
         rollout_tokens=c.max_model_len - c.sampling.max_tokens + c.num_critiques * c.sampling.max_tokens,
     )  # fmt: skip
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from capo_fast.config import load_config
-from capo_fast.gpu_cost import GPUS, Work, generation, launch_world, main, step_phases
+from capo_fast.gpu_cost import GPUS, Batch, Work, generation, launch_world, main, step_phases
 from capo_fast.memory_budget import QWEN25_7B, Architecture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +98,8 @@ def test_the_7b_decode_is_bandwidth_bound_and_the_update_bounds_the_step(monkeyp
     assert phases["update"].flops == 4 * 4 * (2 * 7_070_285_824 * 48 * 4096 + attention)
     assert max(phases, key=lambda k: phases[k].seconds(GPUS["H100"])) == "update"
     assert phases["critique"] == Work()  # the judge is remote
+    # on 8 ranks the busiest holds 2 of the 12 prompt groups (train.my_share): the step waits for it
+    assert Batch.of(config, 8).sequences == 2 * 16
 
 
 def test_the_cli_prints_every_config_of_a_known_model(capsys):

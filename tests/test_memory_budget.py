@@ -72,6 +72,7 @@ def test_7b_config_fits_an_80gb_gpu_in_both_phases(monkeypatch):
     monkeypatch.chdir(ROOT)
     config = load_config(ROOT / "configs" / "gpu-qwen2.5-7b.yaml")
     assert rank_token_demand(config, 4) == 3 * 16 * (1024 + 3072)
+    assert rank_token_demand(config, 8) == 2 * 16 * (1024 + 3072)  # 12 prompts on 8 ranks: 1 or 2 each
     assert kv_cache_bytes(config, QWEN25_7B, 4) == int(1.2 * 3 * 16 * 4096 * 57_344)
     for phase, items in budget(config, QWEN25_7B, 4).items():
         assert sum(items.values()) < 0.9 * 79.19 * GIB, phase
