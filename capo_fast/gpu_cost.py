@@ -7,8 +7,9 @@ shapes, readable without a GPU.
 Each phase of a step is counted per GPU as HBM bytes, bf16 FLOPs, NVLink bytes (received) and PCIe bytes
 (both directions); its bound is the largest of bytes / bandwidth and FLOPs / peak on that GPU, and a
 step's bound is the sum over phases, which run one after another. Assumptions:
-- the longest step the config allows: every prompt at data.max_prompt_tokens, every response and
-  critique at its max_tokens, a local judge's prompt at critic.max_model_len - max_tokens;
+- the longest step the config allows: the busiest rank's prompt groups, every prompt at
+  data.max_prompt_tokens, every response and critique at its max_tokens, a local judge's prompt at
+  critic.max_model_len - max_tokens;
 - forward FLOPs are 2 x matmul parameters x tokens (every layer's projections and the LM head) plus
   attention, 4 x layers x heads x head_dim per key a token attends to (itself included); backward is
   twice the forward, gradient checkpointing adds one forward;
