@@ -267,7 +267,7 @@ def budget(
     else:
         activations = tokens * (8 * arch.hidden + 3 * arch.intermediate) * half * arch.layers
     rollout = {
-        "policy engine: weights": p * half,
+        "policy engine: weights": p * half / config.rollout.tensor_parallel_size,  # each GPU its slice
         "policy engine: KV cache (sized from demand)": kv_cache_bytes(config, arch, world),
         "policy engine: activations (estimate)": engine_activation_bytes(arch, half, gpu_bytes),
         "trainer: parameters (kept for the weight sync)": weights,

@@ -78,6 +78,16 @@ def test_7b_config_fits_an_80gb_gpu_in_both_phases(monkeypatch):
         assert sum(items.values()) < 0.9 * 79.19 * GIB, phase
 
 
+def test_tensor_parallel_gpus_hold_a_slice_of_the_policy_and_a_rank_of_kv(monkeypatch):
+    """kv_cache_memory_bytes is per GPU (vllm/config/cache.py:257): a group of 2 serves both ranks' requests,
+    so each GPU holds one rank's demand of keys and values, and half the weights."""
+    monkeypatch.chdir(ROOT)
+    config = load_config(ROOT / "configs" / "gpu-qwen2.5-7b.yaml", ["--rollout.tensor_parallel_size=2"])
+    rollout = budget(config, QWEN25_7B, 4)["rollout"]
+    assert rollout["policy engine: weights"] == 7_615_616_512 * 2 / 2
+    assert rollout["policy engine: KV cache (sized from demand)"] == int(1.2 * 3 * 16 * 4096 * 57_344)
+
+
 def test_a_colocated_judge_is_counted_at_its_share(monkeypatch):
     """vLLM gives a judge without kv_cache_memory_bytes ceil(total x gpu_memory_utilization) bytes
     (vllm/v1/worker/utils.py:724-726) and its KV cache what weights and profiled activations leave
