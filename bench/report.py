@@ -202,7 +202,44 @@ def judge_table() -> str:
     return "\n\n".join(blocks) or "(no judge evaluation yet: python -m capo_fast.evaluate_judge)"
 
 
+def _run_record(name: str) -> dict | None:
+    """The record bench/default_run.py wrote under --name `name` (any machine), or None."""
+    records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{name}-*.json"))]
+    return next((r for r in records if r.get("name") == name), None)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+
+
+def default_run_paragraph() -> str:
+    """The README's opening numbers: what `make train` showed when timed by bench/default_run.py (a cold and
+    a warm cache), and what the LLM-judge run costs."""
+    cold, warm, judge = (_run_record(s) for s in ("default-run", "default-run-warm", "smollm2-judge-run"))
+    if cold is None:
+        return "(not measured yet: python bench/default_run.py)"
+    z = cold["change"] / cold["change_se"] if cold["change_se"] else float("nan")
+    curve = ", ".join(f"{acc:.3f}" for _, acc in cold["heldout_curve"])
+    text = (
+        f"Measured ({cold['machine']}, `{cold['results_file']}`): held-out accuracy "
+        f"{_pm(cold['accuracy_before'], cold['accuracy_before_se'])} before training and "
+        f"{_pm(cold['accuracy_after'], cold['accuracy_after_se'])} after {cold['steps']} steps, on "
+        f"{cold['heldout_problems']} held-out problems: {cold['change']:+.3f} ± {cold['change_se']:.3f}, {z:.1f} "
+        f"standard errors (held-out accuracy every few steps: {curve}). The first run took "
+        f"{_minutes(cold['wall_clock_s'])}, the policy's one-time warm-up included"
+    )
+    text += f"; a later run {_minutes(warm['wall_clock_s'])}." if warm else "."
+    if judge:
+        text += (
+            f" The LLM-judge run (`{judge['command']}`) took {_minutes(judge['wall_clock_s'])} for "
+            f"{judge['steps']} steps; its held-out accuracy went from {judge['accuracy_before']:.3f} to "
+            f"{judge['accuracy_after']:.3f} on {judge['heldout_problems']} problems."
+        )
+    return text
+
+
 TABLES = {
+    "default-run": default_run_paragraph,
     "bench-table": policy_loss_table,
     "bench-linear-table": linear_table,
     "aot-table": aot_table,

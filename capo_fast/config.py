@@ -95,8 +95,8 @@ class CriticConfig:
     backend: str = "function"  # rollout.CRITIC_BACKENDS: vllm (an engine in each process), remote or function
     model: str = ""  # judge model (folder or name on the server); empty: the policy's start
     num_critiques: int = 2  # N: critiques per rollout, combined by algorithm.voting
-    # guided: decoding is constrained so the critique ends in the judgment and <incorrect_steps> lines
-    # (small judges rarely keep the format on their own); free: the judge writes as it likes.
+    # guided: decoding is constrained to the judgment line, then nothing after Yes, the <incorrect_steps> list
+    # after No (small judges rarely keep the format on their own); free: the judge writes as it likes.
     answer_format: AnswerFormat = "guided"  # guided | free, see the comment above
     guided_reasoning_chars: int = 200  # room for reasoning before the closing lines when guided
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=128))
@@ -124,12 +124,17 @@ class AlgorithmConfig:
     format_weight: float = 0.0  # w_f: weight of the format reward (a non-empty boxed answer; paper: 0.2)
     # capo: CAPO (Eq. 1-2); outcome: GRPO-Rule; genorm: GRPO-GenORM (Eq. 3). Names: credit.REWARD_MODES.
     reward_mode: str = "capo"
-    genorm_alpha: float = 1.0  # Eq. 3: sigmoid(alpha * r_m) + (beta * r_v - 1)
+    # GRPO-GenORM, Eq. 3: sigmoid(alpha * r_m) + (beta * r_v - 1) + w_f * r_f, r_m the judges' majority verdict.
+    # The paper gives no values; 1 and 1 are the equation unscaled. With beta = 1 a verified answer always
+    # outscores an unverified one (the judge moves a score by sigmoid(alpha) - 1/2 < 1/2 for any alpha), so
+    # the verdict only ranks answers the verifier scores alike; a larger alpha widens that gap (to 1/2 at most).
+    genorm_alpha: float = 1.0  # alpha of Eq. 3, >= 0
     genorm_beta: float = 1.0  # beta of Eq. 3
-    # greedy | intersection | majority | union | average (critique.VOTING). majority flags a step named by
-    # more than vote_threshold of the valid critiques: 0.5 is the paper's figure (strict majority).
+    # greedy | intersection | majority | union | average (critique.VOTING). majority flags a step named by at
+    # least vote_threshold of the k valid critiques, count >= vote_threshold * k: 0.5 is section 3.1's
+    # count >= k/2 (2 of 4 flag a step); above one half, e.g. 0.6, is the strict majority of the overview figure.
     voting: str = "majority"
-    vote_threshold: float = 0.5  # majority: fraction of valid critiques a step must exceed
+    vote_threshold: float = 0.5  # majority: the fraction of valid critiques a step needs, in (0, 1]
     min_valid_critiques: int = 1  # fewer valid critiques than this: the rollout gets no step penalty
     verifier: str = "capo_fast.reward:verify_answer"  # module:function(response, gold) -> 0/1, in worker processes
     truncated_reward: TruncatedReward = "verify"  # verify: a cut-off response is scored like any other
@@ -268,7 +273,10 @@ class Config:
             "algorithm.min_valid_critiques",
             f"must be in [1, critic.num_critiques={c.num_critiques}]",
         )
-        _check(0 <= a.vote_threshold < 1, "algorithm.vote_threshold", "must be in [0, 1)")
+        _check(0 < a.vote_threshold <= 1, "algorithm.vote_threshold", "must be in (0, 1] (0 would flag every step)")
+        _check(math.isfinite(a.genorm_alpha) and a.genorm_alpha >= 0, "algorithm.genorm_alpha",
+               "must be a number >= 0 (a negative alpha rewards the judge's No)")  # fmt: skip
+        _check(math.isfinite(a.genorm_beta), "algorithm.genorm_beta", "must be a finite number")
         _check(a.eps_low >= 0 and a.eps_high >= 0, "algorithm.eps_low", "clip ranges must be >= 0")
         _check(a.dual_clip == 0 or a.dual_clip > 1, "algorithm.dual_clip", "must be 0 (off) or > 1")
         _check(a.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")

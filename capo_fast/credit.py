@@ -141,12 +141,23 @@ def _capo_score(sig: RolloutSignals, cfg: CreditConfig) -> float:
     return cfg.correct_reward * sig.correct + cfg.format_weight * sig.formatted
 
 
+def _sigmoid(x: float) -> float:
+    """1 / (1 + e^-x) without overflow: e^-x is never formed for x < 0."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
 def _genorm_score(sig: RolloutSignals, cfg: CreditConfig) -> float:
-    """Eq. 3: sigmoid(alpha * r_m) + (beta * r_v - 1)."""
-    return 1.0 / (1.0 + math.exp(-cfg.genorm_alpha * sig.judge_verdict)) + cfg.genorm_beta * sig.correct - 1.0
+    """Eq. 3, sigmoid(alpha * r_m) + (beta * r_v - 1), plus the format reward w_f * r_f that the paper's
+    common settings (Table 5) give every method."""
+    verdict = _sigmoid(cfg.genorm_alpha * sig.judge_verdict)
+    return verdict + cfg.genorm_beta * sig.correct - 1.0 + cfg.format_weight * sig.formatted
 
 
-def _critique_has_steps(c: Critique) -> bool:
+def _critique_votes(c: Critique) -> bool:
+    """A block, or a Yes without one (it votes for no wrong step)."""
     return c.valid
 
 
@@ -164,7 +175,7 @@ class RewardMode:
     needs_judge: Callable[[CreditConfig], bool]
     name: str  # what the logs call the run
     params: Callable[[CreditConfig], str]  # the constants the logs name
-    usable: Callable[[Critique], bool] = _critique_has_steps  # a critique this mode reads (else: failed)
+    usable: Callable[[Critique], bool] = _critique_votes  # a critique this mode reads (else: failed)
 
 
 REWARD_MODES: dict[str, RewardMode] = {

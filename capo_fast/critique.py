@@ -15,11 +15,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _BLANK_LINE = re.compile(r"\n[ \t\r]*\n\s*")
-_BLOCK = re.compile(r"<incorrect_steps>(.*?)</incorrect_steps>", re.DOTALL | re.IGNORECASE)
-_INDEX = re.compile(r"(?<![-\d])\d+")  # negative numbers are not step indices
+# Critique parsing (DESIGN.md 1.3). Each pattern below starts at a literal or a digit run and scans forward
+# over one character class, and no stretch of text is scanned twice, so parsing costs linear time whatever a
+# judge writes (32k tokens of unclosed tags took seconds with a lazy block pattern that restarts at each tag).
+_TAG = re.compile(r"<(/?)incorrect_steps>", re.IGNORECASE)
+_STEP_TOKEN = re.compile(r"</?step_(\d+)>", re.IGNORECASE)
+# An index or a range of them ("2-4", "2 to 4", "2..4"); a number right after a minus sign is negative, not a step.
+_INDEX_OR_RANGE = re.compile(r"(?<![\d-])(\d+)(?:[ \t]*(?:-|\u2013|\u2014|\.\.|to\b)[ \t]*(\d+))?", re.IGNORECASE)
+_MAX_INDEX_DIGITS = 9  # longer numbers are no step of any response (and int() of 4,300+ digits raises)
 _JUDGMENT_KEY = re.compile(r"judge?ment", re.IGNORECASE)
 _YES_NO_QUESTION = re.compile(r"\(\s*yes\s*/\s*no\s*\)\s*\??", re.IGNORECASE)
-_VERDICT = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+_ANSWER = re.compile(r"[ \t\r*_`'\"\[:]*(yes|no)\b", re.IGNORECASE)  # the first word after the question
+_NOTHING_BUT_MARKUP = re.compile(r"[ \t\r*_`'\"\[:]*$")
+# "Judgment: No" without the question, at the start of a line; the verdict must end its clause (punctuation,
+# the line's end or the list's tag), so that "Judgment: no step is wrong" is prose, not a verdict.
+_KEYED_VERDICT = re.compile(
+    r"[ \t>#*_-]*judge?ment[ \t*_]*:[ \t*_]*(yes|no)\b(?=[ \t\r*_]*(?:[.,;:!)]|<incorrect_steps>|$))", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -136,8 +148,9 @@ def render_critique_prompt(tokenizer, question: str, steps: Sequence[Step], refe
 
 @dataclass(frozen=True)
 class Critique:
-    """A parsed critique. `valid` is False when the critic gave no `<incorrect_steps>` block (an
-    abstention); `judgment` is read whether or not there is a block (GenORM counts it)."""
+    """A parsed critique. `valid`: it has an `<incorrect_steps>` block, or it judges the solution correct
+    and writes none (the paper asks for the list only when the solution is wrong: it flags nothing).
+    Anything else is an abstention. `judgment` is read whether or not there is a block (GenORM counts it)."""
 
     valid: bool
     incorrect: frozenset[int] = frozenset()
@@ -149,31 +162,102 @@ class Critique:
 FAILED = Critique(valid=False)
 
 
+def _answer_after(lines: list[str], row: int, column: int) -> bool | None:
+    """The Yes or No that answers a question ending at lines[row][column]: the first word after it on the
+    line, or, when nothing but markup follows it there, the first word of the next non-blank line."""
+    line = lines[row]
+    if _NOTHING_BUT_MARKUP.match(line, column):
+        row = next((r for r in range(row + 1, len(lines)) if lines[r].strip()), None)
+        if row is None:
+            return None
+        line, column = lines[row], 0
+    answer = _ANSWER.match(line, column)
+    return None if answer is None else answer.group(1).lower() == "yes"
+
+
 def parse_judgment(text: str) -> bool | None:
-    """The verdict of the last "Judgment" (or "Judgement") line: the Yes or No after the question
-    "(Yes/No)?" when the line asks it, else the first Yes or No on the line. None when absent."""
-    for key in reversed(list(_JUDGMENT_KEY.finditer(text))):
-        tail = text[key.end() : key.end() + 200]
-        question = _YES_NO_QUESTION.search(tail)
-        tail = tail[question.end() :] if question else tail.split("\n", 1)[0]
-        verdict = _VERDICT.search(tail[:80])
-        if verdict:
-            return verdict.group(1).lower() == "yes"
+    """The verdict of the judgment line: the Yes or No that answers "(Yes/No)?" on a line that says
+    "Judgment" (or "Judgement") before the question, or a line that starts "Judgment: Yes" or
+    "Judgment: No" (the verdict ending its clause). The first such line counts: the paper's judge answers
+    it first, and whatever it writes after (prose with "judgment" in it, a second judgment line in its
+    reasoning) never overrides it. None when there is none."""
+    lines = text.split("\n")
+    for row, line in enumerate(lines):
+        keyed = _KEYED_VERDICT.match(line)  # at the start of the line: before any question on it
+        if keyed:
+            return keyed.group(1).lower() == "yes"
+        asked_from = 0
+        for question in _YES_NO_QUESTION.finditer(line):
+            if _JUDGMENT_KEY.search(line, asked_from, question.start()):
+                answer = _answer_after(lines, row, question.end())
+                if answer is not None:
+                    return answer
+            asked_from = question.end()
     return None
 
 
-def parse_critique(text: str, num_steps: int) -> Critique:
-    """Reads the last `<incorrect_steps>` block; bare integers and `<step_k>` tokens both count.
+def _last_block(text: str) -> str | None:
+    """The text of the last complete `<incorrect_steps>...</incorrect_steps>`: a closing tag closes the
+    latest opening tag before it, so an unclosed draft tag earlier on cannot swallow the final block."""
+    opened, block = None, None
+    for tag in _TAG.finditer(text):
+        if not tag.group(1):
+            opened = tag.end()
+        elif opened is not None:
+            block, opened = text[opened : tag.start()], None
+    return block
 
-    Indices outside [0, num_steps) are dropped and counted, repeats dropped. Never raises.
+
+def _merged(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Inclusive integer intervals merged into disjoint ones, in order."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(intervals):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _read_indices(block: str, num_steps: int) -> tuple[frozenset[int], int]:
+    """The step indices a block names (integers, `<step_k>` tokens, ranges "a-b" with both ends included)
+    and how many distinct indices it names that the response does not have."""
+    block = _STEP_TOKEN.sub(r" \1 ", block)
+    inside: list[tuple[int, int]] = []
+    outside: list[tuple[int, int]] = []
+    too_long: set[str] = set()  # numbers of more than _MAX_INDEX_DIGITS digits, each named once
+    for match in _INDEX_OR_RANGE.finditer(block):
+        ends = [d.lstrip("0") or "0" for d in match.groups() if d is not None]
+        if any(len(d) > _MAX_INDEX_DIGITS for d in ends):  # no range: each end on its own
+            too_long.update(d for d in ends if len(d) > _MAX_INDEX_DIGITS)
+            ends = [d for d in ends if len(d) <= _MAX_INDEX_DIGITS]
+            pairs = [(int(d), int(d)) for d in ends]
+        else:
+            values = [int(d) for d in ends]
+            pairs = [(min(values), max(values))]
+        for lo, hi in pairs:
+            if lo < num_steps:
+                inside.append((lo, min(hi, num_steps - 1)))
+            if hi >= num_steps:
+                outside.append((max(lo, num_steps), hi))
+    named = frozenset(s for lo, hi in _merged(inside) for s in range(lo, hi + 1))
+    return named, len(too_long) + sum(hi - lo + 1 for lo, hi in _merged(outside))
+
+
+def parse_critique(text: str, num_steps: int) -> Critique:
+    """Reads the last complete `<incorrect_steps>` block and the judgment (DESIGN.md 1.3).
+
+    Bare integers, `<step_k>` tokens and ranges ("2-4": steps 2, 3 and 4) all name steps; indices outside
+    [0, num_steps) are dropped and counted once each, repeats dropped; negative numbers are not indices.
+    A critique without a block is valid when it says "Yes" (it flags nothing), else an abstention.
+    Never raises; linear time in the length of `text`.
     """
-    blocks = _BLOCK.findall(text)
     judgment = parse_judgment(text)
-    if not blocks:
-        return Critique(valid=False, judgment=judgment, text=text)
-    indices = {int(x) for x in _INDEX.findall(blocks[-1]) if len(x) < 9}
-    named = {i for i in indices if 0 <= i < num_steps}
-    return Critique(True, frozenset(named), judgment, out_of_range=len(indices - named), text=text)
+    block = _last_block(text)
+    if block is None:
+        return Critique(judgment is True, frozenset(), judgment, text=text)
+    named, out_of_range = _read_indices(block, num_steps)
+    return Critique(True, named, judgment, out_of_range=out_of_range, text=text)
 
 
 def majority_judgment(critiques: Sequence[Critique]) -> bool | None:
@@ -209,8 +293,10 @@ VOTING: dict[str, VotingMode] = {
     # one critique, decoded greedily (DESIGN.md 1.4)
     "greedy": VotingMode(lambda flagged, n, threshold: [float(s in flagged[0]) for s in range(n)], 1, 0.0),
     "intersection": VotingMode(lambda flagged, n, threshold: [float(c == len(flagged)) for c in _counts(flagged, n)]),
+    # count / k >= threshold rather than count >= threshold * k: the division rounds once, so a count of 3
+    # of 10 meets a threshold of 0.3 (3 >= 0.3 * 10 = 3.0000000000000004 fails)
     "majority": VotingMode(
-        lambda flagged, n, threshold: [float(c > threshold * len(flagged)) for c in _counts(flagged, n)]
+        lambda flagged, n, threshold: [float(c / len(flagged) >= threshold) for c in _counts(flagged, n)]
     ),
     "union": VotingMode(lambda flagged, n, threshold: [float(c > 0) for c in _counts(flagged, n)]),
     "average": VotingMode(lambda flagged, n, threshold: [c / len(flagged) for c in _counts(flagged, n)]),
@@ -235,8 +321,10 @@ def vote(
 ) -> StepVote:
     """Combines the valid critiques of one rollout into a weight per step.
 
-    `majority` flags a step named by strictly more than `threshold` of the k valid critiques (0.5: the
-    strict majority of the paper's overview figure; just under 0.5 gives the text's count >= k/2).
+    `majority` flags a step named by at least `threshold` of the k valid critiques, count >= threshold * k
+    (0.5: section 3.1's S_maj = {s | count(s) >= k/2}, so 2 of 4 flag a step; a threshold above one half,
+    e.g. 0.6, gives the strict majority of the paper's overview figure). A critique that says "Yes" without
+    a block is valid and flags nothing: it counts in k.
     With fewer than `min_valid` valid critiques every weight is 0: the rollout keeps its outcome
     reward only, so one surviving critique cannot turn `intersection` into what it alone said.
     """

