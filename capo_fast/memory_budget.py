@@ -310,7 +310,7 @@ def header_comment(config_path: Path, config: Config, arch: Architecture, world:
             f"# The colocated judge keeps its share all run long: judge {s['judge']:.1f} GiB = judge weights "
             f"{s['judge weights']:.1f} GiB + activations + judge KV cache {s['judge KV cache']:.1f} GiB "
             f"({j.kv_tokens / 1000:.0f}k tokens of the {j.demand_tokens / 1000:.0f}k a step's critiques ask for "
-            f"at once: {j.waves} waves)."
+            f"at once: {j.waves} wave{'s' if j.waves > 1 else ''})."
         )
     return "\n".join(lines)
 
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"colocated judge: {j.share / GIB:.1f} GiB = {j.weights / GIB:.1f} weights + {j.activations / GIB:.1f} "
             f"activations + {j.kv_cache / GIB:.1f} KV cache, {j.kv_tokens} tokens of the {j.demand_tokens} a step's "
-            f"critiques on one rank ask for at once ({j.waves} waves)"
+            f"critiques on one rank ask for at once ({j.waves} wave{'s' if j.waves > 1 else ''})"
         )
         if j.kv_tokens < config.critic.max_model_len:  # vLLM refuses to start an engine that cannot hold one
             print(
