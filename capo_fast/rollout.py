@@ -398,9 +398,9 @@ class Critic(ABC):
         """Frees what it can between critiques (a local engine's accelerator memory)."""
 
     @staticmethod
-    @abstractmethod
     def describe(config: CriticConfig, policy: str) -> str:
         """The judge in words, for the first line a run prints (`policy`: the model a judge defaults to)."""
+        return f"critic.backend={config.backend}"
 
     def probe(self) -> None:  # noqa: B027 - a local engine or a function is there once built
         """Raises JudgeError when the judge cannot answer, so a run stops before its first rollout."""

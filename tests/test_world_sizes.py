@@ -47,10 +47,6 @@ class RecordingCritic(ChatCritic):
         super().__init__(CriticConfig(num_critiques=num_critiques, answer_format="free"))
         self.seeds: list[int] = []
 
-    @staticmethod
-    def describe(config, policy):
-        return "a recording stand-in"
-
     def _complete(self, messages, seeds, regexes):
         self.seeds += seeds
         return [[None] * self.config.num_critiques for _ in messages]
