@@ -5,8 +5,9 @@ python bench/report.py [--write]
 The tables: the policy loss over logits (pytest-benchmark files with a `floor` row), the linear
 variant (files ending in -linear.json), and the ahead-of-time compilation of the Triton kernels
 (triton-aot-ptxas.json, written by `python -m capo_fast.kernels.aot --json ...`), and the per-GPU
-memory budget of the 7B config (capo_fast.memory_budget), the learning experiment
-(bench/learning_experiment.py), and the judge evaluation (judge-*.json, by python -m capo_fast.evaluate_judge).
+memory budget and step cost model of the 7B config (capo_fast.memory_budget, capo_fast.gpu_cost),
+the learning experiment (bench/learning_experiment.py), and the judge evaluation (judge-*.json, by
+python -m capo_fast.evaluate_judge).
 """
 
 from __future__ import annotations
@@ -104,6 +105,14 @@ def memory_budget_table() -> str:
 
     config = load_config(ROOT / "configs" / "gpu-qwen2.5-7b.yaml")
     return markdown(budget(config, QWEN25_7B, world=4))
+
+
+def gpu_cost_table() -> str:
+    from capo_fast.config import load_config
+    from capo_fast.gpu_cost import cost_table
+    from capo_fast.memory_budget import QWEN25_7B
+
+    return cost_table(load_config(ROOT / "configs" / "gpu-qwen2.5-7b.yaml"), QWEN25_7B, world=4)
 
 
 def _learning_result() -> dict | None:
@@ -235,6 +244,7 @@ TABLES = {
     "bench-linear-table": linear_table,
     "aot-table": aot_table,
     "memory-budget": memory_budget_table,
+    "gpu-cost": gpu_cost_table,
     "learning-table": learning_table,
     "judge-table": judge_table,
 }

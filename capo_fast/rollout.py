@@ -12,7 +12,6 @@ Sleep mode frees accelerator memory for training between generations. It needs C
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -39,7 +38,6 @@ from capo_fast.critique import (
     parse_critique,
 )
 from capo_fast.data import chat_token_ids
-from capo_fast.memory_budget import Architecture, critic_kv_cache_bytes
 from capo_fast.seeds import critique_request_seeds
 
 logger = logging.getLogger(__name__)
@@ -453,7 +451,6 @@ class LocalCritic(ChatCritic):
         dtype: str,
         seed: int,
         sleep_mode: bool,
-        kv_cache_memory_bytes: int | None = None,
         executor_backend: str = "",
     ):
         super().__init__(config)
@@ -461,11 +458,10 @@ class LocalCritic(ChatCritic):
             model,
             dtype=dtype,
             seed=seed,
-            gpu_memory_utilization=config.gpu_memory_utilization,  # vLLM's start-up floor of free memory
+            gpu_memory_utilization=config.gpu_memory_utilization,  # its share: weights, activations, KV cache
             max_model_len=config.max_model_len,
             sleep_level=1,
             sleep_mode=sleep_mode,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
         )
 
     def _complete(self, messages, seeds, regexes):
@@ -591,23 +587,20 @@ class FunctionCritic(Critic):
 CRITIC_BACKENDS = {"vllm": LocalCritic, "remote": RemoteCritic, "function": FunctionCritic}
 
 
-def build_critic(config: Config, judge: Path | None, *, sleep_mode: bool = False, world: int | None = None) -> Critic:
+def build_critic(config: Config, judge: Path | None, *, sleep_mode: bool = False) -> Critic:
     """The critic of a run, as training and the judge evaluation both use it: `critic.backend` with the
     sampling of the voting mode (greedy decodes at temperature 0). A local engine loads `judge` (the
-    resolved critic.model, else the policy's start). In a training run of `world` ranks its KV cache is
-    sized from what one step asks of it; with no world (the judge evaluation, alone on its GPU) vLLM gives
-    it critic.gpu_memory_utilization of the GPU, since a whole evaluation batch need not fit at once."""
+    resolved critic.model, else the policy's start) and holds critic.gpu_memory_utilization of the GPU,
+    its KV cache being what weights and activations leave of that share: no kv_cache_memory_bytes, which
+    would make vLLM ignore the share (vllm/config/cache.py:257-264; vllm/v1/worker/gpu_worker.py:649-675
+    skips the profile, :740-744 sizes the cache from the share). A step's critiques that do not fit at
+    once wait in vLLM's queue; `python -m capo_fast.memory_budget` says how many waves that takes."""
     c = config.critic
     critic_config = dataclasses.replace(c, sampling=VOTING[config.algorithm.voting].critic_sampling(c.sampling))
     if c.backend != "vllm":
         critic = CRITIC_BACKENDS[c.backend](critic_config, c.model)
         critic.probe()
         return critic
-    kv_bytes = None
-    if world is not None:
-        arch = Architecture.from_hf_config(json.loads((Path(judge) / "config.json").read_text()))
-        kv_bytes = critic_kv_cache_bytes(config, arch, world)
     return CRITIC_BACKENDS["vllm"](
-        critic_config, str(judge), dtype=config.model.dtype, seed=config.trainer.seed, sleep_mode=sleep_mode,
-        kv_cache_memory_bytes=kv_bytes,
-    )  # fmt: skip
+        critic_config, str(judge), dtype=config.model.dtype, seed=config.trainer.seed, sleep_mode=sleep_mode
+    )

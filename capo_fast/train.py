@@ -236,7 +236,7 @@ class Run:
             sleeps = c.critic.backend == "vllm" and critic_sleep_mode(
                 requested=r.sleep_mode, supported=sleep_mode_supported(), policy_sleeps=self.policy.engine.sleep_enabled
             )
-            self.critic = build_critic(c, self.critic_path or self.model_path, sleep_mode=sleeps, world=self.world)
+            self.critic = build_critic(c, self.critic_path or self.model_path, sleep_mode=sleeps)
         self.verifier = OutcomeVerifier(num_workers=1, timeout_s=a.verifier_timeout_s, verifier=a.verifier)
         self.split_steps = make_splitter(c.critic.step_splitter)
         self.log = MetricsLog(

@@ -332,8 +332,8 @@ def test_processbench_loads_from_a_saved_dataset_and_by_hub_id(tmp_path, monkeyp
 
 
 def test_the_evaluated_judge_is_built_as_training_builds_it_but_alone(annotated, tmp_path, monkeypatch):
-    """One build_critic for both; the evaluation names no world of ranks, so a local engine is not sized
-    for a training step (test_memory_budget.py holds what each choice gives vLLM)."""
+    """One build_critic for both; a local engine takes critic.gpu_memory_utilization of the GPU in either
+    (test_memory_budget.py holds what it gives vLLM)."""
     from capo_fast import rollout
 
     calls, real = [], rollout.build_critic
