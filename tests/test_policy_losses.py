@@ -277,3 +277,60 @@ def test_dual_clip_is_refused_where_a_loss_has_none(name):
 
 def test_hand_numbers_are_what_the_comments_say():
     assert S1 == pytest.approx(math.exp(-0.2), abs=1e-10) and R3 == pytest.approx(math.exp(0.1), abs=1e-10)
+
+
+# ---- through the DeepSpeed trainer ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def single_rank():
+    import os
+    import socket
+
+    import deepspeed
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    deepspeed.init_distributed("gloo", verbose=False)
+    yield
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_trainer_takes_the_loss_from_the_config(single_rank, tiny_model_dir):
+    """At ratio 1 (old log-probs just recomputed), token-mean: GSPO's loss is -mean_t(A_t) and CISPO's
+    -mean_t(A_t * logp_t), with A_t = a - p * e_t over packed micro-batches."""
+    from capo_fast.trainer import PolicyTrainer, TrainSequence
+
+    overrides = ["--model.path=tiny", "--trainer.micro_batch_tokens=64", "--trainer.lr=1e-3",
+                 "--algorithm.aggregation=token-mean", "--rollout.sampling.temperature=1.0"]  # fmt: skip
+    config = load_config(None, overrides)
+    trainer = PolicyTrainer(config, tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
+    vocab = trainer.model.config.vocab_size
+
+    def ids(k):
+        return torch.randint(3, vocab, (k,), generator=g).tolist()
+
+    seqs = [
+        TrainSequence(ids(p), ids(r), a, 0.5, (torch.rand(r, generator=g) > 0.5).float())
+        for p, r, a in [(5, 7, 1.0), (3, 11, -0.5), (9, 2, 0.25)]
+    ]
+    adv = torch.cat([s.advantage - s.penalty * s.credit for s in seqs]).double()
+    for name in ("gspo", "cispo"):
+        trainer.config.algorithm.policy_loss = name
+        trainer.compute_logprobs(seqs)
+        logp = torch.cat([s.old_logprobs for s in seqs]).double()
+        expected = -adv.mean() if name == "gspo" else -(adv * logp).mean()
+        stats = trainer.train_mini_batch(seqs)
+        assert stats["loss"] == pytest.approx(expected.item(), abs=1e-5), name
+        assert stats["clipped"] == 0 and stats["skipped"] == 0 and stats["tokens"] == 20
