@@ -164,6 +164,9 @@ class AlgorithmConfig:
     min_valid_critiques: int = 1  # fewer valid critiques than this: the rollout gets no step penalty
     verifier: str = "capo_fast.reward:verify_answer"  # module:function(response, gold) -> 0/1, in worker processes
     truncated_reward: TruncatedReward = "verify"  # verify: a cut-off response is scored like any other
+    # ppo: the fused CAPO/PPO clipped loss; gspo: sequence-level ratio (GSPO-token); cispo: clipped IS weight
+    # on REINFORCE (MiniMax-M1). Names: policy_losses.POLICY_LOSSES; each sees A_t = a - p*e_t and the aggregation.
+    policy_loss: str = "ppo"
     eps_low: float = 0.2  # clip range [1 - eps_low, 1 + eps_high]
     eps_high: float = 0.2  # clip-higher when above eps_low
     dual_clip: float = 0.0  # 0: off; otherwise the dual-clip constant c > 1
@@ -304,6 +307,12 @@ class Config:
         _check(math.isfinite(a.genorm_beta), "algorithm.genorm_beta", "must be a finite number")
         _check(a.eps_low >= 0 and a.eps_high >= 0, "algorithm.eps_low", "clip ranges must be >= 0")
         _check(a.dual_clip == 0 or a.dual_clip > 1, "algorithm.dual_clip", "must be 0 (off) or > 1")
+        from capo_fast.policy_losses import POLICY_LOSSES
+
+        losses = sorted(POLICY_LOSSES)
+        _check(a.policy_loss in POLICY_LOSSES, "algorithm.policy_loss", f"{a.policy_loss!r} is not one of {losses}")
+        _check(a.dual_clip == 0 or POLICY_LOSSES[a.policy_loss].dual_clip, "algorithm.dual_clip",
+               f"policy_loss={a.policy_loss} has no dual clip; set it to 0")  # fmt: skip
         _check(a.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
         _check(a.mini_epochs >= 1, "algorithm.mini_epochs", "must be >= 1")
         _check(t.steps >= 1, "trainer.steps", "must be >= 1")

@@ -2,8 +2,8 @@
 
 Sequences are packed padding-free into one row per micro-batch (flash-attn varlen through
 position_ids where it is installed, sdpa with a block-diagonal causal mask otherwise). The loss is
-`fused_linear_policy_loss` on the final hidden states of the response tokens and the lm_head weight:
-full [tokens, vocab] logits are never held.
+`algorithm.policy_loss` (capo_fast.policy_losses; default the fused `fused_linear_policy_loss`) on the final
+hidden states of the response tokens and the lm_head weight: full [tokens, vocab] logits are never held.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import torch.distributed as dist
 
 from capo_fast.config import Config
 from capo_fast.distributed import all_reduce
-from capo_fast.kernels import PolicyLossOptions, fused_linear_logprobs, fused_linear_policy_loss
+from capo_fast.kernels import PolicyLossOptions, fused_linear_logprobs
 from capo_fast.kernels.aggregation import aggregation_weights
+from capo_fast.policy_losses import PolicyLossInputs, compute_policy_loss
 
 
 @dataclass
@@ -114,6 +115,8 @@ class PolicyWithLoss(torch.nn.Module):
         self.model = model
 
     def forward(self, batch: PackedBatch, temperature: float, loss_args: dict | None = None):
+        """Log-probs and entropy of the response tokens; with `loss_args` (name, inputs, options) the policy
+        loss of that name in capo_fast.policy_losses."""
         # use_cache=False: from the config it would be True and every training forward would build a KV
         # cache (transformers/utils/generic.py:1037-1042, models/qwen2/modeling_qwen2.py:350-351).
         hidden = self.model.base_model(
@@ -123,7 +126,7 @@ class PolicyWithLoss(torch.nn.Module):
         weight = self.model.get_output_embeddings().weight
         if loss_args is None:
             return fused_linear_logprobs(hidden, weight, batch.labels, temperature=temperature, with_entropy=True)
-        return fused_linear_policy_loss(hidden, weight, batch.labels, **loss_args)
+        return compute_policy_loss(loss_args["name"], hidden, weight, loss_args["inputs"], loss_args["options"])
 
 
 def attention_implementation(
@@ -396,15 +399,17 @@ class PolicyTrainer:
             def cat(field, seqs=seqs):
                 return torch.cat([field(s) for s in seqs]).to(dev)
 
-            loss_args = dict(
+            inputs = PolicyLossInputs(
+                labels=batch.labels,
                 old_logprobs=cat(lambda s: s.old_logprobs),
                 advantages=cat(lambda s: torch.full((len(s.response_ids),), s.advantage)),
+                loss_weights=weights * world,
+                seq_ids=batch.seq_ids,
                 credit=cat(lambda s: s.credit.float()),
                 penalty=cat(lambda s: torch.full((len(s.response_ids),), s.penalty)),
                 ref_logprobs=cat(lambda s: s.ref_logprobs) if self.reference is not None else None,
-                loss_weights=weights * world,
-                options=options,
             )  # fmt: skip
+            loss_args = {"name": a.policy_loss, "inputs": inputs, "options": options}
             self.engine.set_gradient_accumulation_boundary(k == len(groups) - 1)
             out = self.engine(batch, options.temperature, loss_args)
             self.engine.backward(out.loss, scale_wrt_gas=False)
@@ -415,7 +420,7 @@ class PolicyTrainer:
                 stats["clipped"] += float((out.clipped > 0).sum())
                 stats["entropy"] += out.entropy.detach().sum().item()
                 if self.reference is not None:
-                    delta = loss_args["ref_logprobs"] - out.logprobs.detach()
+                    delta = inputs.ref_logprobs - out.logprobs.detach()
                     stats["kl"] += float((delta.exp() - delta - 1).sum())
                 stats["tokens"] += n
         self.engine.step()

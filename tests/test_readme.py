@@ -7,11 +7,27 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def test_kernel_example_runs(capsys):
+def test_kernel_example_runs_and_its_losses_are_the_formulas(capsys):
+    import pytest
+    import torch
+
+    from capo_fast.kernels import reference
+
     (code,) = re.findall(r"```python\n(.*?)```", README, re.S)
-    exec(compile(code, "README.md", "exec"), {})
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
     loss, *_ = capsys.readouterr().out.split()
-    assert float(loss) == float(loss)  # printed a number, not nan
+    x = {k: ns[k].detach().double() for k in ("logits", "old_logprobs", "advantages", "credit", "weights")}
+    kw = dict(credit=x["credit"], penalty=0.5, loss_weights=x["weights"], eps_high=0.28)
+    expected = reference.policy_loss(x["logits"], ns["labels"], x["old_logprobs"], x["advantages"], **kw)[0]
+    assert float(loss) == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    # GSPO with one advantage per sequence: -mean_i min(s_i A_i, clip(s_i) A_i), s_i = exp(mean_t log-ratio)
+    logits = ns["hidden"].detach().double() @ ns["lm_head"].detach().double().T
+    log_ratio = reference.token_logprobs_and_entropy(logits, ns["labels"])[0] - x["old_logprobs"]
+    s = torch.stack([log_ratio[ns["seq_ids"] == i].mean().clamp(-20, 20).exp() for i in range(2)])
+    a = torch.tensor([0.8, -0.4], dtype=torch.float64)
+    gspo = -torch.minimum(s * a, s.clamp(1 - 3e-4, 1 + 4e-4) * a).mean()
+    assert ns["gspo"].loss.item() == pytest.approx(gspo.item(), rel=1e-5, abs=1e-6)
 
 
 def test_first_lines_are_the_train_and_test_commands():

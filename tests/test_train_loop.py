@@ -110,3 +110,24 @@ def test_grpo_baseline_runs_without_a_judge(tmp_path):
     assert "GRPO-Rule" in card and "held-out accuracy" in card
     assert "| extra | " in card and "| heldout | " in card  # every set's pass@1, before and after
     assert json.loads((tmp_path / "final" / "run.json").read_text())["config"] == run["config"]
+
+
+@pytest.mark.parametrize(
+    "loss, extra",
+    [
+        ("gspo", ["--algorithm.kl_coef=0.01", "--algorithm.entropy_coef=0.001"]),  # KL and entropy on [N] log-probs
+        ("cispo", ["--algorithm.aggregation=token-mean"]),
+    ],
+)
+def test_policy_losses_from_the_registry_run_end_to_end(tmp_path, loss, extra):
+    _run(1, tmp_path, f"--algorithm.policy_loss={loss}", "--trainer.steps=2", "--checkpoint.every=0", *extra)
+    steps = _steps(tmp_path)
+    assert sorted(steps) == [1, 2]
+    for row in steps.values():
+        assert all(math.isfinite(v) for k, v in row.items() if isinstance(v, float)), row
+        assert row["actor/skipped_steps"] == 0 and 0 <= row["actor/clip_fraction"] <= 1
+    if "--algorithm.kl_coef=0.01" in extra:  # the first step's updates moved the policy off the reference
+        assert steps[2]["actor/kl"] > 0
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["config"]["algorithm"]["policy_loss"] == loss
+    assert (tmp_path / "final" / "config.json").exists()
