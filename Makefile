@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup train test lint bench
+.PHONY: setup train test test-slow lint bench
 setup:
 	@bash scripts/setup_env.sh
 
@@ -12,7 +12,10 @@ train: setup
 
 test: setup
 	ruff check .
-	python -m pytest -q tests
+	python -m pytest -q -m "not slow" tests
+
+test-slow: setup
+	python -m pytest -q -m slow tests
 
 lint: setup
 	ruff check .

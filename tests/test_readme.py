@@ -35,4 +35,8 @@ def test_first_lines_are_the_train_and_test_commands():
     assert first_block.splitlines()[0].startswith("make train")
     assert first_block.splitlines()[1].startswith("make test")
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+    # the default run leaves the slow set to its own command
+    makefile = (ROOT / "Makefile").read_text()
+    assert '-m "not slow"' in makefile.split("\ntest:")[1].split("\n\n")[0]
+    assert "-m slow" in makefile.split("\ntest-slow:")[1]
     assert "deepspeed capo_fast/train.py" in (ROOT / "Makefile").read_text()
