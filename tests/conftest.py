@@ -33,3 +33,28 @@ def smollm2_dir():
     from capo_fast.local_models import smollm2_instruct
 
     return smollm2_instruct()
+
+
+@pytest.fixture(scope="session")
+def single_rank():
+    """One gloo process group of one rank for the whole session: DeepSpeed keeps its groups in module
+    globals, so a group destroyed and made again under it leaves those pointing at the old one."""
+    import socket
+
+    import deepspeed
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    deepspeed.init_distributed("gloo", verbose=False)
+    yield
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

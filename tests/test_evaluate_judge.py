@@ -185,7 +185,7 @@ def test_the_chat_critic_gets_trainings_prompt_template_and_guided_format(tmp_pa
     assert critic.seen[0][0] == critique_messages(
         first.question, first.steps, first.reference_solution, load_template()
     )
-    assert [seed for _, seed, _ in critic.seen] == [5, 6, 7]
+    assert [seed for _, seed, _ in critic.seen] == [5, 7, 9]  # N=2 children each: seeds N apart (seeds.py)
     assert critic.seen[0][2] == guided_critique_regex(config.critic.guided_reasoning_chars, len(first.steps))
 
 

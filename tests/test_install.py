@@ -58,7 +58,7 @@ def test_setup_pins_torch_to_the_version_vllm_requires():
     """flash-attn and capo_fast._C built against one torch and run with another fail to import."""
     text = (REPO / "scripts" / "setup_env.sh").read_text()
     pins = _setup_pins()
-    gpu_branch = text.split('if [ "$FLAVOR" = cpu ]', 1)[1].split("else", 1)[1]
+    gpu_branch = text.split('if [ "$FLAVOR" = cpu ]', 1)[1].split("else", 1)[1].replace("\\\n", " ")
     first_install = next(line for line in gpu_branch.splitlines() if "pip install" in line)
     assert '"torch==$TORCH_VERSION"' in first_install and '"vllm==$VLLM_VERSION"' in first_install
     flash = next(line for line in gpu_branch.splitlines() if "flash-attn" in line and "pip install" in line)

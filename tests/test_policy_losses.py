@@ -282,28 +282,6 @@ def test_hand_numbers_are_what_the_comments_say():
 # ---- through the DeepSpeed trainer ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def single_rank():
-    import os
-    import socket
-
-    import deepspeed
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    deepspeed.init_distributed("gloo", verbose=False)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def test_trainer_takes_the_loss_from_the_config(single_rank, tiny_model_dir):

@@ -1,7 +1,5 @@
 """The DeepSpeed policy: packing, old log-probs, and one update against the reference loss."""
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,27 +18,6 @@ from capo_fast.trainer import (
     split_by_tokens,
     states_to_offload,
 )
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    import deepspeed
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    deepspeed.init_distributed("gloo", verbose=False)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _sequences(vocab: int, seed: int = 0) -> list[TrainSequence]:
