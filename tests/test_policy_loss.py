@@ -264,11 +264,25 @@ def test_hand_computed_single_token():
     assert out.entropy.item() == pytest.approx(entropy, abs=1e-6)
 
 
-# ---- Triton kernels under the interpreter ------------------------------------------------------------
+# ---- Triton kernels: on the GPU when there is one, else under the interpreter (tests/conftest.py) -------
 
 
-def triton_forward(logits, labels, old, adv, kwargs, with_grad=True):
-    """The Triton forward and (with_grad) backward launchers, as the CUDA op and its autograd run them."""
+def on(device, x):
+    """A tensor, or the tensors of a dict or tuple, on `device` (results come back with device "cpu")."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: on(device, v) for k, v in x.items()}
+    if isinstance(x, tuple | list):
+        moved = [on(device, v) for v in x]
+        return type(x)(*moved) if hasattr(x, "_fields") else tuple(moved)
+    return x
+
+
+def triton_forward(logits, labels, old, adv, kwargs, with_grad=True, device="cpu"):
+    """The Triton forward and (with_grad) backward launchers, as the CUDA op and its autograd run them.
+    Inputs are moved to `device`, results returned on the CPU."""
+    logits, labels, old, adv, kwargs = on(device, (logits, labels, old, adv)) + (on(device, kwargs),)
     options = PolicyLossOptions(**{k: v for k, v in kwargs.items() if k in OPTION_NAMES})
     out = policy_loss_fwd(
         logits,
@@ -287,14 +301,14 @@ def triton_forward(logits, labels, old, adv, kwargs, with_grad=True):
         logits_grad(
             logits, labels, out.lse, out.entropy, out.dloss_dlogprobs, out.dloss_dentropy, options.temperature, grad
         )
-    return (*out[:4], grad)
+    return on("cpu", (*out[:4], grad))
 
 
 @pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
-def test_triton_kernel_matches_reference(options):
+def test_triton_kernel_matches_reference(options, triton_device):
     logits, labels, old, adv, kwargs = make_case(13, 1009, seed=10, mask_rows=(3,), neg_inf_cols=5, **options)
     loss_ref, logp_ref, ent_ref, clip_ref, grad_ref = run_reference(logits, labels, old, adv, kwargs)
-    loss, logp, ent, clip, grad = triton_forward(logits, labels, old, adv, kwargs)
+    loss, logp, ent, clip, grad = triton_forward(logits, labels, old, adv, kwargs, device=triton_device)
     assert_close(loss, loss_ref, 1e-5, 1e-5, "loss")
     assert_close(logp, logp_ref, 1e-4, 1e-5, "logprobs")
     assert_close(ent, ent_ref, 1e-4, 1e-5, "entropy")
@@ -302,22 +316,23 @@ def test_triton_kernel_matches_reference(options):
     assert_close(grad, grad_ref, 1e-5 * grad_ref.abs().max().item(), 1e-5, "grad")
 
 
-def test_triton_kernel_large_vocab_bf16_inplace():
+def test_triton_kernel_large_vocab_bf16_inplace(triton_device):
     logits, labels, old, adv, kwargs = make_case(3, 65_600, dtype=torch.bfloat16, seed=11, credit=True, penalty=1.0)
     loss_ref, logp_ref, _, _, grad_ref = run_reference(logits, labels, old, adv, kwargs)
-    buf = logits.clone()
+    buf, labels, old, adv, kwargs = on(triton_device, (logits, labels, old, adv)) + (on(triton_device, kwargs),)
     out = policy_loss_fwd(
         buf, labels, old, adv, kwargs["credit"], kwargs["penalty"], None, kwargs["loss_weights"],
         PolicyLossOptions(), in_place=True,
     )  # fmt: skip
+    out, buf = on("cpu", out), buf.cpu()
     assert_close(out.loss, loss_ref, 1e-4, 1e-4, "loss")
     assert_close(out.logprobs, logp_ref, 2e-2, 1e-3, "logprobs")  # bf16 inputs: the reference sees the same values
     assert_close(buf, grad_ref, 1e-2 * grad_ref.abs().max().item(), 1e-2, "grad")
 
 
-def test_triton_logprobs_kernel_and_its_gradient():
+def test_triton_logprobs_kernel_and_its_gradient(triton_device):
     logits, labels, *_ = make_case(11, 2049, seed=12, neg_inf_cols=3, mask_rows=(2,))
-    lp, ent, lse = logprobs_fwd(logits, labels, 1.7)
+    lp, ent, lse = on("cpu", logprobs_fwd(*on(triton_device, (logits, labels)), 1.7))
     x = logits.double().requires_grad_(True)
     lp_ref, ent_ref = reference.token_logprobs_and_entropy(x, labels, temperature=1.7)
     assert_close(lp, lp_ref, 1e-4, 1e-5, "logprobs")
@@ -325,18 +340,19 @@ def test_triton_logprobs_kernel_and_its_gradient():
     g = torch.Generator().manual_seed(13)
     g_lp, g_ent = torch.randn(11, generator=g), torch.randn(11, generator=g)
     (lp_ref * g_lp.double() + ent_ref * g_ent.double()).sum().backward()
-    grad = logits_grad(logits, labels, lse, ent, g_lp, g_ent, 1.7, torch.full_like(logits, float("nan")))
+    args = on(triton_device, (logits, labels, lse, ent, g_lp, g_ent))
+    grad = logits_grad(*args, 1.7, torch.full_like(args[0], float("nan"))).cpu()
     assert_close(grad, x.grad, 1e-5 * x.grad.abs().max().item(), 1e-5, "grad")
 
 
-def test_triton_and_cpp_agree_on_fully_neg_inf_row():
+def test_triton_and_cpp_agree_on_fully_neg_inf_row(triton_device):
     logits = torch.randn(2, 100)
     logits[1] = float("-inf")
     labels = torch.tensor([5, -100])
     w = torch.tensor([1.0, 0.0])
     zeros = torch.zeros(2)
     cpp, cpp_grad = run_fused(logits, labels, zeros, zeros + 1, {"loss_weights": w})
-    tri = triton_forward(logits, labels, zeros, zeros + 1, {"loss_weights": w})
+    tri = triton_forward(logits, labels, zeros, zeros + 1, {"loss_weights": w}, device=triton_device)
     assert torch.isfinite(cpp.loss) and torch.isfinite(tri[0])
     assert_close(cpp.loss, tri[0], 1e-6, 1e-6, "loss")
     assert_close(cpp_grad, tri[4], 1e-7, 1e-6, "grad")
@@ -344,13 +360,16 @@ def test_triton_and_cpp_agree_on_fully_neg_inf_row():
 
 
 @pytest.mark.parametrize("scale", [1.0, -2.5])
-def test_triton_scale_kernel(scale):
+def test_triton_scale_kernel(scale, triton_device):
     from capo_fast.kernels.policy_loss import SCALE_BLOCK, _scale_kernel
 
     x = torch.randn(SCALE_BLOCK + 7)
     expected = x * scale
-    _scale_kernel[(2,)](x_ptr=x, scale_ptr=torch.tensor([scale]), numel=x.numel(), BLOCK=SCALE_BLOCK)
-    assert torch.equal(x, expected)
+    x = x.to(triton_device)
+    _scale_kernel[(2,)](
+        x_ptr=x, scale_ptr=torch.tensor([scale], device=triton_device), numel=x.numel(), BLOCK=SCALE_BLOCK
+    )
+    assert torch.equal(x.cpu(), expected)
 
 
 # ---- edge cases found by fuzzing (issue 22) ----------------------------------------------------------
@@ -387,14 +406,14 @@ def test_low_precision_label_gradient_is_rounded_once(dtype, rel_tol, p_label, p
 
 @pytest.mark.parametrize("scale", [1e30, 1e9, 1e8, 3e5])
 @pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
-def test_huge_logits_with_temperature(scale, temperature):
+def test_huge_logits_with_temperature(scale, temperature, triton_device):
     """log p = (z - max) / T - log s: no residue of z / T rounded at |z| (nats at 1e8) enters the exponent."""
     logits = torch.tensor([[scale, scale, 0.0, 1.0], [scale, scale - scale * 2**-20, -scale, 0.0]])
     labels = torch.tensor([0, 1])
     lp_ref, ent_ref = reference.logprobs(logits.double(), labels, temperature)
     for lp, ent in (
         fused_logprobs(logits, labels, temperature=temperature, with_entropy=True),
-        logprobs_fwd(logits, labels, temperature)[:2],
+        on("cpu", logprobs_fwd(*on(triton_device, (logits, labels)), temperature)[:2]),
     ):
         assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
         assert_close(lp, lp_ref, 1e-5, 1e-5, "logprobs")
@@ -405,7 +424,7 @@ def test_huge_logits_with_temperature(scale, temperature):
 
 
 @pytest.mark.parametrize("scale", [1e30, 1e8])
-def test_huge_logits_gradient_in_place_is_exact_and_finite_otherwise(scale):
+def test_huge_logits_gradient_in_place_is_exact_and_finite_otherwise(scale, triton_device):
     """The in-place path has the row's maximum at hand and is exact; the two-pass backward only has the
     saved log-sum-exp (rounded at |z|), and stays finite with p_j <= 1."""
     logits = torch.tensor([[scale, scale, 0.0, 1.0]])
@@ -415,9 +434,9 @@ def test_huge_logits_gradient_in_place_is_exact_and_finite_otherwise(scale):
     x = logits.clone().requires_grad_(True)
     fused_policy_loss(x, labels, old, adv, temperature=0.7, inplace_backward=True).loss.backward()
     assert_close(x.grad, x64.grad, 1e-6, 1e-5, "in-place grad")
-    buf = logits.clone()
-    policy_loss_fwd(buf, labels, old, adv, None, None, None, torch.ones(1), PolicyLossOptions(0.7), in_place=True)
-    assert_close(buf, x64.grad, 1e-6, 1e-5, "Triton in-place grad")
+    buf, lab, o, a, w = on(triton_device, (logits, labels, old, adv, torch.ones(1)))
+    policy_loss_fwd(buf, lab, o, a, None, None, None, w, PolicyLossOptions(0.7), in_place=True)
+    assert_close(buf.cpu(), x64.grad, 1e-6, 1e-5, "Triton in-place grad")
     y = logits.clone().requires_grad_(True)
     fused_policy_loss(y, labels, old, adv, temperature=0.7).loss.backward()
     assert torch.isfinite(y.grad).all() and y.grad.abs().max() <= 2.0 / 0.7
@@ -462,14 +481,18 @@ def test_linear_loss_backward_with_no_tokens():
 
 
 @pytest.mark.parametrize("shape, stride", [((0, 1), (2, 2)), ((4, 1), (2, 2)), ((0, 5), (5, 3))])
-def test_logits_whose_column_stride_reaches_nothing_are_accepted(shape, stride):
+def test_logits_whose_column_stride_reaches_nothing_are_accepted(shape, stride, triton_device):
     """A one-column (or empty) view has contiguous rows whatever its column stride says."""
     base = torch.randn(16)
     logits = torch.as_strided(base, shape, stride)
+    on_device = torch.as_strided(base.to(triton_device), shape, stride)
     labels = torch.zeros(shape[0], dtype=torch.long)
     zeros = torch.zeros(shape[0])
     lp_ref, ent_ref = reference.logprobs(logits.double(), labels)
-    for lp, ent in (fused_logprobs(logits, labels, with_entropy=True), logprobs_fwd(logits, labels, 1.0)[:2]):
+    for lp, ent in (
+        fused_logprobs(logits, labels, with_entropy=True),
+        on("cpu", logprobs_fwd(on_device, labels.to(triton_device), 1.0)[:2]),
+    ):
         assert_close(lp, lp_ref, 0, 0, "logprobs")
         assert_close(ent, ent_ref, 0, 0, "entropy")
     x = logits.detach().clone().requires_grad_(True)
