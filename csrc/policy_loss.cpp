@@ -152,23 +152,30 @@ void row_grad(scalar_t* out, const scalar_t* z, int64_t V, int64_t label, float 
   const fVec vfloor(-1e4f), vzero(0.0f);
   // p * (-a - b * (logp + H)); logp is clamped like u above so -inf logits give exactly 0.
   auto grad = [&](fVec x) {
-    const fVec logp = at::vec::minimum(at::vec::maximum((x - vpivot) * vinv_t - voffset, vfloor), vzero);
+    // clamp: two instructions (vec256_float.h:598), where minimum/maximum add NaN handling to each
+    const fVec logp = at::vec::clamp(at::vec::fmsub(x - vpivot, vinv_t, voffset), vfloor, vzero);
     return logp.exp_u20() * at::vec::fmadd(vneg_b, logp + vent, vneg_a);
   };
-  for (int64_t j = 0; j < vend; j += kStep) {
-    fVec x0, x1;
-    load2(z + j, x0, x1);
-    fVec g0 = grad(x0), g1 = grad(x1);
-    if (label >= j && label < j + kStep) {  // the label's [j == label] term, added before rounding
-      float lanes[kStep];
-      g0.store(lanes);
-      g1.store(lanes + fVec::size());
-      lanes[label - j] += a;
-      g0 = fVec::loadu(lanes);
-      g1 = fVec::loadu(lanes + fVec::size());
+  auto sweep = [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; j += kStep) {
+      fVec x0, x1;
+      load2(z + j, x0, x1);
+      store2(out + j, grad(x0), grad(x1));
     }
-    store2(out + j, g0, g1);
+  };
+  // The block holding the label is done apart, so the hot loops carry no test for it.
+  const int64_t label_block = label >= 0 && label < vend ? label - label % kStep : vend;
+  sweep(0, label_block);
+  if (label_block < vend) {  // the label's [j == label] term is added in fp32, before the one rounding
+    fVec x0, x1;
+    load2(z + label_block, x0, x1);
+    float lanes[kStep];
+    grad(x0).store(lanes);
+    grad(x1).store(lanes + fVec::size());
+    lanes[label - label_block] += a;
+    store2(out + label_block, fVec::loadu(lanes), fVec::loadu(lanes + fVec::size()));
   }
+  sweep(std::min(label_block + kStep, vend), vend);
   for (int64_t j = vend; j < V; ++j) {
     const float zj = static_cast<float>(z[j]);
     const float logp = std::min((zj - st.pivot) * inv_t - st.offset, 0.0f);
