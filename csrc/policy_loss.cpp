@@ -68,8 +68,12 @@ constexpr int64_t vector_end(int64_t V) {
 struct RowStats {
   float lse;      // log-sum-exp of the scaled logits
   float entropy;  // entropy of softmax(scaled logits)
+  float max;      // the row's largest raw logit (-inf for a row of -inf)
+  float log_s;    // log sum exp((z - max) / T), so that log p_j = (z_j - max) / T - log_s
 };
 
+// Every scaled logit is formed as (z - max) * inv_t: z - max is exact wherever exp of it matters, so no
+// rounding residue of z * inv_t (about |z| * 6e-8, nats for logits of 1e8) reaches the exponent.
 template <typename scalar_t>
 RowStats row_stats(const scalar_t* z, int64_t V, float inv_t) {
   const int64_t vend = vector_end<scalar_t>(V);
@@ -83,10 +87,9 @@ RowStats row_stats(const scalar_t* z, int64_t V, float inv_t) {
   float m = at::vec::vec_reduce_all<float>([](fVec x, fVec y) { return at::vec::maximum(x, y); },
                                            at::vec::maximum(m0, m1));
   for (int64_t j = vend; j < V; ++j) m = std::max(m, static_cast<float>(z[j]));
-  if (m == kNegInf) return {kNegInf, 0.0f};  // every logit is -inf: an empty distribution
-  m *= inv_t;
+  if (m == kNegInf) return {kNegInf, 0.0f, kNegInf, 0.0f};  // every logit is -inf: an empty distribution
 
-  // s = sum exp(u), t = sum exp(u) * u with u = z/T - m <= 0. Shifting by m keeps t small, so
+  // s = sum exp(u), t = sum exp(u) * u with u = (z - m) / T <= 0. Shifting by m keeps t small, so
   // entropy = log s - t / s does not cancel for large logits. exp_u20 maps u < log(FLT_MIN) (-inf
   // included) to 0; u is clamped from below so exp(u) * u is 0, not NaN, there. Vector partial sums
   // are flushed to double every kFlush elements, so the rounding error does not grow with V.
@@ -99,8 +102,8 @@ RowStats row_stats(const scalar_t* z, int64_t V, float inv_t) {
     for (int64_t j = b0; j < b1; j += kStep) {
       fVec a, b;
       load2(z + j, a, b);
-      const fVec ua = at::vec::maximum(at::vec::fmsub(a, vinv_t, vm), vfloor);
-      const fVec ub = at::vec::maximum(at::vec::fmsub(b, vinv_t, vm), vfloor);
+      const fVec ua = at::vec::maximum((a - vm) * vinv_t, vfloor);
+      const fVec ub = at::vec::maximum((b - vm) * vinv_t, vfloor);
       const fVec ea = ua.exp_u20(), eb = ub.exp_u20();
       s = s + ea + eb;
       t = at::vec::fmadd(ea, ua, at::vec::fmadd(eb, ub, t));
@@ -109,45 +112,81 @@ RowStats row_stats(const scalar_t* z, int64_t V, float inv_t) {
     t_total += at::vec::vec_reduce_all<float>(std::plus<fVec>(), t);
   }
   for (int64_t j = vend; j < V; ++j) {
-    const float u = static_cast<float>(z[j]) * inv_t - m;
+    const float u = (static_cast<float>(z[j]) - m) * inv_t;
     if (u == kNegInf) continue;
     const float e = std::exp(u);
     s_total += e;
     t_total += static_cast<double>(e) * u;
   }
   const double log_s = std::log(s_total);
-  return {static_cast<float>(m + log_s), static_cast<float>(log_s - t_total / s_total)};
+  return {static_cast<float>(static_cast<double>(m) * inv_t + log_s), static_cast<float>(log_s - t_total / s_total),
+          m, static_cast<float>(log_s)};
 }
+
+// log p_j = (z_j - pivot) / T - offset: (max, log_s) when the row was just swept (exact for any logits),
+// (0, lse) from a saved log-sum-exp. Clamped to <= 0, so extreme logits cannot make p_j exceed 1.
+struct GradStats {
+  float pivot;
+  float offset;
+  float entropy;
+  bool empty;  // a row of -inf logits: no distribution, no gradient
+};
+
+inline GradStats from_sweep(const RowStats& st) { return {st.max, st.log_s, st.entropy, st.lse == kNegInf}; }
+inline GradStats from_lse(float lse, float entropy) { return {0.0f, lse, entropy, lse == kNegInf}; }
 
 // Writes d/dz of (g_lp * logp_label + g_h * H) for one row:
 //   g_j = (g_lp * ([j == label] - p_j) - g_h * p_j * (log p_j + H)) / T.
+// Each entry is computed in fp32, the label's term included, and rounded to scalar_t once.
 template <typename scalar_t>
-void row_grad(scalar_t* out, const scalar_t* z, int64_t V, int64_t label, float inv_t, RowStats st, float g_lp,
+void row_grad(scalar_t* out, const scalar_t* z, int64_t V, int64_t label, float inv_t, GradStats st, float g_lp,
               float g_h) {
-  if (st.lse == kNegInf) {  // a row of -inf logits has no distribution and no gradient
+  if (st.empty) {
     std::fill(out, out + V, static_cast<scalar_t>(0.0f));
     return;
   }
   const int64_t vend = vector_end<scalar_t>(V);
   const float a = g_lp * inv_t;
   const float b = g_h * inv_t;
-  const fVec vinv_t(inv_t), vlse(st.lse), vneg_a(-a), vneg_b(-b), vent(st.entropy), vfloor(-1e4f);
+  const fVec vinv_t(inv_t), vpivot(st.pivot), voffset(st.offset), vneg_a(-a), vneg_b(-b), vent(st.entropy);
+  const fVec vfloor(-1e4f), vzero(0.0f);
   // p * (-a - b * (logp + H)); logp is clamped like u above so -inf logits give exactly 0.
   auto grad = [&](fVec x) {
-    const fVec logp = at::vec::maximum(at::vec::fmsub(x, vinv_t, vlse), vfloor);
+    // clamp: two instructions (vec256_float.h:598), where minimum/maximum add NaN handling to each
+    const fVec logp = at::vec::clamp(at::vec::fmsub(x - vpivot, vinv_t, voffset), vfloor, vzero);
     return logp.exp_u20() * at::vec::fmadd(vneg_b, logp + vent, vneg_a);
   };
-  for (int64_t j = 0; j < vend; j += kStep) {
+  auto sweep = [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; j += kStep) {
+      fVec x0, x1;
+      load2(z + j, x0, x1);
+      store2(out + j, grad(x0), grad(x1));
+    }
+  };
+  // The block holding the label is done apart, so the hot loops carry no test for it.
+  const int64_t label_block = label >= 0 && label < vend ? label - label % kStep : vend;
+  sweep(0, label_block);
+  if (label_block < vend) {  // the label's [j == label] term is added in fp32, before the one rounding
     fVec x0, x1;
-    load2(z + j, x0, x1);
-    store2(out + j, grad(x0), grad(x1));
+    load2(z + label_block, x0, x1);
+    float lanes[kStep];
+    grad(x0).store(lanes);
+    grad(x1).store(lanes + fVec::size());
+    lanes[label - label_block] += a;
+    store2(out + label_block, fVec::loadu(lanes), fVec::loadu(lanes + fVec::size()));
   }
+  sweep(std::min(label_block + kStep, vend), vend);
   for (int64_t j = vend; j < V; ++j) {
-    const float zj = static_cast<float>(z[j]) * inv_t;
-    const float logp = zj - st.lse;
-    out[j] = static_cast<scalar_t>(zj == kNegInf ? 0.0f : std::exp(logp) * (-a - b * (logp + st.entropy)));
+    const float zj = static_cast<float>(z[j]);
+    const float logp = std::min((zj - st.pivot) * inv_t - st.offset, 0.0f);
+    const float g = zj == kNegInf ? 0.0f : std::exp(logp) * (-a - b * (logp + st.entropy));
+    out[j] = static_cast<scalar_t>(j == label ? g + a : g);
   }
-  if (label >= 0) out[label] = static_cast<scalar_t>(static_cast<float>(out[label]) + a);
+}
+
+template <typename scalar_t>
+inline float label_logprob(scalar_t z_label, float inv_t, const RowStats& st) {
+  return (static_cast<float>(z_label) - st.max) * inv_t - st.log_s;
 }
 
 struct LossOptions {
@@ -194,9 +233,13 @@ const float* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<float>() : nullptr;
 }
 
+// A row of one element (or no rows at all) is contiguous whatever its stride says.
+bool rows_contiguous(const at::Tensor& t) { return t.size(0) == 0 || t.size(1) <= 1 || t.stride(1) == 1; }
+
 void check_inputs(const at::Tensor& logits, const at::Tensor& labels) {
   TORCH_CHECK(logits.dim() == 2, "capo: logits must be [N, V], got ", logits.sizes());
-  TORCH_CHECK(logits.stride(1) == 1, "capo: logits rows must be contiguous");
+  TORCH_CHECK(rows_contiguous(logits), "capo: logits rows must be contiguous (stride(1) == 1), got strides ",
+              logits.strides());
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0),
               "capo: labels must be [N] with N = logits.size(0)");
 }
@@ -262,7 +305,7 @@ LossOutputs policy_loss_impl(const at::Tensor& logits, const at::Tensor& labels_
         scalar_t* z = z_base + i * z_stride;
         const bool valid = lab[i] >= 0 && lab[i] < V;  // out-of-range labels (ignore_index) are masked
         const RowStats st = row_stats(z, V, opts.inv_t);
-        const float logp = valid ? static_cast<float>(z[lab[i]]) * opts.inv_t - st.lse : 0.0f;
+        const float logp = valid ? label_logprob(z[lab[i]], opts.inv_t, st) : 0.0f;
         const float a = cred_p ? adv_p[i] - pen_p[i] * cred_p[i] : adv_p[i];
         const TokenLoss t = token_loss(logp, st.entropy, old_p[i], a, ref_p ? ref_p + i : nullptr, opts);
         const float w = valid ? w_p[i] : 0.0f;
@@ -274,7 +317,7 @@ LossOutputs policy_loss_impl(const at::Tensor& logits, const at::Tensor& labels_
         tl_p[i] = live ? w * t.loss : 0.0f;
         glp_p[i] = live ? w * t.dloss_dlogp : 0.0f;
         gh_p[i] = live ? -w * opts.entropy_coef : 0.0f;
-        if (write_grad) row_grad(z, z, V, valid ? lab[i] : -1, opts.inv_t, st, glp_p[i], gh_p[i]);
+        if (write_grad) row_grad(z, z, V, valid ? lab[i] : -1, opts.inv_t, from_sweep(st), glp_p[i], gh_p[i]);
       }
     });
   });
@@ -324,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_cpu(const at::Tensor& lo
         const scalar_t* z = z_base + i * z_stride;
         const RowStats st = row_stats(z, V, inv_t);
         const bool valid = lab[i] >= 0 && lab[i] < V;
-        lp_p[i] = valid ? static_cast<float>(z[lab[i]]) * inv_t - st.lse : 0.0f;
+        lp_p[i] = valid ? label_logprob(z[lab[i]], inv_t, st) : 0.0f;
         ent_p[i] = st.entropy;
         lse_p[i] = st.lse;
       }
@@ -338,7 +381,7 @@ void logits_grad_impl(const at::Tensor& logits, const at::Tensor& labels_in, con
                       const at::Tensor& entropy_in, const at::Tensor& glp_in, const at::Tensor& gh_in,
                       double temperature, at::Tensor& out) {
   check_inputs(logits, labels_in);
-  TORCH_CHECK(out.sizes() == logits.sizes() && out.stride(1) == 1, "capo: gradient buffer must match logits");
+  TORCH_CHECK(out.sizes() == logits.sizes() && rows_contiguous(out), "capo: gradient buffer must match logits");
   const int64_t N = logits.size(0);
   const int64_t V = logits.size(1);
   const float inv_t = static_cast<float>(1.0 / temperature);
@@ -357,7 +400,7 @@ void logits_grad_impl(const at::Tensor& logits, const at::Tensor& labels_in, con
         const bool valid = lab[i] >= 0 && lab[i] < V;
         const float g_lp = valid ? glp_p[i] : 0.0f;
         row_grad(g_base + i * g_stride, z_base + i * z_stride, V, valid ? lab[i] : -1, inv_t,
-                 RowStats{lse_p[i], ent_p[i]}, g_lp, gh_p[i]);
+                 from_lse(lse_p[i], ent_p[i]), g_lp, gh_p[i]);
       }
     });
   });

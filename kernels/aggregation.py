@@ -19,8 +19,12 @@ def _token_mean(mask, seq_ids, num_tokens, num_seqs, norm_length):
     return mask / num_tokens
 
 
+def _num_seqs(seq_ids: torch.Tensor) -> int:
+    return int(seq_ids.max()) + 1 if seq_ids.numel() else 1
+
+
 def _seq_mean_token_mean(mask, seq_ids, num_tokens, num_seqs, norm_length):
-    tokens_per_seq = torch.zeros(int(seq_ids.max()) + 1, dtype=mask.dtype, device=mask.device)
+    tokens_per_seq = torch.zeros(_num_seqs(seq_ids), dtype=mask.dtype, device=mask.device)
     tokens_per_seq.index_add_(0, seq_ids, mask)
     return mask / (tokens_per_seq[seq_ids].clamp_min(1.0) * num_seqs)
 
@@ -69,7 +73,7 @@ def aggregation_weights(
     if global_num_tokens is None:
         global_num_tokens = mask.sum().clamp_min(1.0)
     if global_num_seqs is None:
-        counted = torch.zeros(int(seq_ids.max()) + 1 if seq_ids.numel() else 1, device=mask.device)
+        counted = torch.zeros(_num_seqs(seq_ids), device=mask.device)
         counted.index_add_(0, seq_ids, mask)
         global_num_seqs = (counted > 0).sum().clamp_min(1).to(torch.float32)
     return AGGREGATIONS[mode](mask, seq_ids, global_num_tokens, global_num_seqs, norm_length)

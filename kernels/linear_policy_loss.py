@@ -58,9 +58,23 @@ def _take(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return None if t is None else t[rows]
 
 
+def gemm_accumulates_in_fp32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch.addmm(..., out_dtype=torch.float32)` takes operands of `dtype` on `device`: bf16/fp16
+    on CUDA only (torch/_torch_docs.py:602-611 of torch 2.13; the overload exists since torch 2.8, which Liger
+    checks before using it, liger_kernel/ops/fused_linear_cross_entropy.py:29, so torch 2.11 has it)."""
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+
+
 def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
-    """acc[V, H] (fp32) += grad_logits.T @ hidden, with the chunk widened to fp32 first."""
-    acc.addmm_(grad_logits.T.to(torch.float32), hidden.to(torch.float32))
+    """acc[V, H] (fp32) += grad_logits.T @ hidden, accumulated in fp32.
+
+    On CUDA the low-precision operands go to the tensor cores as they are and the product is accumulated
+    into the fp32 buffer (`out_dtype`); elsewhere (CPU has no such overload) both are widened to fp32 first.
+    """
+    if grad_logits.dtype == hidden.dtype and gemm_accumulates_in_fp32(acc.device, grad_logits.dtype):
+        torch.addmm(acc, grad_logits.T, hidden, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(grad_logits.T.to(torch.float32), hidden.to(torch.float32))
 
 
 @torch.library.custom_op("capo::linear_policy_loss", mutates_args=())
@@ -112,13 +126,14 @@ def _(hidden, weight, labels, *args):
 
 def _loss_setup_context(ctx, inputs, output):
     ctx.num_inputs = len(inputs)
+    ctx.compute_grad = inputs[-1]
     ctx.weight_dtype = inputs[1].dtype
     ctx.save_for_backward(output[4], output[5])  # tensors reach backward only this way: no leak per call
 
 
 def _loss_backward(ctx, grad_loss, *unused):
     grad_hidden, grad_weight = ctx.saved_tensors
-    if grad_hidden.numel() == 0:
+    if not ctx.compute_grad:
         raise RuntimeError("capo::linear_policy_loss was called with compute_grad=False; it has no gradient")
     # The gradients were computed in forward for an upstream gradient of 1; scale them on the device.
     # Eagerly in place, so no second [V, H] fp32 buffer exists (a second backward through the graph then
@@ -209,7 +224,7 @@ def fused_linear_policy_loss(
         )
     opts = resolve_options(options, option_overrides)
     if loss_weights is None:
-        loss_weights = token_mean_weights(labels)
+        loss_weights = token_mean_weights(labels, weight.shape[0])
     per_token_inputs = (
         labels,
         old_logprobs,

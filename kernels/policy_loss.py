@@ -13,6 +13,7 @@ autograd), the public functional API.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import NamedTuple
 
@@ -29,37 +30,41 @@ LOG_RATIO_CLAMP = tl.constexpr(20.0)
 
 @triton.jit
 def _row_stats(logits_row_ptr, V, inv_t, BLOCK_V: tl.constexpr):
-    """Log-sum-exp and entropy of softmax(z * inv_t) for one row, in one sweep.
+    """Softmax statistics of z * inv_t for one row, in one sweep: (lse, entropy, max z, log s).
 
-    Online softmax (the running-maximum rescaling trick): s = sum exp(z - m) and
-    t = sum exp(z - m) * (z - m) are rescaled whenever the running maximum m grows. Keeping t
-    relative to m avoids the cancellation that lse - E[z] would suffer for large logits.
+    Online softmax (the running-maximum rescaling trick): s = sum exp(u) and t = sum exp(u) * u with
+    u = (z - m) * inv_t are rescaled whenever the running maximum m of the raw logits grows. Keeping t
+    relative to m avoids the cancellation that lse - E[z] would suffer for large logits, and forming
+    u from z - m (exact where exp(u) matters) leaves no rounding residue of z * inv_t in the exponent.
+    log p_j = (z_j - m) * inv_t - log s.
     """
     m = float("-inf")
     s = 0.0
     t = 0.0
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
-        z = tl.load(logits_row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_t
+        z = tl.load(logits_row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        shift = tl.where(s > 0, m - m_new, 0.0)  # s > 0 implies m and m_new are finite
+        shift = tl.where(s > 0, (m - m_new) * inv_t, 0.0)  # s > 0 implies m and m_new are finite
         alpha = tl.exp(shift)
-        u = tl.where(z != float("-inf"), z - m_new, float("-inf"))
+        u = tl.where(z != float("-inf"), (z - m_new) * inv_t, float("-inf"))
         e = tl.exp(u)
         t = alpha * (t + shift * s) + tl.sum(tl.where(e > 0, e * u, 0.0), axis=0)
         s = alpha * s + tl.sum(e, axis=0)
         m = m_new
     log_s = tl.log(s)
-    lse = tl.where(s > 0, m + log_s, float("-inf"))
+    lse = tl.where(s > 0, m * inv_t + log_s, float("-inf"))
     entropy = tl.where(s > 0, log_s - t / s, 0.0)
-    return lse, entropy
+    return lse, entropy, m, log_s
 
 
 @triton.jit
-def _row_grad(grad_row_ptr, logits_row_ptr, V, label, inv_t, lse, entropy, g_lp, g_h, BLOCK_V: tl.constexpr):
+def _row_grad(grad_row_ptr, logits_row_ptr, V, label, inv_t, pivot, offset, entropy, g_lp, g_h, BLOCK_V: tl.constexpr):
     """Writes d/dz of (g_lp * logp_label + g_h * H) for one row (label < 0: no label term).
 
     g_j = (g_lp * ([j == label] - p_j) - g_h * p_j * (log p_j + H)) / T; may overwrite the logits.
+    log p_j = (z_j - pivot) * inv_t - offset: (max z, log s) right after `_row_stats` (exact for any
+    logits), (0, lse) from a saved log-sum-exp; clamped to <= 0 so that extreme logits keep p_j <= 1.
     """
     a = g_lp * inv_t
     b = g_h * inv_t
@@ -67,7 +72,7 @@ def _row_grad(grad_row_ptr, logits_row_ptr, V, label, inv_t, lse, entropy, g_lp,
         offs = start + tl.arange(0, BLOCK_V)
         in_vocab = offs < V
         z = tl.load(logits_row_ptr + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
-        logp_j = z * inv_t - lse
+        logp_j = tl.minimum((z - pivot) * inv_t - offset, 0.0)
         finite = z != float("-inf")  # -inf logits (and rows of nothing else) get no gradient
         p = tl.where(finite, tl.exp(logp_j), 0.0)
         g = tl.where(finite, -p * (a + b * (logp_j + entropy)), 0.0)
@@ -108,12 +113,12 @@ def _policy_loss_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row_ptr = logits_ptr + row * stride_logits
-    lse, entropy = _row_stats(logits_row_ptr, V, inv_t, BLOCK_V)
+    lse, entropy, z_max, log_s = _row_stats(logits_row_ptr, V, inv_t, BLOCK_V)
 
     label = tl.load(labels_ptr + row).to(tl.int64)
     valid = (label >= 0) & (label < V)  # out-of-range labels (ignore_index) count as masked
-    z_label = tl.load(logits_row_ptr + tl.where(valid, label, 0)).to(tl.float32) * inv_t
-    logp = tl.where(valid, z_label - lse, 0.0)
+    z_label = tl.load(logits_row_ptr + tl.where(valid, label, 0)).to(tl.float32)
+    logp = tl.where(valid, (z_label - z_max) * inv_t - log_s, 0.0)
 
     adv = tl.load(advantages_ptr + row)
     if HAS_CREDIT:  # CAPO token-credit masking: A_t = a - p * e_t
@@ -151,9 +156,8 @@ def _policy_loss_fwd_kernel(
     tl.store(dlogp_ptr + row, g_lp)
     tl.store(dent_ptr + row, g_h)
     if IN_PLACE:
-        _row_grad(
-            logits_row_ptr, logits_row_ptr, V, tl.where(valid, label, -1), inv_t, lse, entropy, g_lp, g_h, BLOCK_V
-        )
+        label_or_none = tl.where(valid, label, -1)
+        _row_grad(logits_row_ptr, logits_row_ptr, V, label_or_none, inv_t, z_max, log_s, entropy, g_lp, g_h, BLOCK_V)
 
 
 @triton.jit
@@ -170,11 +174,11 @@ def _logprobs_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     logits_row_ptr = logits_ptr + row * stride_logits
-    lse, entropy = _row_stats(logits_row_ptr, V, inv_t, BLOCK_V)
+    lse, entropy, z_max, log_s = _row_stats(logits_row_ptr, V, inv_t, BLOCK_V)
     label = tl.load(labels_ptr + row).to(tl.int64)
     valid = (label >= 0) & (label < V)
-    z_label = tl.load(logits_row_ptr + tl.where(valid, label, 0)).to(tl.float32) * inv_t
-    tl.store(logprobs_ptr + row, tl.where(valid, z_label - lse, 0.0))
+    z_label = tl.load(logits_row_ptr + tl.where(valid, label, 0)).to(tl.float32)
+    tl.store(logprobs_ptr + row, tl.where(valid, (z_label - z_max) * inv_t - log_s, 0.0))
     tl.store(entropy_ptr + row, entropy)
     tl.store(lse_ptr + row, lse)
 
@@ -203,6 +207,7 @@ def _logits_grad_kernel(
         V,
         tl.where(valid, label, -1),
         inv_t,
+        0.0,
         tl.load(lse_ptr + row),
         tl.load(entropy_ptr + row),
         tl.where(valid, tl.load(grad_logprobs_ptr + row), 0.0),
@@ -233,17 +238,37 @@ SCALE_BLOCK = 1024
 SCALE_NUM_WARPS = 4
 
 
+def rows_contiguous(t: torch.Tensor) -> bool:
+    """Rows the kernels can read as `row_ptr + j`: unit column stride, or nothing that the stride could reach."""
+    return t.shape[0] == 0 or t.shape[1] <= 1 or t.stride(1) == 1
+
+
 def _check_rows(logits: torch.Tensor, **per_token: torch.Tensor | None) -> None:
-    if logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError(f"logits must be [N, V] with contiguous rows, got shape {tuple(logits.shape)}")
+    if logits.dim() != 2 or not rows_contiguous(logits):
+        raise ValueError(
+            f"logits must be [N, V] with contiguous rows, got shape {tuple(logits.shape)}, strides {logits.stride()}"
+        )
     n = logits.shape[0]
     for name, t in per_token.items():
         if t is not None and t.shape != (n,):
             raise ValueError(f"{name} must have shape ({n},) to match logits, got {tuple(t.shape)}")
 
 
+# The kernels read every [N] input at `ptr + row`: each is made a contiguous copy where it is not one
+# (a label column `ids[:, 1:]` or `x[:, 0]` of a batch has stride > 1). [N] copies cost nothing next to [N, V].
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.float32).contiguous()
+
+
+def _i64(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.int64).contiguous()
+
+
+def launch_guard(device: torch.device):
+    """The context every Triton launch runs in: the tensors' own CUDA device current (Triton launches on the
+    current device and its current stream, triton/runtime/jit.py:739-740), nothing for CPU tensors
+    (the interpreter). Logits on cuda:1 while cuda:0 is current happen with `device_map="auto"`."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class LossOutputs(NamedTuple):
@@ -290,37 +315,38 @@ def policy_loss_fwd(
     clip = torch.empty(n, device=logits.device, dtype=torch.int8)
     advantages = _f32(advantages)
     if n > 0:
-        _policy_loss_fwd_kernel[(n,)](
-            token_loss_ptr=token_loss,
-            logprobs_ptr=logprobs,
-            entropy_ptr=entropy,
-            clip_ptr=clip,
-            lse_ptr=lse,
-            dlogp_ptr=dlogp,
-            dent_ptr=dent,
-            logits_ptr=logits,
-            labels_ptr=labels.to(torch.int64),
-            old_logprobs_ptr=_f32(old_logprobs),
-            advantages_ptr=advantages,
-            credit_ptr=_f32(credit) if credit is not None else advantages,
-            penalty_ptr=_f32(penalty) if penalty is not None else advantages,
-            ref_logprobs_ptr=_f32(ref_logprobs) if ref_logprobs is not None else advantages,
-            weights_ptr=_f32(loss_weights),
-            stride_logits=logits.stride(0),
-            V=v,
-            inv_t=1.0 / options.temperature,
-            eps_low=options.eps_low,
-            eps_high=options.eps_high,
-            dual_clip=options.dual_clip,
-            kl_coef=options.kl_coef,
-            entropy_coef=options.entropy_coef,
-            HAS_CREDIT=credit is not None,
-            HAS_REF=ref_logprobs is not None,
-            USE_DUAL_CLIP=options.dual_clip > 1.0,
-            IN_PLACE=in_place,
-            BLOCK_V=BLOCK_V,
-            num_warps=NUM_WARPS,
-        )
+        with launch_guard(logits.device):
+            _policy_loss_fwd_kernel[(n,)](
+                token_loss_ptr=token_loss,
+                logprobs_ptr=logprobs,
+                entropy_ptr=entropy,
+                clip_ptr=clip,
+                lse_ptr=lse,
+                dlogp_ptr=dlogp,
+                dent_ptr=dent,
+                logits_ptr=logits,
+                labels_ptr=_i64(labels),
+                old_logprobs_ptr=_f32(old_logprobs),
+                advantages_ptr=advantages,
+                credit_ptr=_f32(credit) if credit is not None else advantages,
+                penalty_ptr=_f32(penalty) if penalty is not None else advantages,
+                ref_logprobs_ptr=_f32(ref_logprobs) if ref_logprobs is not None else advantages,
+                weights_ptr=_f32(loss_weights),
+                stride_logits=logits.stride(0),
+                V=v,
+                inv_t=1.0 / options.temperature,
+                eps_low=options.eps_low,
+                eps_high=options.eps_high,
+                dual_clip=options.dual_clip,
+                kl_coef=options.kl_coef,
+                entropy_coef=options.entropy_coef,
+                HAS_CREDIT=credit is not None,
+                HAS_REF=ref_logprobs is not None,
+                USE_DUAL_CLIP=options.dual_clip > 1.0,
+                IN_PLACE=in_place,
+                BLOCK_V=BLOCK_V,
+                num_warps=NUM_WARPS,
+            )
     return LossOutputs(token_loss.sum(), logprobs, entropy, clip, lse, dlogp, dent)
 
 
@@ -332,18 +358,19 @@ def logprobs_fwd(
     n, v = logits.shape
     logprobs, entropy, lse = (torch.empty(n, device=logits.device, dtype=torch.float32) for _ in range(3))
     if n > 0:
-        _logprobs_fwd_kernel[(n,)](
-            logprobs_ptr=logprobs,
-            entropy_ptr=entropy,
-            lse_ptr=lse,
-            logits_ptr=logits,
-            labels_ptr=labels.to(torch.int64),
-            stride_logits=logits.stride(0),
-            V=v,
-            inv_t=1.0 / temperature,
-            BLOCK_V=BLOCK_V,
-            num_warps=NUM_WARPS,
-        )
+        with launch_guard(logits.device):
+            _logprobs_fwd_kernel[(n,)](
+                logprobs_ptr=logprobs,
+                entropy_ptr=entropy,
+                lse_ptr=lse,
+                logits_ptr=logits,
+                labels_ptr=_i64(labels),
+                stride_logits=logits.stride(0),
+                V=v,
+                inv_t=1.0 / temperature,
+                BLOCK_V=BLOCK_V,
+                num_warps=NUM_WARPS,
+            )
     return logprobs, entropy, lse
 
 
@@ -359,23 +386,26 @@ def logits_grad(
 ) -> torch.Tensor:
     """Writes d/d(logits) of sum(grad_logprobs * logp + grad_entropy * H) into `out` (may be `logits`)."""
     _check_rows(logits, labels=labels, lse=lse, entropy=entropy, grad_logprobs=grad_logprobs, grad_entropy=grad_entropy)
+    if out.shape != logits.shape or not rows_contiguous(out):
+        raise ValueError(f"the gradient buffer must be {tuple(logits.shape)} with contiguous rows, got {out.shape}")
     n, v = logits.shape
     if n > 0:
-        _logits_grad_kernel[(n,)](
-            grad_ptr=out,
-            logits_ptr=logits,
-            labels_ptr=labels.to(torch.int64),
-            lse_ptr=_f32(lse),
-            entropy_ptr=_f32(entropy),
-            grad_logprobs_ptr=_f32(grad_logprobs),
-            grad_entropy_ptr=_f32(grad_entropy),
-            stride_grad=out.stride(0),
-            stride_logits=logits.stride(0),
-            V=v,
-            inv_t=1.0 / temperature,
-            BLOCK_V=BLOCK_V,
-            num_warps=NUM_WARPS,
-        )
+        with launch_guard(logits.device):
+            _logits_grad_kernel[(n,)](
+                grad_ptr=out,
+                logits_ptr=logits,
+                labels_ptr=_i64(labels),
+                lse_ptr=_f32(lse),
+                entropy_ptr=_f32(entropy),
+                grad_logprobs_ptr=_f32(grad_logprobs),
+                grad_entropy_ptr=_f32(grad_entropy),
+                stride_grad=out.stride(0),
+                stride_logits=logits.stride(0),
+                V=v,
+                inv_t=1.0 / temperature,
+                BLOCK_V=BLOCK_V,
+                num_warps=NUM_WARPS,
+            )
     return out
 
 
@@ -383,11 +413,14 @@ def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x *= scale (a one-element tensor) without reading `scale` on the host."""
     if x.device.type == "cpu":  # reading a CPU scalar costs no device synchronisation
         return x if scale.item() == 1.0 else x.mul_(scale.to(x.dtype))
+    if not x.is_contiguous():  # the kernel walks x as one flat range; logits with padded rows are not one
+        return x.mul_(scale.to(x.dtype))
     numel = x.numel()
     if numel > 0:
-        _scale_kernel[(triton.cdiv(numel, SCALE_BLOCK),)](
-            x_ptr=x, scale_ptr=scale.to(torch.float32), numel=numel, BLOCK=SCALE_BLOCK, num_warps=SCALE_NUM_WARPS
-        )
+        with launch_guard(x.device):
+            _scale_kernel[(triton.cdiv(numel, SCALE_BLOCK),)](
+                x_ptr=x, scale_ptr=scale.to(torch.float32), numel=numel, BLOCK=SCALE_BLOCK, num_warps=SCALE_NUM_WARPS
+            )
     return x
 
 
@@ -555,9 +588,10 @@ class PolicyLossOutput(NamedTuple):
     clipped: torch.Tensor
 
 
-def token_mean_weights(labels: torch.Tensor) -> torch.Tensor:
-    """Default aggregation: mean over the tokens whose label is valid."""
-    valid = (labels >= 0).float()
+def token_mean_weights(labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Default aggregation: mean over the tokens whose label is valid (in [0, vocab_size), as the kernels
+    count them: an ignored or out-of-vocabulary label is no token)."""
+    valid = ((labels >= 0) & (labels < vocab_size)).float()
     return valid / valid.sum().clamp_min(1.0)
 
 
@@ -618,7 +652,7 @@ def fused_policy_loss(
     """
     opts = resolve_options(options, option_overrides)
     if loss_weights is None:
-        loss_weights = token_mean_weights(labels)
+        loss_weights = token_mean_weights(labels, logits.shape[-1])
     args = (labels, old_logprobs, advantages, credit, per_token(penalty, logits), ref_logprobs, loss_weights)
     if inplace_backward and logits.requires_grad:
         return PolicyLossOutput(*_InplacePolicyLoss.apply(logits, *args, *opts.as_args()))

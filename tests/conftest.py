@@ -1,13 +1,39 @@
-"""Shared test set-up: Triton runs in its interpreter on CPU, GPU tests skip without CUDA."""
+"""Shared test set-up: where Triton launchers run, GPU tests skipped without CUDA.
+
+Tests that drive the Triton launchers directly take the `triton_device` fixture and put their tensors
+there: the GPU when there is one (the compiled kernels, as in training), otherwise CPU tensors in
+Triton's interpreter. The interpreter must be switched on before any @triton.jit function is
+defined, so the choice is made here, once, when pytest loads this file.
+"""
 
 import os
+from collections.abc import Mapping
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+
+def choose_triton_device(cuda_available: bool, environ: Mapping[str, str]) -> str:
+    """ "cuda" when a GPU is present, else "cpu" (CPU tensors under TRITON_INTERPRET=1).
+
+    An interpreter run asked for explicitly (TRITON_INTERPRET=1 already set) stays on CPU tensors even
+    with a GPU present: the interpreter reads its tensors on the host.
+    """
+    if not cuda_available or environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    return "cuda"
+
+
+TRITON_DEVICE = choose_triton_device(torch.cuda.is_available(), os.environ)
+if TRITON_DEVICE == "cpu":
     # Must be set before any @triton.jit runs: the kernels then execute on CPU tensors.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture
+def triton_device() -> torch.device:
+    """The device whose tensors the Triton launchers under test get (see choose_triton_device)."""
+    return torch.device(TRITON_DEVICE)
 
 
 def pytest_collection_modifyitems(config, items):

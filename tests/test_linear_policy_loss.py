@@ -110,3 +110,23 @@ def test_the_default_chunk_fills_gpu_matmul_tiles_and_stays_small_on_cpu():
     cuda_rows = chunk_tokens(151_936, torch.bfloat16, default_chunk_budget(torch.device("cuda")))
     assert cuda_rows >= 512  # at least four 128-row tensor-core tiles per GEMM for a Qwen vocabulary
     assert chunk_tokens(49_152, torch.float32, default_chunk_budget(torch.device("cpu"))) == 341
+
+
+@pytest.mark.parametrize("dtype, rel_tol", [(torch.bfloat16, 2**-8), (torch.float16, 2**-10)])
+def test_low_precision_label_gradient_is_rounded_once_through_the_chunks(dtype, rel_tol):
+    """The chunks run the in-place op on low-precision logits: the label's 1 - p must be rounded once.
+    With weight = I the logits are the hidden states and d loss / d hidden is d loss / d logits exactly."""
+    v, label, p_label = 67, 5, 0.999
+    z = torch.zeros(2, v, dtype=torch.float64)
+    z[:, label] = torch.log(torch.tensor(p_label * (v - 1) / (1 - p_label)))
+    labels = torch.tensor([label, label])
+    h = z.to(dtype).requires_grad_(True)
+    w = torch.eye(v, dtype=dtype)
+    h64 = h.detach().double().requires_grad_(True)
+    logp = reference.token_logprobs_and_entropy(h64.detach(), labels)[0]
+    old, adv = logp.float(), torch.ones(2)
+    fused_linear_policy_loss(h, w, labels, old, adv, chunk_budget_bytes=v * 6).loss.backward()
+    reference.linear_policy_loss(h64, w.double(), labels, old.double(), adv.double())[0].backward()
+    exact = h64.grad[:, label]
+    assert exact.abs().min().item() == pytest.approx((1 - p_label) / 2, rel=0.05)
+    torch.testing.assert_close(h.grad[:, label].double(), exact, atol=0, rtol=rel_tol)

@@ -12,7 +12,13 @@ import math
 import pytest
 import torch
 
-from capo_fast.kernels import aggregation_weights, fused_logprobs, fused_policy_loss, reference
+from capo_fast.kernels import (
+    aggregation_weights,
+    fused_linear_policy_loss,
+    fused_logprobs,
+    fused_policy_loss,
+    reference,
+)
 from capo_fast.kernels.policy_loss import PolicyLossOptions, logits_grad, logprobs_fwd, policy_loss_fwd
 
 OPTION_NAMES = {f.name for f in dataclasses.fields(PolicyLossOptions)}
@@ -258,11 +264,25 @@ def test_hand_computed_single_token():
     assert out.entropy.item() == pytest.approx(entropy, abs=1e-6)
 
 
-# ---- Triton kernels under the interpreter ------------------------------------------------------------
+# ---- Triton kernels: on the GPU when there is one, else under the interpreter (tests/conftest.py) -------
 
 
-def triton_forward(logits, labels, old, adv, kwargs, with_grad=True):
-    """The Triton forward and (with_grad) backward launchers, as the CUDA op and its autograd run them."""
+def on(device, x):
+    """A tensor, or the tensors of a dict or tuple, on `device` (results come back with device "cpu")."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: on(device, v) for k, v in x.items()}
+    if isinstance(x, tuple | list):
+        moved = [on(device, v) for v in x]
+        return type(x)(*moved) if hasattr(x, "_fields") else tuple(moved)
+    return x
+
+
+def triton_forward(logits, labels, old, adv, kwargs, with_grad=True, device="cpu"):
+    """The Triton forward and (with_grad) backward launchers, as the CUDA op and its autograd run them.
+    Inputs are moved to `device`, results returned on the CPU."""
+    logits, labels, old, adv, kwargs = on(device, (logits, labels, old, adv)) + (on(device, kwargs),)
     options = PolicyLossOptions(**{k: v for k, v in kwargs.items() if k in OPTION_NAMES})
     out = policy_loss_fwd(
         logits,
@@ -281,14 +301,14 @@ def triton_forward(logits, labels, old, adv, kwargs, with_grad=True):
         logits_grad(
             logits, labels, out.lse, out.entropy, out.dloss_dlogprobs, out.dloss_dentropy, options.temperature, grad
         )
-    return (*out[:4], grad)
+    return on("cpu", (*out[:4], grad))
 
 
 @pytest.mark.parametrize("options", OPTION_SETS.values(), ids=OPTION_SETS.keys())
-def test_triton_kernel_matches_reference(options):
+def test_triton_kernel_matches_reference(options, triton_device):
     logits, labels, old, adv, kwargs = make_case(13, 1009, seed=10, mask_rows=(3,), neg_inf_cols=5, **options)
     loss_ref, logp_ref, ent_ref, clip_ref, grad_ref = run_reference(logits, labels, old, adv, kwargs)
-    loss, logp, ent, clip, grad = triton_forward(logits, labels, old, adv, kwargs)
+    loss, logp, ent, clip, grad = triton_forward(logits, labels, old, adv, kwargs, device=triton_device)
     assert_close(loss, loss_ref, 1e-5, 1e-5, "loss")
     assert_close(logp, logp_ref, 1e-4, 1e-5, "logprobs")
     assert_close(ent, ent_ref, 1e-4, 1e-5, "entropy")
@@ -296,22 +316,23 @@ def test_triton_kernel_matches_reference(options):
     assert_close(grad, grad_ref, 1e-5 * grad_ref.abs().max().item(), 1e-5, "grad")
 
 
-def test_triton_kernel_large_vocab_bf16_inplace():
+def test_triton_kernel_large_vocab_bf16_inplace(triton_device):
     logits, labels, old, adv, kwargs = make_case(3, 65_600, dtype=torch.bfloat16, seed=11, credit=True, penalty=1.0)
     loss_ref, logp_ref, _, _, grad_ref = run_reference(logits, labels, old, adv, kwargs)
-    buf = logits.clone()
+    buf, labels, old, adv, kwargs = on(triton_device, (logits, labels, old, adv)) + (on(triton_device, kwargs),)
     out = policy_loss_fwd(
         buf, labels, old, adv, kwargs["credit"], kwargs["penalty"], None, kwargs["loss_weights"],
         PolicyLossOptions(), in_place=True,
     )  # fmt: skip
+    out, buf = on("cpu", out), buf.cpu()
     assert_close(out.loss, loss_ref, 1e-4, 1e-4, "loss")
     assert_close(out.logprobs, logp_ref, 2e-2, 1e-3, "logprobs")  # bf16 inputs: the reference sees the same values
     assert_close(buf, grad_ref, 1e-2 * grad_ref.abs().max().item(), 1e-2, "grad")
 
 
-def test_triton_logprobs_kernel_and_its_gradient():
+def test_triton_logprobs_kernel_and_its_gradient(triton_device):
     logits, labels, *_ = make_case(11, 2049, seed=12, neg_inf_cols=3, mask_rows=(2,))
-    lp, ent, lse = logprobs_fwd(logits, labels, 1.7)
+    lp, ent, lse = on("cpu", logprobs_fwd(*on(triton_device, (logits, labels)), 1.7))
     x = logits.double().requires_grad_(True)
     lp_ref, ent_ref = reference.token_logprobs_and_entropy(x, labels, temperature=1.7)
     assert_close(lp, lp_ref, 1e-4, 1e-5, "logprobs")
@@ -319,18 +340,19 @@ def test_triton_logprobs_kernel_and_its_gradient():
     g = torch.Generator().manual_seed(13)
     g_lp, g_ent = torch.randn(11, generator=g), torch.randn(11, generator=g)
     (lp_ref * g_lp.double() + ent_ref * g_ent.double()).sum().backward()
-    grad = logits_grad(logits, labels, lse, ent, g_lp, g_ent, 1.7, torch.full_like(logits, float("nan")))
+    args = on(triton_device, (logits, labels, lse, ent, g_lp, g_ent))
+    grad = logits_grad(*args, 1.7, torch.full_like(args[0], float("nan"))).cpu()
     assert_close(grad, x.grad, 1e-5 * x.grad.abs().max().item(), 1e-5, "grad")
 
 
-def test_triton_and_cpp_agree_on_fully_neg_inf_row():
+def test_triton_and_cpp_agree_on_fully_neg_inf_row(triton_device):
     logits = torch.randn(2, 100)
     logits[1] = float("-inf")
     labels = torch.tensor([5, -100])
     w = torch.tensor([1.0, 0.0])
     zeros = torch.zeros(2)
     cpp, cpp_grad = run_fused(logits, labels, zeros, zeros + 1, {"loss_weights": w})
-    tri = triton_forward(logits, labels, zeros, zeros + 1, {"loss_weights": w})
+    tri = triton_forward(logits, labels, zeros, zeros + 1, {"loss_weights": w}, device=triton_device)
     assert torch.isfinite(cpp.loss) and torch.isfinite(tri[0])
     assert_close(cpp.loss, tri[0], 1e-6, 1e-6, "loss")
     assert_close(cpp_grad, tri[4], 1e-7, 1e-6, "grad")
@@ -338,10 +360,144 @@ def test_triton_and_cpp_agree_on_fully_neg_inf_row():
 
 
 @pytest.mark.parametrize("scale", [1.0, -2.5])
-def test_triton_scale_kernel(scale):
+def test_triton_scale_kernel(scale, triton_device):
     from capo_fast.kernels.policy_loss import SCALE_BLOCK, _scale_kernel
 
     x = torch.randn(SCALE_BLOCK + 7)
     expected = x * scale
-    _scale_kernel[(2,)](x_ptr=x, scale_ptr=torch.tensor([scale]), numel=x.numel(), BLOCK=SCALE_BLOCK)
-    assert torch.equal(x, expected)
+    x = x.to(triton_device)
+    _scale_kernel[(2,)](
+        x_ptr=x, scale_ptr=torch.tensor([scale], device=triton_device), numel=x.numel(), BLOCK=SCALE_BLOCK
+    )
+    assert torch.equal(x.cpu(), expected)
+
+
+# ---- edge cases found by fuzzing (issue 22) ----------------------------------------------------------
+
+
+def confident_row(p_label, v=64, label=5):
+    """One row whose label has probability p_label, the other v - 1 tokens sharing the rest equally."""
+    z = torch.zeros(1, v, dtype=torch.float64)
+    z[0, label] = math.log(p_label * (v - 1) / (1 - p_label))
+    return z, torch.tensor([label])
+
+
+@pytest.mark.parametrize("dtype, rel_tol", [(torch.bfloat16, 2**-8), (torch.float16, 2**-10)])
+@pytest.mark.parametrize("p_label", [0.99, 0.999])
+@pytest.mark.parametrize("path", ["logprobs", "loss", "loss-inplace"])
+def test_low_precision_label_gradient_is_rounded_once(dtype, rel_tol, p_label, path):
+    """d logp / d z_label = 1 - p is small for confident tokens: storing -p first and adding 1 after rounds
+    twice (bf16 at p = 0.999 gave 0 instead of 0.001). One rounding keeps the dtype's relative precision."""
+    z, labels = confident_row(p_label, v=67)  # 67: the label sits in a vector block, a scalar tail follows
+    x = z.to(dtype).requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    lp64, _ = reference.token_logprobs_and_entropy(x64, labels)
+    if path == "logprobs":
+        fused_logprobs(x, labels)[0].sum().backward()
+        lp64.sum().backward()
+    else:  # the loss -A * ratio at ratio 1 has d loss / d logp = -1 (no clipping at ratio 1)
+        old, adv = lp64.detach().float(), torch.ones(1)
+        fused_policy_loss(x, labels, old, adv, inplace_backward=path == "loss-inplace").loss.backward()
+        reference.policy_loss(x64, labels, old.double(), adv.double())[0].backward()
+    exact = x64.grad[0, labels[0]].item()
+    assert abs(exact) == pytest.approx(1 - p_label, rel=0.05)
+    assert x.grad[0, labels[0]].item() == pytest.approx(exact, rel=rel_tol)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e9, 1e8, 3e5])
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+def test_huge_logits_with_temperature(scale, temperature, triton_device):
+    """log p = (z - max) / T - log s: no residue of z / T rounded at |z| (nats at 1e8) enters the exponent."""
+    logits = torch.tensor([[scale, scale, 0.0, 1.0], [scale, scale - scale * 2**-20, -scale, 0.0]])
+    labels = torch.tensor([0, 1])
+    lp_ref, ent_ref = reference.logprobs(logits.double(), labels, temperature)
+    for lp, ent in (
+        fused_logprobs(logits, labels, temperature=temperature, with_entropy=True),
+        on("cpu", logprobs_fwd(*on(triton_device, (logits, labels)), temperature)[:2]),
+    ):
+        assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
+        assert_close(lp, lp_ref, 1e-5, 1e-5, "logprobs")
+        assert_close(ent, ent_ref, 1e-5, 1e-5, "entropy")
+    if scale == 1e30 and temperature == 0.7:
+        assert lp[0].item() == pytest.approx(-math.log(2), abs=1e-6)
+        assert ent[0].item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e8])
+def test_huge_logits_gradient_in_place_is_exact_and_finite_otherwise(scale, triton_device):
+    """The in-place path has the row's maximum at hand and is exact; the two-pass backward only has the
+    saved log-sum-exp (rounded at |z|), and stays finite with p_j <= 1."""
+    logits = torch.tensor([[scale, scale, 0.0, 1.0]])
+    labels, old, adv = torch.tensor([0]), torch.tensor([-0.7]), torch.tensor([1.0])
+    x64 = logits.double().requires_grad_(True)
+    reference.policy_loss(x64, labels, old.double(), adv.double(), temperature=0.7)[0].backward()
+    x = logits.clone().requires_grad_(True)
+    fused_policy_loss(x, labels, old, adv, temperature=0.7, inplace_backward=True).loss.backward()
+    assert_close(x.grad, x64.grad, 1e-6, 1e-5, "in-place grad")
+    buf, lab, o, a, w = on(triton_device, (logits, labels, old, adv, torch.ones(1)))
+    policy_loss_fwd(buf, lab, o, a, None, None, None, w, PolicyLossOptions(0.7), in_place=True)
+    assert_close(buf.cpu(), x64.grad, 1e-6, 1e-5, "Triton in-place grad")
+    y = logits.clone().requires_grad_(True)
+    fused_policy_loss(y, labels, old, adv, temperature=0.7).loss.backward()
+    assert torch.isfinite(y.grad).all() and y.grad.abs().max() <= 2.0 / 0.7
+
+
+def test_default_weights_count_only_labels_inside_the_vocabulary():
+    """Labels >= V are ignored like negative ones: the default is the mean over the 3 real tokens."""
+    g = torch.Generator().manual_seed(30)
+    logits = torch.randn(4, 7, generator=g)
+    labels = torch.tensor([1, 2, 7, 3])
+    old, adv = torch.randn(4, generator=g) - 2.0, torch.randn(4, generator=g)
+    expected = reference.policy_loss(logits.double(), labels, old.double(), adv.double())[0]
+    by_hand = reference.policy_loss(
+        logits.double(),
+        labels,
+        old.double(),
+        adv.double(),
+        loss_weights=torch.tensor([1.0, 1, 0, 1], dtype=torch.float64) / 3,
+    )[0]
+    assert expected.item() == pytest.approx(by_hand.item(), abs=1e-12)
+    assert fused_policy_loss(logits, labels, old, adv).loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    hidden, weight = logits.clone(), torch.eye(7)  # hidden @ I.T == logits
+    linear = fused_linear_policy_loss(hidden, weight, labels, old, adv).loss
+    assert linear.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_aggregation_weights_of_an_empty_batch(mode):
+    w = aggregation_weights(torch.zeros(0), torch.zeros(0, dtype=torch.long), mode, norm_length=8.0)
+    assert w.shape == (0,) and w.dtype == torch.float32
+
+
+def test_linear_loss_backward_with_no_tokens():
+    hidden = torch.zeros(0, 4, requires_grad=True)
+    weight = torch.randn(7, 4, requires_grad=True)
+    empty = torch.zeros(0)
+    out = fused_linear_policy_loss(hidden, weight, torch.zeros(0, dtype=torch.long), empty, empty)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and out.logprobs.shape == (0,)
+    assert hidden.grad.shape == (0, 4)
+    assert torch.equal(weight.grad, torch.zeros(7, 4))
+
+
+@pytest.mark.parametrize("shape, stride", [((0, 1), (2, 2)), ((4, 1), (2, 2)), ((0, 5), (5, 3))])
+def test_logits_whose_column_stride_reaches_nothing_are_accepted(shape, stride, triton_device):
+    """A one-column (or empty) view has contiguous rows whatever its column stride says."""
+    base = torch.randn(16)
+    logits = torch.as_strided(base, shape, stride)
+    on_device = torch.as_strided(base.to(triton_device), shape, stride)
+    labels = torch.zeros(shape[0], dtype=torch.long)
+    zeros = torch.zeros(shape[0])
+    lp_ref, ent_ref = reference.logprobs(logits.double(), labels)
+    for lp, ent in (
+        fused_logprobs(logits, labels, with_entropy=True),
+        on("cpu", logprobs_fwd(on_device, labels.to(triton_device), 1.0)[:2]),
+    ):
+        assert_close(lp, lp_ref, 0, 0, "logprobs")
+        assert_close(ent, ent_ref, 0, 0, "entropy")
+    x = logits.detach().clone().requires_grad_(True)
+    out = fused_policy_loss(x, labels, zeros, zeros + 1.0)
+    out.loss.backward()
+    # a one-token vocabulary: log p = 0, ratio 1, loss -A = -1 per token (0 without tokens), no gradient
+    assert out.loss.item() == (-1.0 if shape[0] else 0.0) and x.grad.shape == shape
+    assert torch.count_nonzero(x.grad) == 0
