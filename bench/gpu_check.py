@@ -31,7 +31,7 @@ BUDGET_S = 7.5 * 60
 # Test files of the ops alone (torch + triton): their CPU-tensor cases move to CUDA when it is there.
 KERNEL_TESTS = ["tests/test_gpu_kernels.py", "tests/test_policy_loss.py", "tests/test_linear_policy_loss.py",
                 "tests/test_op_registration.py", "tests/test_liger_agreement.py", "tests/test_memory.py",
-                "tests/test_ops_*.py"]  # fmt: skip
+                "tests/test_triton_launchers.py", "tests/test_ops_*.py"]  # fmt: skip
 BENCH = ["bench/test_bench_policy_loss.py", "bench/test_bench_linear_policy_loss.py"]
 QUICK_BENCH = ["--benchmark-only", "--benchmark-max-time=0.5", "--benchmark-min-rounds=3"]
 
