@@ -6,6 +6,7 @@ without the KL term; unsupported options are refused with an error naming them.
 """
 
 import math
+import random
 import re
 from pathlib import Path
 
@@ -17,7 +18,20 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from capo_fast.integrations.trl import LOSS_TYPES, CapoGRPOTrainer, check_args  # noqa: E402
+from capo_fast import chain_arithmetic  # noqa: E402
+from capo_fast.config import CriticConfig  # noqa: E402
+from capo_fast.credit import (  # noqa: E402
+    CreditConfig,
+    Rollout,
+    RolloutSignals,
+    VotingConfig,
+    assign_credit,
+    group_advantages,
+    token_rewards,
+)
+from capo_fast.critique import split_steps  # noqa: E402
+from capo_fast.integrations.trl import LOSS_TYPES, CapoCreditGRPOTrainer, CapoGRPOTrainer, check_args  # noqa: E402
+from capo_fast.rollout import CritiqueRequest, FunctionCritic  # noqa: E402
 
 ROWS, PROMPT, LENGTH = 4, 3, 6
 COMPLETION_MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
@@ -138,3 +152,72 @@ def test_readme_trl_example_runs(tmp_path, monkeypatch, capsys):
     max_entropy = math.log(scope["trainer"].model.config.vocab_size)
     logged = [entry["entropy"] for entry in scope["trainer"].state.log_history if "entropy" in entry]
     assert logged and all(0 < entropy <= max_entropy for entropy in logged)
+
+
+def chain_completions(tokenizer, groups: int, per_group: int, seed: int = 3):
+    """Worked solutions of chain problems, right ones and ones with a forgotten carry, as TRL pads them."""
+    rng = random.Random(seed)
+    rows, texts, rewards = [], [], []
+    for row in chain_arithmetic.split_rows("train", 40, seed):
+        chain = chain_arithmetic.chain_of(row["question"], row["reference_solution"])
+        wrong = chain_arithmetic.annotated_solution(chain, rng, wrong=True)
+        if wrong is None:
+            continue
+        right, _ = chain_arithmetic.annotated_solution(chain, rng, wrong=False)
+        for k in range(per_group):  # right, wrong, right, wrong, ...
+            steps = right if k % 2 == 0 else wrong[0]
+            rows.append(row)
+            texts.append("\n\n".join(steps))
+            rewards.append(float(k % 2 == 0))
+        if len(rows) == groups * per_group:
+            break
+    ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    width = max(map(len, ids)) + 2  # padding past the longest, as in a batch
+    completion_ids = torch.full((len(ids), width), tokenizer.pad_token_id)
+    completion_mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for i, row_ids in enumerate(ids):
+        completion_ids[i, : len(row_ids)] = torch.tensor(row_ids)
+        completion_mask[i, : len(row_ids)] = 1
+    return rows, texts, completion_ids, completion_mask, torch.tensor(rewards)
+
+
+def test_capo_token_advantages_equal_capo_fast_credit(tiny, tmp_path):
+    """CapoCreditGRPOTrainer's [B, T] advantages from the program critic equal capo-fast's own credit
+    (assign_credit on the same rollouts) and Eq. 2 in its direct form, (R_t - mean_g) / (std_g + eps)."""
+    model, tokenizer = tiny
+    critic = FunctionCritic(CriticConfig(backend="function", function="capo_fast.chain_arithmetic:critique",
+                                         num_critiques=3))  # fmt: skip
+    voting, credit = VotingConfig(mode="majority"), CreditConfig(correct_reward=2.0, penalty=1.0)
+    trainer = CapoCreditGRPOTrainer(
+        model, zero_reward, grpo_args(tmp_path, loss_type="grpo"), critic=critic, voting=voting, credit=credit,
+        train_dataset=Dataset.from_list([{"prompt": "Start with 3."}] * 8), processing_class=tokenizer,
+    )  # fmt: skip
+    group_size = 4
+    rows, texts, completion_ids, completion_mask, rewards = chain_completions(tokenizer, 2, group_size)
+    inputs = [{"prompt": row["question"], **row} for row in rows]
+    advantages, metrics = trainer.token_advantages(inputs, completion_ids, completion_mask, rewards, group_size)
+
+    rollouts = [
+        Rollout(i // group_size, completion_ids[i][completion_mask[i].bool()].tolist(), text, False, split_steps(text),
+                correct=float(rewards[i]))
+        for i, text in enumerate(texts)
+    ]  # fmt: skip
+    requests = [CritiqueRequest(row["question"], r.steps, row["reference_solution"], row["answer"])
+                for row, r in zip(rows, rollouts, strict=True)]  # fmt: skip
+    for r, critiques in zip(rollouts, critic.critique(requests), strict=True):
+        r.critiques = critiques
+    groups = [rollouts[g : g + group_size] for g in range(0, len(rollouts), group_size)]
+    assign_credit(groups, tokenizer, voting, credit)
+
+    flagged = 0
+    for g, group in enumerate(groups):
+        direct = group_advantages([token_rewards(RolloutSignals(r.correct, 0.0, r.credit), credit) for r in group])
+        for k, (r, expected) in enumerate(zip(group, direct, strict=True)):
+            i, n = g * group_size + k, len(r.token_ids)
+            torch.testing.assert_close(advantages[i, :n].double(), r.advantage - r.penalty * r.credit.double())
+            torch.testing.assert_close(advantages[i, :n].double(), expected, rtol=1e-6, atol=1e-6)
+            assert (advantages[i, n:] == 0).all()
+            flagged += int((r.credit > 0).any())
+            assert (r.credit > 0).any() == (r.correct == 0.0)  # the critic flags the forgotten carry only
+    assert flagged == len(rollouts) // 2
+    assert metrics["capo/credit/flagged_step_rate_correct"] == 0.0

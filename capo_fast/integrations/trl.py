@@ -12,9 +12,13 @@ whose loss the fused op cannot state are refused at construction with a ValueErr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from capo_fast.credit import CreditConfig, Rollout, VotingConfig, assign_credit, rollout_metrics
+from capo_fast.critique import make_splitter
 from capo_fast.kernels import (
     AggregationMode,
     PolicyLossOptions,
@@ -22,6 +26,7 @@ from capo_fast.kernels import (
     fused_linear_logprobs,
     fused_linear_policy_loss,
 )
+from capo_fast.rollout import Critic, CritiqueRequest
 
 # TRL loss_type -> the aggregation of capo_fast.kernels.aggregation with the same normaliser
 # (grpo_trainer.py:3153-3174); dapo's normaliser is the generation batch's token count, given globally.
@@ -208,3 +213,120 @@ def _bias_corrected_k3(hidden, weight, labels, old, ref, temperature) -> torch.T
     d = ref - logp
     k3 = torch.exp(d) - d - 1
     return torch.where(labels >= 0, k3 * torch.exp(logp - old), torch.zeros_like(k3))
+
+
+class CapoCreditGRPOTrainer(CapoGRPOTrainer):
+    """CAPO in TRL: `CapoGRPOTrainer` whose advantages are CAPO's per-token A_t = a_i - p_g * e_t.
+
+    TRL's reward functions score each completion (their weighted sum, as TRL sums them, is r_v of Eq. 1,
+    scaled by `credit.correct_reward`); `critic` (any capo-fast backend: `FunctionCritic`, `RemoteCritic`,
+    `LocalCritic`, e.g. from `capo_fast.rollout.build_critic`) writes N critiques of each completion's
+    steps; `voting` combines them into e_t per token and `capo_fast.credit.assign_credit` gives the
+    advantages of Eq. 2, pooled over each prompt's `num_generations` completions.
+
+    Args:
+        critic: the judge.
+        voting, credit: as capo-fast's own loop takes them (`algorithm.*` of a run config).
+        step_splitter: `critic.step_splitter` (empty: blank lines).
+        question_key, reference_key, answer_key: dataset columns shown to the judge (the prompt text when
+            there is no question column).
+    """
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: GRPOConfig | None = None,
+        *,
+        critic: Critic,
+        voting: VotingConfig | None = None,
+        credit: CreditConfig | None = None,
+        step_splitter: str = "",
+        question_key: str = "question",
+        reference_key: str = "reference_solution",
+        answer_key: str = "answer",
+        **kwargs,
+    ):
+        if args is not None and args.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError("GRPOConfig.multi_objective_aggregation must be 'sum_then_normalize' for CAPO credit")
+        super().__init__(model, reward_funcs, args, **kwargs)
+        if self.accelerator.num_processes != 1:  # Eq. 2 pools a group's tokens; TRL spreads groups over ranks
+            raise ValueError("CapoCreditGRPOTrainer runs on one process (a prompt's group must be on one rank)")
+        self.critic, self.voting, self.credit = critic, voting or VotingConfig(), credit or CreditConfig()
+        self.split_steps = make_splitter(step_splitter)
+        self.keys = (question_key, reference_key, answer_key)
+        self._rewards_per_func: torch.Tensor | None = None
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self._rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        weights = self.reward_weights.to(self._rewards_per_func.device)
+        rewards = (self._rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)  # as TRL does (grpo_trainer.py:2762)
+        mode = "train" if self.model.training else "eval"
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        output["advantages"], metrics = self.token_advantages(
+            inputs, output["completion_ids"], output["completion_mask"], rewards, group_size
+        )
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)
+        return output
+
+    def token_advantages(
+        self,
+        inputs: Sequence[dict],
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        rewards: torch.Tensor,
+        group_size: int,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """[B, T] CAPO advantages (0 on padding) for B completions, `group_size` consecutive ones per prompt.
+
+        Args:
+            inputs: the B dataset rows (TRL repeats each prompt's row `group_size` times).
+            completion_ids, completion_mask: [B, T] as TRL pads them.
+            rewards: [B] outcome score r_v of each completion.
+        """
+        if completion_ids.shape[0] % group_size:
+            raise ValueError(f"{completion_ids.shape[0]} completions are not groups of {group_size}")
+        tokenizer = self.processing_class
+        question_key, reference_key, answer_key = self.keys
+        rollouts = []
+        for i, (ids, keep) in enumerate(zip(completion_ids.tolist(), completion_mask.bool().tolist(), strict=True)):
+            token_ids = [t for t, k in zip(ids, keep, strict=True) if k]
+            text = tokenizer.decode(token_ids, skip_special_tokens=True)
+            truncated = tokenizer.eos_token_id not in token_ids
+            rollout = Rollout(i // group_size, token_ids, text, truncated, self.split_steps(text))
+            rollout.correct = float(torch.nan_to_num(rewards[i]).item())
+            rollouts.append(rollout)
+        requests = [
+            CritiqueRequest(_question(row, question_key), r.steps, row.get(reference_key), _text(row.get(answer_key)))
+            for row, r in zip(inputs, rollouts, strict=True)
+        ]
+        for r, critiques in zip(rollouts, self.critic.critique(requests, seed=self.state.global_step), strict=True):
+            r.critiques = critiques
+        self.critic.sleep()
+        groups = [rollouts[g : g + group_size] for g in range(0, len(rollouts), group_size)]
+        assign_credit(groups, tokenizer, self.voting, self.credit)
+        advantages = torch.zeros(completion_ids.shape, dtype=torch.float32)
+        for i, r in enumerate(rollouts):
+            token_advantage = r.advantage - r.penalty * r.credit.double()  # Eq. 2 in factored form
+            advantages[i, completion_mask[i].bool().cpu()] = token_advantage.float()
+        metrics = rollout_metrics(rollouts, self.credit, self.critic.config.num_critiques)
+        return advantages.to(completion_ids.device), {f"capo/{name}": value for name, value in metrics.items()}
+
+
+def _text(value) -> str | None:
+    return None if value is None else str(value)
+
+
+def _question(row: dict, key: str) -> str:
+    """The question shown to the judge: its column, else the prompt (the last user turn of a chat)."""
+    if row.get(key):
+        return str(row[key])
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        return prompt
+    return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
