@@ -136,22 +136,31 @@ def test_unsupported_options_are_refused_by_name(tmp_path, option):
         check_args(grpo_args(tmp_path, **option))
 
 
-def test_readme_trl_example_runs(tmp_path, monkeypatch, capsys):
-    """The README's "Use it from TRL" example runs as written and trains through the fused loss."""
+def readme_trl_blocks() -> list[str]:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    code = re.search(r"## Use it from TRL\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    section = re.search(r"## Use it from TRL\n(.*?)\n## ", readme, re.S).group(1)
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+@pytest.mark.parametrize("block", [0, 1], ids=["fused-loss", "capo-credit"])
+def test_readme_trl_examples_run(tmp_path, monkeypatch, capsys, block):
+    """The README's "Use it from TRL" examples run as written and train through the fused loss."""
+    code = readme_trl_blocks()[block]
     monkeypatch.chdir(tmp_path)
     calls = []
     fused = CapoGRPOTrainer._compute_loss
     monkeypatch.setattr(CapoGRPOTrainer, "_compute_loss", lambda *a: calls.append(1) or fused(*a))
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
+    trainer = scope["trainer"]
+    assert type(trainer) is (CapoGRPOTrainer, CapoCreditGRPOTrainer)[block]
     assert len(calls) == scope["args"].max_steps  # one micro-batch per step, each through the fused loss
-    train_loss = float(capsys.readouterr().out.split()[-1])
-    assert math.isfinite(train_loss)
-    max_entropy = math.log(scope["trainer"].model.config.vocab_size)
-    logged = [entry["entropy"] for entry in scope["trainer"].state.log_history if "entropy" in entry]
-    assert logged and all(0 < entropy <= max_entropy for entropy in logged)
+    assert math.isfinite(float(capsys.readouterr().out.split()[-1]))  # the printed train_loss
+    max_entropy = math.log(trainer.model.config.vocab_size)
+    logged = [entry for entry in trainer.state.log_history if "entropy" in entry]
+    assert logged and all(0 < entry["entropy"] <= max_entropy for entry in logged)
+    if block == 1:  # every completion was critiqued, none failed
+        assert all(entry["capo/credit/failed_critique_rate"] == 0.0 for entry in logged)
 
 
 def chain_completions(tokenizer, groups: int, per_group: int, seed: int = 3):
