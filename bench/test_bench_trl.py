@@ -1,6 +1,6 @@
 """TRL's GRPOTrainer loss against capo_fast.integrations.trl at a Qwen vocabulary (V=151,936), CPU.
 
-    pytest bench/test_bench_trl.py --benchmark-only --benchmark-json bench/results/trl-cpu-2core-x86_64.json
+    pytest bench/test_bench_trl.py --benchmark-only --benchmark-json bench/results/cpu-2core-x86_64-trl.json
 
 One micro-batch of `_compute_loss` forward and backward (a one-layer Qwen2 backbone of width 128, so
 the vocabulary head dominates): `trl` is TRL 1.16's own path (its chunked log-prob head, then the loss
