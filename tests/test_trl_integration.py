@@ -8,6 +8,8 @@ without the KL term; unsupported options are refused with an error naming them.
 import math
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,7 +36,8 @@ from capo_fast.integrations.trl import LOSS_TYPES, CapoCreditGRPOTrainer, CapoGR
 from capo_fast.rollout import CritiqueRequest, FunctionCritic  # noqa: E402
 
 ROWS, PROMPT, LENGTH = 4, 3, 6
-COMPLETION_MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+# ragged lengths and one empty completion (grpo and dr_grpo still count it among the B rows)
+COMPLETION_MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
 
 
 def grpo_args(tmp_path, **overrides) -> GRPOConfig:
@@ -134,6 +137,11 @@ def test_unsupported_options_are_refused_by_name(tmp_path, option):
     name = next(k for k in option if k != "loss_type" or len(option) == 1)
     with pytest.raises(ValueError, match=f"GRPOConfig.{name}="):
         check_args(grpo_args(tmp_path, **option))
+
+
+def test_kernels_and_package_do_not_import_trl():
+    code = "import sys, capo_fast, capo_fast.kernels, capo_fast.integrations; assert 'trl' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def readme_trl_blocks() -> list[str]:
