@@ -161,16 +161,7 @@ class CapoGRPOTrainer(GRPOTrainer):
         bias_corrected_kl = ref is not None and self.args.use_bias_correction_kl
 
         mode = "train" if self.model.training else "eval"
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        dapo_normalizer = None
-        if self.loss_type == "dapo":  # grpo_trainer.py:3169-3172
-            dapo_normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":
-                dapo_normalizer = dapo_normalizer * accumulation / self.args.steps_per_generation
-        weights = loss_weights(
-            mask, self.loss_type, accumulation=accumulation, max_completion_length=self.max_completion_length,
-            dapo_normalizer=dapo_normalizer,
-        )  # fmt: skip
+        weights = self._loss_weights(mode, mask, inputs)
         options = PolicyLossOptions(
             temperature=self.temperature,
             eps_low=self.epsilon_low,
@@ -187,6 +178,19 @@ class CapoGRPOTrainer(GRPOTrainer):
             loss = loss + self.beta * (weights * kl).sum()
         self._log_loss_metrics(mode, out, mask, ref)
         return loss
+
+    def _loss_weights(self, mode: str, mask: torch.Tensor, inputs) -> torch.Tensor:
+        """[B*T] weights with TRL's normaliser for this micro-batch (grpo_trainer.py:3153-3174)."""
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        dapo_normalizer = None
+        if self.loss_type == "dapo":  # grpo_trainer.py:3169-3172
+            dapo_normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                dapo_normalizer = dapo_normalizer * accumulation / self.args.steps_per_generation
+        return loss_weights(
+            mask, self.loss_type, accumulation=accumulation, max_completion_length=self.max_completion_length,
+            dapo_normalizer=dapo_normalizer,
+        )  # fmt: skip
 
     def _log_loss_metrics(self, mode: str, out, mask: torch.Tensor, ref: torch.Tensor | None) -> None:
         """The metrics TRL's loss logs (grpo_trainer.py:3270-3283), from the fused op's outputs."""
