@@ -139,6 +139,12 @@ def test_unsupported_options_are_refused_by_name(tmp_path, option):
         check_args(grpo_args(tmp_path, **option))
 
 
+def test_capo_credit_refuses_normalize_then_sum(tmp_path):
+    args = grpo_args(tmp_path, multi_objective_aggregation="normalize_then_sum")
+    with pytest.raises(ValueError, match="GRPOConfig.multi_objective_aggregation"):
+        CapoCreditGRPOTrainer("unused", zero_reward, args, critic=None)
+
+
 def test_kernels_and_package_do_not_import_trl():
     code = "import sys, capo_fast, capo_fast.kernels, capo_fast.integrations; assert 'trl' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
