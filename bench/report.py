@@ -32,10 +32,10 @@ def benchmarks(suffix: str):
                 yield path.name, b  # the file name names the machine
 
 
-def grouped(suffix: str, exclude: str | None = None) -> dict[tuple[str, str], dict[str, dict]]:
+def grouped(suffix: str, exclude: tuple[str, ...] = ()) -> dict[tuple[str, str], dict[str, dict]]:
     groups: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
     for name, b in benchmarks(suffix):
-        if exclude is None or not name.endswith(exclude):
+        if not name.endswith(exclude):
             groups[(name, b["group"])][b["params"]["provider"]] = b
     return groups
 
@@ -45,7 +45,7 @@ def policy_loss_table() -> str:
         "| results file | case | provider | median ms | vs torch | time / floor | GB/s | peak extra / logits |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for (name, group), by_provider in grouped(".json", exclude="-linear.json").items():
+    for (name, group), by_provider in grouped(".json", exclude=("-linear.json", "-trl.json")).items():
         base = by_provider.get("torch", {}).get("stats", {}).get("median")
         floor = by_provider.get("floor", {}).get("stats", {}).get("median")
         for provider in ("capo", "capo_inplace", "compile", "torch", "liger", "floor"):
@@ -77,6 +77,25 @@ def linear_table() -> str:
             speedup = f"{liger / med:.2f}x" if liger and provider != "liger" else "-"
             peak = b["extra_info"]["peak_extra_bytes"] / MIB
             lines.append(f"| {name} | {group} | {provider} | {med:.2f} | {speedup} | {peak:.0f} |")
+    return "\n".join(lines)
+
+
+def trl_table() -> str:
+    """bench/test_bench_trl.py: TRL's GRPOTrainer loss against capo_fast.integrations.trl."""
+    lines = [
+        "| results file | case | provider | median s | speed-up vs trl | peak extra MiB (own process) | vs trl |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for (name, group), by_provider in grouped("-trl.json").items():
+        trl = by_provider.get("trl")
+        for provider in ("capo", "trl"):
+            if provider not in by_provider:
+                continue
+            b = by_provider[provider]
+            med, peak = b["stats"]["median"], b["extra_info"]["peak_extra_bytes"]
+            speedup = f"{trl['stats']['median'] / med:.1f}x" if trl and provider != "trl" else "-"
+            smaller = f"{trl['extra_info']['peak_extra_bytes'] / peak:.1f}x less" if trl and provider != "trl" else "-"
+            lines.append(f"| {name} | {group} | {provider} | {med:.1f} | {speedup} | {peak / MIB:.0f} | {smaller} |")
     return "\n".join(lines)
 
 
@@ -242,6 +261,7 @@ TABLES = {
     "default-run": default_run_paragraph,
     "bench-table": policy_loss_table,
     "bench-linear-table": linear_table,
+    "bench-trl-table": trl_table,
     "aot-table": aot_table,
     "memory-budget": memory_budget_table,
     "gpu-cost": gpu_cost_table,

@@ -13,7 +13,7 @@ def test_kernel_example_runs_and_its_losses_are_the_formulas(capsys):
 
     from capo_fast.kernels import reference
 
-    (code,) = re.findall(r"```python\n(.*?)```", README, re.S)
+    code = re.search(r"## Use the kernel in your own RL code\n.*?```python\n(.*?)```", README, re.S).group(1)
     ns = {}
     exec(compile(code, "README.md", "exec"), ns)
     loss, *_ = capsys.readouterr().out.split()
