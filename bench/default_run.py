@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     result = subprocess.run(command, cwd=ROOT, env=env)
     seconds = time.monotonic() - start
+    warmups = [json.loads(p.read_text()) for p in sorted(Path(env["CAPO_CACHE"] if cold else "/nonexistent").glob(
+        "*/warmup.json"))]  # fmt: skip
     if cold is not None:
         shutil.rmtree(cold, ignore_errors=True)
     if result.returncode != 0:
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["make train", *(["ARGS=" + repr(" ".join(args.train_args))] if args.train_args else [])]),
         "cold_cache": not args.warm,
         "wall_clock_s": round(seconds, 1),
+        "warmup_s": round(sum(w["seconds"] for w in warmups), 1),  # the policy's one-time warm-up, in a cold run
         **summary,
     }
     args.results.mkdir(parents=True, exist_ok=True)
