@@ -18,6 +18,9 @@ import math
 import os
 import random
 import re
+import subprocess
+import sys
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -145,20 +148,42 @@ def split_rows(split: str, size: int, seed: int, slip: float = 0.0) -> list[dict
     return rows
 
 
+# The launcher's variables: a warm-up that saw them would make transformers' Trainer join the run's
+# process group (accelerate/state.py reads WORLD_SIZE / LOCAL_RANK) while the other ranks wait elsewhere.
+_LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "CROSS_RANK",
+                     "CROSS_SIZE", "MASTER_ADDR", "MASTER_PORT")  # fmt: skip
+
+
 def warmed_up_policy(cache_dir: Path | None = None) -> Path:
     """The default run's policy (`model.path: chain`): a tiny Qwen2 warmed up on demonstrations of the train
-    split, built on first use (a few minutes on 2 cores) and cached after."""
+    split, built on first use (a few minutes on 2 cores) and cached after.
+
+    The warm-up runs in a process of its own, outside the launch's process group and random state, and
+    lands in the cache by an atomic rename, so ranks that build it at once (another node) never see half.
+    """
     from capo_fast.local_models import default_cache_dir
 
-    out = (cache_dir or default_cache_dir()) / f"chain-policy-{WARMUP_STEPS}"
+    name = f"chain-policy-s{WARMUP_STEPS}-n{WARMUP_EXAMPLES}-slip{WARMUP_SLIP}"
+    out = (cache_dir or default_cache_dir()) / name
     if (out / "warmup.json").exists():
         return out
-    demonstrations = out.with_name(out.name + "-data") / "warmup.jsonl"
-    demonstrations.parent.mkdir(parents=True, exist_ok=True)
-    rows = split_rows("train", WARMUP_EXAMPLES, seed=1, slip=WARMUP_SLIP)
-    demonstrations.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out.parent.mkdir(parents=True, exist_ok=True)
     print(f"warming up the chain-arithmetic policy ({WARMUP_STEPS} supervised steps, once) ...", flush=True)
-    return warm_up_policy(out, demonstrations, steps=WARMUP_STEPS)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f"{name}.partial-") as tmp:
+        demonstrations = Path(tmp) / "warmup.jsonl"
+        rows = split_rows("train", WARMUP_EXAMPLES, seed=1, slip=WARMUP_SLIP)
+        demonstrations.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        code = "import sys; from pathlib import Path; from capo_fast.chain_arithmetic import warm_up_policy; " \
+               f"warm_up_policy(Path(sys.argv[1]), Path(sys.argv[2]), steps={WARMUP_STEPS})"
+        env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
+        subprocess.run([sys.executable, "-c", code, str(Path(tmp) / "policy"), str(demonstrations)], env=env,
+                       check=True)  # fmt: skip
+        try:
+            os.rename(Path(tmp) / "policy", out)
+        except OSError:  # another process finished first: its policy is the same one
+            if not (out / "warmup.json").exists():
+                raise
+    return out
 
 
 def annotated_solution(chain: Chain, rng: random.Random, wrong: bool) -> tuple[list[str], int] | None:
@@ -298,7 +323,7 @@ def tokenizer_corpus(size: int = 3000) -> list[str]:
 
 
 def warm_up_policy(out_dir: Path, train_file: Path, *, steps: int, lr: float = 2e-3, batch_size: int = 32) -> Path:
-    """A tiny Qwen2 (hidden 128, 4 layers) trained on the reference solutions of `train_file` for `steps`
+    """A tiny Qwen2 (hidden 128, 4 layers) trained on the demonstrations of `train_file` for `steps`
     optimizer steps: few enough that the policy still makes step errors for RL to fix."""
     import torch
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Qwen2ForCausalLM, Trainer, TrainingArguments

@@ -439,6 +439,11 @@ def _generate_chain(split: str, size: int, seed: int) -> list[Problem]:
     return [Problem(r["question"], r["answer"], r["reference_solution"]) for r in split_rows(split, size, seed)]
 
 
+def is_generated(source: str) -> bool:
+    """Whether `source` names an offline generator (its size is data.num_train / num_eval), not rows."""
+    return source.startswith(("gym:", "chain:"))
+
+
 def held_out_source(train: str) -> str:
     """Where held-out problems come from when data.eval is empty: the same generator (another seed for gym,
     the held-out split for the chain task), or none for files."""

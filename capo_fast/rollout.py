@@ -451,7 +451,6 @@ class LocalCritic(ChatCritic):
         dtype: str,
         seed: int,
         sleep_mode: bool,
-        executor_backend: str = "",
     ):
         super().__init__(config)
         self.engine = VLLMEngine(

@@ -37,6 +37,7 @@ from capo_fast.data import (
     PromptSampler,
     encode_prompts,
     held_out_source,
+    is_generated,
     load_problems,
 )
 from capo_fast.distributed import (
@@ -96,7 +97,7 @@ MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tikt
 
 def resolve_model(name: str, cache_dir: str | None = None, key: str = "model.path") -> Path:
     """A model folder for `model.path`: an HF model folder, a hub id (`org/name`, downloaded into the
-    HF cache, or found there when HF_HUB_OFFLINE=1), or `smollm2` / `tiny`, the models that ship offline."""
+    HF cache, or found there when HF_HUB_OFFLINE=1), or `chain` / `smollm2` / `tiny`, the models that ship offline."""
     from capo_fast import local_models
 
     if name == "smollm2":
@@ -109,7 +110,9 @@ def resolve_model(name: str, cache_dir: str | None = None, key: str = "model.pat
     if (path / "config.json").exists():
         return path
     if path.exists() or not HUB_ID.match(name):
-        raise ConfigError(f"{key}: {name!r} is not an HF model folder (no config.json), a hub id, smollm2 or tiny")
+        raise ConfigError(
+            f"{key}: {name!r} is not an HF model folder (no config.json), a hub id, chain, smollm2 or tiny"
+        )
     from huggingface_hub import snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
@@ -264,7 +267,7 @@ class Run:
         self.train_prompts = encode_prompts(self.tokenizer, self.train_set, d.system_prompt)
         self.eval_sets = {}  # eval.sets: NAME=SOURCE, scored like the held-out set
         for name, source in parse_sets(c.eval.sets).items():
-            problems = load_set(source, seed=eval_seed, limit=d.num_eval if source.startswith("gym:") else 0, keys=keys)
+            problems = load_set(source, seed=eval_seed, limit=d.num_eval if is_generated(source) else 0, keys=keys)
             self.eval_sets[name] = (problems, encode_prompts(self.tokenizer, problems, d.system_prompt))
         self.eval_prompts = encode_prompts(self.tokenizer, self.eval_set, d.system_prompt)
         too_long = [i for i, p in enumerate(self.train_prompts) if len(p) > d.max_prompt_tokens]
@@ -297,7 +300,10 @@ class Run:
         record = self.checkpoint_dir / "best.json"
 
         def beats_best() -> bool:
-            best = json.loads(record.read_text())["eval/accuracy"] if record.exists() else float("-inf")
+            try:
+                best = json.loads(record.read_text())["eval/accuracy"]
+            except (OSError, ValueError, KeyError, TypeError):  # none yet, or cut short by a crash: no best
+                best = float("-inf")
             return accuracy > best
 
         # Decided on rank 0 alone: another rank may read a stale best.json from a shared filesystem's cache,
@@ -306,7 +312,9 @@ class Run:
             return
         self.trainer.save(self.checkpoint_dir, "best", self._state(), latest=False)
         if self.rank == 0:
-            record.write_text(json.dumps({"step": self.step, "eval/accuracy": accuracy}) + "\n")
+            partial = record.with_suffix(".json.partial")
+            partial.write_text(json.dumps({"step": self.step, "eval/accuracy": accuracy}) + "\n")
+            os.replace(partial, record)  # a crash leaves the old record or the new one, never half
             logger.info("best checkpoint so far: step %d, eval accuracy %.3f", self.step, accuracy)
 
     def save_checkpoint(self) -> None:

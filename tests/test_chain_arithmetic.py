@@ -159,3 +159,29 @@ def test_the_first_line_names_the_judge_for_every_backend():
     assert CRITIC_BACKENDS["vllm"].describe(local, "smollm2") == "LLM judge smollm2 in a local vLLM engine"
     remote = CriticConfig(backend="remote", url="http://judge:8000/v1", model="Qwen2.5-72B-Instruct")
     assert CRITIC_BACKENDS["remote"].describe(remote, "x") == "LLM judge Qwen2.5-72B-Instruct at http://judge:8000/v1"
+
+
+def test_the_warm_up_runs_outside_the_launch_and_lands_whole(tmp_path, monkeypatch):
+    """Inside a deepspeed launch the warm-up must not see the rank variables (transformers' Trainer would join
+    the run's process group), and the cache holds a finished policy or none."""
+    import subprocess
+
+    from capo_fast import chain_arithmetic
+
+    seen = {}
+
+    def fake_run(argv, env, check):
+        seen["env"] = env
+        policy = Path(argv[-2])
+        policy.mkdir()
+        (policy / "warmup.json").write_text("{}")
+        assert Path(argv[-1]).read_text().count("\n") == chain_arithmetic.WARMUP_EXAMPLES
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    out = chain_arithmetic.warmed_up_policy(tmp_path)
+    assert (out / "warmup.json").exists() and "WORLD_SIZE" not in seen["env"] and "LOCAL_RANK" not in seen["env"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # the partial folder is gone
+    seen.clear()
+    assert chain_arithmetic.warmed_up_policy(tmp_path) == out and not seen  # cached: no second warm-up

@@ -27,6 +27,7 @@ from capo_fast.kernels import (
     fused_linear_policy_loss,
 )
 from capo_fast.rollout import Critic, CritiqueRequest
+from capo_fast.seeds import Stream, sampling_seed
 
 # TRL loss_type -> the aggregation of capo_fast.kernels.aggregation with the same normaliser
 # (grpo_trainer.py:3153-3174); dapo's normaliser is the generation batch's token count, given globally.
@@ -261,6 +262,10 @@ class CapoCreditGRPOTrainer(CapoGRPOTrainer):
         self.keys = (question_key, reference_key, answer_key)
         self._rewards_per_func: torch.Tensor | None = None
 
+    def _critique_seed(self) -> int:
+        """A block of seeds per training step: critiques never repeat across steps (capo_fast.seeds)."""
+        return sampling_seed(self.args.seed, Stream.CRITIQUE, self.state.global_step, 0)
+
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         return self._rewards_per_func
@@ -309,7 +314,7 @@ class CapoCreditGRPOTrainer(CapoGRPOTrainer):
             CritiqueRequest(_question(row, question_key), r.steps, row.get(reference_key), _text(row.get(answer_key)))
             for row, r in zip(inputs, rollouts, strict=True)
         ]
-        for r, critiques in zip(rollouts, self.critic.critique(requests, seed=self.state.global_step), strict=True):
+        for r, critiques in zip(rollouts, self.critic.critique(requests, seed=self._critique_seed()), strict=True):
             r.critiques = critiques
         self.critic.sleep()
         groups = [rollouts[g : g + group_size] for g in range(0, len(rollouts), group_size)]
