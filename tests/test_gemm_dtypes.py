@@ -91,11 +91,14 @@ def logprobs_step(hidden, weight, labels, old, adv):
     ((lp - old) * adv).sum().add(ent.sum() * 0.1).backward()
 
 
-def test_the_device_decision():
+def test_the_device_decision(monkeypatch):
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
     assert lpl.gemm_accumulates_in_fp32(cuda, torch.bfloat16) and lpl.gemm_accumulates_in_fp32(cuda, torch.float16)
     assert not lpl.gemm_accumulates_in_fp32(cuda, torch.float32)  # fp32 inputs: fp32 is the user's choice
     assert not lpl.gemm_accumulates_in_fp32(cpu, torch.bfloat16)  # aten::addmm.dtype has no CPU kernel
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))  # a V100: no such GEMM
+    assert not lpl.gemm_accumulates_in_fp32(cuda, torch.float16)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -154,7 +157,13 @@ def test_trainer_forward_and_backward_keep_low_precision_gemms(monkeypatch):
     ]  # fmt: skip
     batch = pack(seqs, block_mask=True, device=torch.device("cpu"))
     n = batch.labels.shape[0]
-    loss_args = dict(old_logprobs=torch.full((n,), -5.0), advantages=torch.full((n,), 0.5))
+    from capo_fast.kernels import PolicyLossOptions
+    from capo_fast.policy_losses import PolicyLossInputs
+
+    inputs = PolicyLossInputs(labels=batch.labels, old_logprobs=torch.full((n,), -5.0),
+                              advantages=torch.full((n,), 0.5), loss_weights=torch.full((n,), 1.0 / n),
+                              seq_ids=batch.seq_ids)  # fmt: skip
+    loss_args = {"name": "ppo", "inputs": inputs, "options": PolicyLossOptions()}
     with GemmRecorder() as rec:
         out = PolicyWithLoss(model)(batch, 1.0, loss_args)
         out.loss.backward()
