@@ -244,7 +244,7 @@ def test_a_local_vllm_judge_runs_as_in_training(tiny_model_dir, tmp_path):
     critique parse, and the engine's completion tokens are counted."""
     out = tmp_path / "local.json"
     command = [sys.executable, "-m", "capo_fast.evaluate_judge", "--sets", f"chain={SHIPPED}", "--limit", "4",
-               "--out", str(out), f"--model.path={tiny_model_dir}", "--critic.num_critiques=2",
+               "--out", str(out), f"--model.path={tiny_model_dir}", "--critic.backend=vllm", "--critic.num_critiques=2",
                "--critic.guided_reasoning_chars=0", "--critic.max_model_len=2048"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
