@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from capo_fast.text_files import read_utf8
+
 TruncatedReward = Literal["verify", "zero"]
 AnswerFormat = Literal["free", "guided"]
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -561,17 +563,6 @@ def _override_value(config: Config, key: str, value: str, arg: str) -> Any:
     return _Scalar("") if tree is None else tree
 
 
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise ConfigError(
-            f"{path}:{line}: not UTF-8 text (byte {err.start}: {data[err.start : err.start + 1]!r})"
-        ) from None
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """The defaults, updated by the YAML file at `path`, then by `--section.key=value` overrides."""
     config = Config()
@@ -580,7 +571,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        data, lines = _read_yaml(_read_text(path), str(path))
+        data, lines = _read_yaml(read_utf8(path, ConfigError), str(path))
         data = {} if data is None or (isinstance(data, _Scalar) and data.text == "") else data
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")

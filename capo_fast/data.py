@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from capo_fast.chain_arithmetic import split_rows
+from capo_fast.text_files import read_utf8
 
 QUESTION_KEYS = ("question", "problem", "prompt", "Question")  # the last: GPQA's rows
 ANSWER_KEYS = ("answer", "final_answer", "gold", "reward_model.ground_truth", "answerKey")  # verl's, ARC's rows
@@ -290,19 +291,6 @@ def as_multiple_choice(problem: Problem, seed: int, index: int) -> Problem:
     )
 
 
-def _file_text(path: Path) -> str:
-    """A data file's text: UTF-8, with or without the byte-order mark Excel writes; else an error naming the line."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        utf16 = " (a UTF-16 byte-order mark: save the file as UTF-8)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
-        raise DataError(
-            f"{path}:{line}: not UTF-8 text (byte {err.start} is {data[err.start : err.start + 1]!r}){utf16}"
-        ) from None
-
-
 def _parsed_json(text: str, path: Path, line: int | None = None):
     """`text` as JSON; errors name the file and the line (`line`: where `text` starts, one JSON Lines row)."""
     try:
@@ -315,7 +303,7 @@ def _parsed_json(text: str, path: Path, line: int | None = None):
 
 def _jsonl_rows(path: Path) -> list[tuple[str, object]]:
     # Lines end at "\n" only: JSON strings may hold U+2028 and other characters str.splitlines() splits on.
-    lines = _file_text(path).split("\n")
+    lines = read_utf8(path, DataError).split("\n")
     return [(f"{path}:{n}", _parsed_json(line, path, n)) for n, line in enumerate(lines, start=1) if line.strip()]
 
 
@@ -324,7 +312,7 @@ def _numbered(rows, where: str) -> list[tuple[str, object]]:
 
 
 def _json_rows(path: Path) -> list[tuple[str, object]]:
-    data = _parsed_json(_file_text(path), path)
+    data = _parsed_json(read_utf8(path, DataError), path)
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a list of rows")
     return _numbered(data, str(path))
@@ -334,7 +322,7 @@ def _csv_rows(path: Path) -> list[tuple[str, object]]:
     import csv
     import io
 
-    text = _file_text(path)
+    text = read_utf8(path, DataError)
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, len(text)))  # a field (a long solution) may be as long as the file
     reader = csv.DictReader(io.StringIO(text, newline=""))

@@ -308,7 +308,7 @@ def test_an_alias_that_expands_little_is_read(tmp_path):
 def test_file_encodings(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_bytes(b"trainer:\n  steps: 3\n# caf\xe9\n")  # Latin-1
-    with pytest.raises(ConfigError, match=r"run\.yaml:3: not UTF-8 text \(byte 25: b'\\xe9'\)"):
+    with pytest.raises(ConfigError, match=r"run\.yaml:3: not UTF-8 text \(byte 25 is b'\\xe9'\)"):
         load_config(path)
     path.write_bytes(b"\xef\xbb\xbftrainer:\n  steps: 3\n")  # a UTF-8 byte-order mark is fine
     assert load_config(path).trainer.steps == 3
