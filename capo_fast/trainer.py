@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from capo_fast.config import Config
 from capo_fast.distributed import all_reduce
-from capo_fast.kernels import PolicyLossOptions, fused_linear_logprobs
+from capo_fast.kernels import fused_linear_logprobs
 from capo_fast.kernels.aggregation import aggregation_weights
 from capo_fast.policy_losses import PolicyLossInputs, compute_policy_loss
 
@@ -331,7 +331,7 @@ class PolicyTrainer:
 
     def weights(self):
         """HF-named full tensors of the current policy (gathered under ZeRO-3), for the rollout engine."""
-        from capo_fast.rollout import model_weights
+        from capo_fast.engines import model_weights
 
         return model_weights(self.model)
 
@@ -381,10 +381,7 @@ class PolicyTrainer:
         # DeepSpeed averages gradients over ranks; the weights already normalise globally.
         world = dist.get_world_size() if dist.is_initialized() else 1
         groups = self._micro_batches(sequences)
-        options = PolicyLossOptions(
-            temperature=self.config.rollout.sampling.temperature or 1.0, eps_low=a.eps_low, eps_high=a.eps_high,
-            dual_clip=a.dual_clip, kl_coef=a.kl_coef, entropy_coef=a.entropy_coef,
-        )  # fmt: skip
+        options = a.policy_loss_options(self.config.rollout.sampling.temperature)
         stats = {"loss": 0.0, "clipped": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0, "skipped": 0.0}
         for k, group in enumerate(groups):
             chosen = [sequences[i] for i in group]
@@ -460,7 +457,7 @@ class PolicyTrainer:
     def export(self, directory: Path, tokenizer, card: str = "") -> None:
         """An HF model folder of the current policy (gathered from all ranks under ZeRO-3), with `card`
         as its README.md (model card)."""
-        from capo_fast.rollout import model_weights
+        from capo_fast.engines import model_weights
 
         writer = not dist.is_initialized() or dist.get_rank() == 0
         # Every rank takes part in ZeRO-3's gathers; only the writer copies the full model to host memory

@@ -31,9 +31,9 @@ from capo_fast.credit import (  # noqa: E402
     group_advantages,
     token_rewards,
 )
+from capo_fast.critics import CritiqueRequest, FunctionCritic  # noqa: E402
 from capo_fast.critique import split_steps  # noqa: E402
 from capo_fast.integrations.trl import LOSS_TYPES, CapoCreditGRPOTrainer, CapoGRPOTrainer, check_args  # noqa: E402
-from capo_fast.rollout import CritiqueRequest, FunctionCritic  # noqa: E402
 
 ROWS, PROMPT, LENGTH = 4, 3, 6
 # ragged lengths and one empty completion (grpo and dr_grpo still count it among the B rows)
