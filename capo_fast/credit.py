@@ -297,7 +297,7 @@ class Rollout:
     vote: StepVote | None = None
     credit: torch.Tensor | None = None  # e_t per response token
     advantage: float = 0.0  # a_i
-    penalty: float = 0.0  # p_g of its group
+    group_penalty: float = 0.0  # p_g = P / (std_g + eps) of its group: A_t = advantage - group_penalty * e_t
 
     @property
     def judge_verdict(self) -> float:
@@ -316,7 +316,7 @@ class VotingConfig:
 
 
 def assign_credit(groups: Sequence[Sequence[Rollout]], tokenizer, voting: VotingConfig, cfg: CreditConfig) -> None:
-    """Fills vote, credit, advantage and penalty of every rollout; each group is one prompt's n rollouts."""
+    """Fills vote, credit, advantage and group_penalty of every rollout; each group is one prompt's n rollouts."""
     for group in groups:
         for r in group:
             r.vote = vote(r.critiques, len(r.steps), voting.mode, voting.threshold, voting.min_valid)
@@ -324,7 +324,7 @@ def assign_credit(groups: Sequence[Sequence[Rollout]], tokenizer, voting: Voting
         signals = [RolloutSignals(r.correct, r.formatted, r.credit, r.judge_verdict) for r in group]
         adv = factored_advantages(signals, cfg)
         for r, a in zip(group, adv.rollout_advantages.tolist(), strict=True):
-            r.advantage, r.penalty = a, adv.group_penalty
+            r.advantage, r.group_penalty = a, adv.group_penalty
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -404,7 +404,7 @@ class Run:
                 failed /= max(total, 1)  # ranks may hold different numbers of rollouts
                 check_critique_failures(failed, c.critic, self.step + 1)
             sequences = [
-                TrainSequence(prompts[r.group], r.token_ids, r.advantage, r.penalty, r.credit) for r in rollouts
+                TrainSequence(prompts[r.group], r.token_ids, r.advantage, r.group_penalty, r.credit) for r in rollouts
             ]
 
         with timed(times, "logprobs"):

@@ -29,12 +29,12 @@ from capo_fast.policy_losses import PolicyLossInputs, compute_policy_loss
 
 @dataclass
 class TrainSequence:
-    """One rollout as the trainer sees it. A_t = advantage - penalty * credit[t]."""
+    """One rollout as the trainer sees it. A_t = advantage - group_penalty * credit[t]."""
 
     prompt_ids: list[int]
     response_ids: list[int]
     advantage: float
-    penalty: float
+    group_penalty: float  # p_g = P / (std_g + eps) of its prompt group
     credit: torch.Tensor  # [len(response_ids)]
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
@@ -403,7 +403,7 @@ class PolicyTrainer:
                 loss_weights=weights * world,
                 seq_ids=batch.seq_ids,
                 credit=cat(lambda s: s.credit.float()),
-                penalty=cat(lambda s: torch.full((len(s.response_ids),), s.penalty)),
+                penalty=cat(lambda s: torch.full((len(s.response_ids),), s.group_penalty)),
                 ref_logprobs=cat(lambda s: s.ref_logprobs) if self.reference is not None else None,
             )  # fmt: skip
             loss_args = {"name": a.policy_loss, "inputs": inputs, "options": options}
@@ -472,6 +472,6 @@ class PolicyTrainer:
 
 # A rank with fewer sequences than micro-batches still runs a forward/backward (with zero weight).
 _PAD = TrainSequence(
-    prompt_ids=[0], response_ids=[0], advantage=0.0, penalty=0.0, credit=torch.zeros(1),
+    prompt_ids=[0], response_ids=[0], advantage=0.0, group_penalty=0.0, credit=torch.zeros(1),
     old_logprobs=torch.zeros(1), ref_logprobs=torch.zeros(1),
 )  # fmt: skip

@@ -29,7 +29,7 @@ def _sequences(vocab: int, seed: int = 0) -> list[TrainSequence]:
                 prompt_ids=torch.randint(3, vocab, (p,), generator=g).tolist(),
                 response_ids=torch.randint(3, vocab, (r,), generator=g).tolist(),
                 advantage=[1.0, -0.5, 0.25][i],
-                penalty=0.5,
+                group_penalty=0.5,
                 credit=(torch.rand(r, generator=g) > 0.5).float(),
             )
         )
@@ -87,7 +87,7 @@ def test_logprobs_and_one_update_match_the_reference(single_rank, tiny_model_dir
         torch.testing.assert_close(seq.old_logprobs.double(), expected, atol=1e-5, rtol=0)
 
     # At ratio 1 the clipped loss is -mean_t(A_t) with A_t = a - p * e_t (token-mean).
-    advantages = torch.cat([seq.advantage - seq.penalty * seq.credit for seq in seqs]).double()
+    advantages = torch.cat([seq.advantage - seq.group_penalty * seq.credit for seq in seqs]).double()
     stats = trainer.train_mini_batch(seqs)
     assert stats["tokens"] == sum(len(s.response_ids) for s in seqs)
     assert stats["loss"] == pytest.approx(-advantages.mean().item(), abs=1e-5)

@@ -321,7 +321,7 @@ class CapoCreditGRPOTrainer(CapoGRPOTrainer):
         assign_credit(groups, tokenizer, self.voting, self.credit)
         advantages = torch.zeros(completion_ids.shape, dtype=torch.float32)
         for i, r in enumerate(rollouts):
-            token_advantage = r.advantage - r.penalty * r.credit.double()  # Eq. 2 in factored form
+            token_advantage = r.advantage - r.group_penalty * r.credit.double()  # Eq. 2 in factored form
             advantages[i, completion_mask[i].bool().cpu()] = token_advantage.float()
         metrics = rollout_metrics(rollouts, self.credit, self.critic.config.num_critiques)
         return advantages.to(completion_ids.device), {f"capo/{name}": value for name, value in metrics.items()}
