@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     check.stage("bench", [*pytest, *BENCH, *QUICK_BENCH, "-k", "not compile",
                           f"--benchmark-json={args.out / 'bench-gpu.json'}"], 150)  # fmt: skip
     if environment(check.env).get("vllm") == "installed":
-        check.stage("vllm_cycle", [*pytest, "tests/test_rollout.py", "-k", "cycle or weight_sync_tiny"], 150,
+        check.stage("vllm_cycle", [*pytest, "tests/test_engines.py", "-k", "cycle or weight_sync_tiny"], 150,
                     junit="tests-vllm.xml")  # fmt: skip
     else:
         check.stages["vllm_cycle"] = {"rc": None, "skipped": "vLLM is not installed"}

@@ -207,13 +207,15 @@ def learning_table() -> str:
 
 def judge_table() -> str:
     """The step-flag metrics of each judge-*.json (capo_fast.evaluate_judge), with what its critiques cost."""
+    from capo_fast.critics import CRITIC_BACKENDS, ChatCritic
     from capo_fast.evaluate_judge import summary, table
 
     blocks = []
     for path in sorted(RESULTS.glob("judge-*.json")):
         results = json.loads(path.read_text())
         j = results["judge"]
-        decoding = "" if j["backend"] == "function" else f", {j['answer_format']}, T={j['sampling']['temperature']}"
+        decodes = issubclass(CRITIC_BACKENDS[j["backend"]], ChatCritic)  # a chat model's text, sampled as set
+        decoding = f", {j['answer_format']}, T={j['sampling']['temperature']}" if decodes else ""
         blocks.append(
             f"`{path.name}`: {j['backend']} judge `{j['model']}`, N={j['num_critiques']}{decoding}, "
             f"min_valid_critiques={j['min_valid_critiques']}.\n\n{table(results)}\n\n{summary(results)}."

@@ -15,15 +15,15 @@ import torch
 pytest.importorskip("vllm")
 
 from capo_fast.config import SamplingConfig  # noqa: E402
+from capo_fast.engines import VLLMEngine, model_weights  # noqa: E402
 from capo_fast.local_models import build_tiny_model, default_cache_dir, smollm2_instruct  # noqa: E402
-from capo_fast.rollout import VLLMEngine, model_weights  # noqa: E402
 
 MODELS = {
     "tiny": lambda: build_tiny_model(default_cache_dir() / "tiny-qwen2"),
     "smollm2-135m": smollm2_instruct,
 }
 PROMPTS, SAMPLES, NEW_TOKENS = 16, 4, 64
-_engines: dict[str, VLLMEngine] = {}  # one per model for the whole session (see tests/test_rollout.py)
+_engines: dict[str, VLLMEngine] = {}  # one per model for the whole session (see tests/test_engines.py)
 
 
 def engine_for(name: str) -> VLLMEngine:

@@ -301,7 +301,7 @@ def judge(chain: Chain, steps: list[str], rng: random.Random, recall: float, fal
 
 
 def critique(requests, num_critiques: int, seed: int) -> list[list[Critique]]:
-    """The `critic.function` of this task: N critiques per request (rollout.FunctionCritic)."""
+    """The `critic.function` of this task: N critiques per request (critics.FunctionCritic)."""
     recall = float(os.environ.get("CHAIN_CRITIC_RECALL", "1"))
     false_flag = float(os.environ.get("CHAIN_CRITIC_FALSE_FLAG", "0"))
     out = []

@@ -17,15 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from capo_fast.credit import REWARD_MODES, CreditConfig, VotingConfig
+from capo_fast.critics import CRITIC_BACKENDS, Critic
+from capo_fast.critique import VOTING, load_template, make_splitter
+from capo_fast.data import INSTRUCTION_WRAPPERS
+from capo_fast.errors import ConfigError
+from capo_fast.kernels import PolicyLossOptions
+from capo_fast.kernels.aggregation import AGGREGATIONS
+from capo_fast.plugins import load_callable
+from capo_fast.policy_losses import POLICY_LOSSES
 from capo_fast.text_files import read_utf8
 
 TruncatedReward = Literal["verify", "zero"]
 AnswerFormat = Literal["free", "guided"]
 Dtype = Literal["float32", "bfloat16", "float16"]
-
-
-class ConfigError(ValueError):
-    """A config value that cannot be used; the message names the key and where it was set."""
 
 
 @functools.cache
@@ -120,7 +125,7 @@ class RolloutConfig:
 class CriticConfig:
     """The GenPRM. `model` empty: the policy's starting weights, frozen."""
 
-    backend: str = "function"  # rollout.CRITIC_BACKENDS: vllm (an engine in each process), remote or function
+    backend: str = "function"  # critics.CRITIC_BACKENDS: vllm (an engine in each process), remote or function
     model: str = ""  # judge model (folder or name on the server); empty: the policy's start
     num_critiques: int = 2  # N: critiques per rollout, combined by algorithm.voting
     # guided: decoding is constrained to the judgment line, then nothing after Yes, the <incorrect_steps> list
@@ -129,7 +134,7 @@ class CriticConfig:
     guided_reasoning_chars: int = 200  # room for reasoning before the closing lines when guided
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=128))
     include_reference: bool = True  # the reference solution in the prompt, else the gold answer
-    function: str = "capo_fast.chain_arithmetic:critique"  # function backend: module:function (rollout.FunctionCritic)
+    function: str = "capo_fast.chain_arithmetic:critique"  # function backend: module:function (critics.FunctionCritic)
     step_splitter: str = ""  # empty: blank lines; a regex whose matches end a step; or module:function
     prompt_template: str = ""  # a text file with {question}, {reference_solution}, {steps}; empty: the packaged one
     gpu_memory_utilization: float = 0.35  # a colocated judge keeps this share all run long
@@ -143,6 +148,10 @@ class CriticConfig:
     # alone, silently GRPO: warn each step above the first rate, stop the run above the second.
     warn_failure_rate: float = 0.2  # failed critiques per step above which each step warns
     max_failure_rate: float = 0.5  # ... and above which the run stops
+
+    def backend_class(self) -> type[Critic]:
+        """The critics.CRITIC_BACKENDS entry of `backend`: what it needs, how it is described and built."""
+        return CRITIC_BACKENDS[self.backend]
 
 
 @dataclass
@@ -177,6 +186,24 @@ class AlgorithmConfig:
     aggregation: str = "seq-mean-token-mean"  # token-mean (DAPO), seq-mean-token-sum-norm (kernels.aggregation)
     mini_epochs: int = 1  # PPO passes over each rollout batch (paper: 4)
     verifier_timeout_s: float = 5.0  # math-verify budget per answer; past it the answer scores 0
+
+    def credit_options(self) -> CreditConfig:
+        """The constants of Eq. 1 to 3 and the reward mode, as credit assignment takes them."""
+        return CreditConfig(
+            correct_reward=self.correct_reward, penalty=self.penalty, format_weight=self.format_weight,
+            reward_mode=self.reward_mode, genorm_alpha=self.genorm_alpha, genorm_beta=self.genorm_beta,
+        )  # fmt: skip
+
+    def voting_options(self) -> VotingConfig:
+        """How the N critiques of a rollout become step weights."""
+        return VotingConfig(mode=self.voting, threshold=self.vote_threshold, min_valid=self.min_valid_critiques)
+
+    def policy_loss_options(self, temperature: float) -> PolicyLossOptions:
+        """The loss's scalar options; `temperature` is the rollouts' (greedy rollouts, 0, score logits as they are)."""
+        return PolicyLossOptions(
+            temperature=temperature or 1.0, eps_low=self.eps_low, eps_high=self.eps_high,
+            dual_clip=self.dual_clip, kl_coef=self.kl_coef, entropy_coef=self.entropy_coef,
+        )  # fmt: skip
 
 
 @dataclass
@@ -243,80 +270,89 @@ class Config:
 
     def needs_judge(self) -> bool:
         """Whether the run reads critiques at all (GRPO-Rule and CAPO with P = 0 do not): the reward mode says."""
-        from capo_fast.credit import REWARD_MODES, CreditConfig
-
         a = self.algorithm
-        return REWARD_MODES[a.reward_mode].needs_judge(CreditConfig(penalty=a.penalty, reward_mode=a.reward_mode))
+        return REWARD_MODES[a.reward_mode].needs_judge(a.penalty)
+
+    def local_judge(self) -> bool:
+        """Whether the run loads a judge model into a vLLM engine of each training process."""
+        return self.needs_judge() and self.critic.backend_class().local_model
 
     def validate(self) -> Config:
+        """Checks every value, reads the prompt template and imports the plug-ins, so that a wrong one stops
+        the run before anything heavy starts; a ConfigError names the key."""
         _check_numbers(self, "")
-        r, c, a, t = self.rollout, self.critic, self.algorithm, self.trainer
-        r.sampling.validate("rollout.sampling")
-        c.sampling.validate("critic.sampling")
-        _check(r.n >= 2, "rollout.n", "group normalisation needs at least 2 rollouts per prompt")
-        _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
-        for key, value in [("rollout", r.gpu_memory_utilization), ("critic", c.gpu_memory_utilization)]:
-            _check(0 < value <= 1, f"{key}.gpu_memory_utilization", "must be in (0, 1]")
-        _check(c.num_critiques >= 1, "critic.num_critiques", "must be >= 1")
-        _check(c.guided_reasoning_chars >= 0, "critic.guided_reasoning_chars", "must be >= 0")
-        _check(
-            c.backend != "function" or bool(c.function), "critic.function", "the function backend needs module:function"
-        )
-        if c.prompt_template:
-            from capo_fast.critique import load_template
-
-            load_template(c.prompt_template)  # names the missing file or placeholder
-        # Plug-ins are imported now, so a wrong name stops the run before anything heavy starts.
-        from capo_fast.critique import make_splitter
-        from capo_fast.plugins import load_callable
-
-        make_splitter(c.step_splitter)
-        load_callable(a.verifier, "algorithm.verifier")
-        if c.backend == "function":
-            load_callable(c.function, "critic.function")
-        _check(c.backend != "remote" or c.url.startswith("http"), "critic.url", "remote critic needs an http(s) URL")
-        from capo_fast.credit import REWARD_MODES
-        from capo_fast.critique import VOTING
-
-        _check(a.voting in VOTING, "algorithm.voting", f"{a.voting!r} is not one of {sorted(VOTING)}")
-        from capo_fast.kernels.aggregation import AGGREGATIONS
-        from capo_fast.rollout import CRITIC_BACKENDS
-
-        _check(a.aggregation in AGGREGATIONS, "algorithm.aggregation",
-               f"{a.aggregation!r} is not one of {sorted(AGGREGATIONS)}")  # fmt: skip
-        _check(c.backend in CRITIC_BACKENDS, "critic.backend", f"{c.backend!r} is not one of {sorted(CRITIC_BACKENDS)}")
-        modes = sorted(REWARD_MODES)
-        _check(a.reward_mode in REWARD_MODES, "algorithm.reward_mode", f"{a.reward_mode!r} is not one of {modes}")
-        _check(a.penalty >= 0, "algorithm.penalty", "must be >= 0")
-        judged = self.needs_judge()
+        self._validate_rollout()
+        self._validate_critic()
+        self._validate_algorithm()
+        self._validate_trainer()
+        r, c = self.rollout, self.critic
         # vLLM keeps one tensor-parallel group per process and asserts its size when a second engine
         # starts (vllm/distributed/parallel_state.py:2392, ensure_model_parallel_initialized).
         _check(
-            not (judged and c.backend == "vllm" and r.tensor_parallel_size > 1),
+            not (self.local_judge() and r.tensor_parallel_size > 1),
             "critic.backend",
             f"a local vLLM critic runs at tensor parallel size 1 in the policy's process, which vLLM refuses "
             f"beside rollout.tensor_parallel_size={r.tensor_parallel_size}; serve the judge and use "
             f"critic.backend=remote",
         )
-        needed = VOTING[a.voting].num_critiques
-        _check(needed in (None, c.num_critiques), "algorithm.voting", f"{a.voting} needs critic.num_critiques={needed}")
         _check(
-            1 <= a.min_valid_critiques <= c.num_critiques,
+            1 <= self.algorithm.min_valid_critiques <= c.num_critiques,
             "algorithm.min_valid_critiques",
             f"must be in [1, critic.num_critiques={c.num_critiques}]",
         )
+        wrappers = ["", *sorted(INSTRUCTION_WRAPPERS)]
+        _check(self.data.strip_instruction in wrappers, "data.strip_instruction", f"must be one of {wrappers}")
+        self._validate_ranges()
+        return self
+
+    def _validate_rollout(self) -> None:
+        r = self.rollout
+        r.sampling.validate("rollout.sampling")
+        _check(r.n >= 2, "rollout.n", "group normalisation needs at least 2 rollouts per prompt")
+        _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
+        _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
+
+    def _validate_critic(self) -> None:
+        c = self.critic
+        c.sampling.validate("critic.sampling")
+        _check(0 < c.gpu_memory_utilization <= 1, "critic.gpu_memory_utilization", "must be in (0, 1]")
+        _check(c.num_critiques >= 1, "critic.num_critiques", "must be >= 1")
+        _check(c.guided_reasoning_chars >= 0, "critic.guided_reasoning_chars", "must be >= 0")
+        if c.prompt_template:
+            load_template(c.prompt_template)  # names the missing file or placeholder
+        make_splitter(c.step_splitter)  # a plug-in is imported now
+        _check(c.backend in CRITIC_BACKENDS, "critic.backend", f"{c.backend!r} is not one of {sorted(CRITIC_BACKENDS)}")
+        c.backend_class().check(c)  # what the backend needs: a URL, a function ...
+        _check(
+            0 <= c.warn_failure_rate <= c.max_failure_rate <= 1,
+            "critic.max_failure_rate",
+            f"need 0 <= critic.warn_failure_rate ({c.warn_failure_rate}) <= critic.max_failure_rate <= 1",
+        )
+
+    def _validate_algorithm(self) -> None:
+        a, c = self.algorithm, self.critic
+        load_callable(a.verifier, "algorithm.verifier")  # imported now, like every plug-in
+        _check(a.voting in VOTING, "algorithm.voting", f"{a.voting!r} is not one of {sorted(VOTING)}")
+        _check(a.aggregation in AGGREGATIONS, "algorithm.aggregation",
+               f"{a.aggregation!r} is not one of {sorted(AGGREGATIONS)}")  # fmt: skip
+        modes = sorted(REWARD_MODES)
+        _check(a.reward_mode in REWARD_MODES, "algorithm.reward_mode", f"{a.reward_mode!r} is not one of {modes}")
+        _check(a.penalty >= 0, "algorithm.penalty", "must be >= 0")
+        needed = VOTING[a.voting].num_critiques
+        _check(needed in (None, c.num_critiques), "algorithm.voting", f"{a.voting} needs critic.num_critiques={needed}")
         _check(0 < a.vote_threshold <= 1, "algorithm.vote_threshold", "must be in (0, 1] (0 would flag every step)")
         _check(math.isfinite(a.genorm_beta), "algorithm.genorm_beta", "must be a finite number")
         _check(a.eps_low >= 0 and a.eps_high >= 0, "algorithm.eps_low", "clip ranges must be >= 0")
         _check(a.dual_clip == 0 or a.dual_clip > 1, "algorithm.dual_clip", "must be 0 (off) or > 1")
-        from capo_fast.policy_losses import POLICY_LOSSES
-
         losses = sorted(POLICY_LOSSES)
         _check(a.policy_loss in POLICY_LOSSES, "algorithm.policy_loss", f"{a.policy_loss!r} is not one of {losses}")
         _check(a.dual_clip == 0 or POLICY_LOSSES[a.policy_loss].dual_clip, "algorithm.dual_clip",
                f"policy_loss={a.policy_loss} has no dual clip; set it to 0")  # fmt: skip
         _check(a.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
         _check(a.mini_epochs >= 1, "algorithm.mini_epochs", "must be >= 1")
+
+    def _validate_trainer(self) -> None:
+        t = self.trainer
         _check(t.steps >= 1, "trainer.steps", "must be >= 1")
         _check(t.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1")
         _check(t.mini_batches >= 1, "trainer.mini_batches", "must be >= 1")
@@ -328,21 +364,10 @@ class Config:
         _check(t.zero_stage in (1, 2, 3), "trainer.zero_stage", "must be 1, 2 or 3 (ZeRO-0 applies non-finite steps)")
         _check(t.max_skipped_steps >= 1, "trainer.max_skipped_steps", "must be >= 1")
         _check(
-            0 <= c.warn_failure_rate <= c.max_failure_rate <= 1,
-            "critic.max_failure_rate",
-            f"need 0 <= critic.warn_failure_rate ({c.warn_failure_rate}) <= critic.max_failure_rate <= 1",
-        )
-        _check(
             not t.deepspeed_config or Path(t.deepspeed_config).is_file(),
             "trainer.deepspeed_config",
             f"{t.deepspeed_config} does not exist (paths are relative to the working directory)",
         )
-        from capo_fast.data import INSTRUCTION_WRAPPERS
-
-        wrappers = ["", *sorted(INSTRUCTION_WRAPPERS)]
-        _check(self.data.strip_instruction in wrappers, "data.strip_instruction", f"must be one of {wrappers}")
-        self._validate_ranges()
-        return self
 
     def _validate_ranges(self) -> None:
         """Values outside these ranges would not fail: they would quietly do something else (a negative

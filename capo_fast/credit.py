@@ -204,7 +204,7 @@ class RewardMode:
     score: Callable[[RolloutSignals, CreditConfig], float]  # the per-rollout outcome score
     token_penalty: bool  # Eq. 1's -P * e_t on the tokens of flagged steps
     per_response: bool  # GRPO: normalise the n scores (each response once); else Eq. 2's token pooling
-    needs_judge: Callable[[CreditConfig], bool]
+    needs_judge: Callable[[float], bool]  # given the step penalty P: whether the mode reads critiques
     name: str  # what the logs call the run
     params: Callable[[CreditConfig], str]  # the constants the logs name
     usable: Callable[[Critique], bool] = _critique_votes  # a critique this mode reads (else: failed)
@@ -212,12 +212,12 @@ class RewardMode:
 
 REWARD_MODES: dict[str, RewardMode] = {
     "capo": RewardMode(
-        _capo_score, True, False, lambda cfg: cfg.penalty > 0, "CAPO (Eq. 1-2)",
+        _capo_score, True, False, lambda penalty: penalty > 0, "CAPO (Eq. 1-2)",
         lambda cfg: f", C={cfg.correct_reward}, P={cfg.penalty}",
     ),
-    "outcome": RewardMode(_capo_score, False, True, lambda cfg: False, "GRPO-Rule", lambda cfg: ""),
+    "outcome": RewardMode(_capo_score, False, True, lambda penalty: False, "GRPO-Rule", lambda cfg: ""),
     "genorm": RewardMode(
-        _genorm_score, False, True, lambda cfg: True, "GRPO-GenORM (Eq. 3)",
+        _genorm_score, False, True, lambda penalty: True, "GRPO-GenORM (Eq. 3)",
         lambda cfg: f", alpha={cfg.genorm_alpha}, beta={cfg.genorm_beta}", _critique_has_verdict,
     ),
 }  # fmt: skip
@@ -297,7 +297,7 @@ class Rollout:
     vote: StepVote | None = None
     credit: torch.Tensor | None = None  # e_t per response token
     advantage: float = 0.0  # a_i
-    penalty: float = 0.0  # p_g of its group
+    group_penalty: float = 0.0  # p_g = P / (std_g + eps) of its group: A_t = advantage - group_penalty * e_t
 
     @property
     def judge_verdict(self) -> float:
@@ -316,7 +316,7 @@ class VotingConfig:
 
 
 def assign_credit(groups: Sequence[Sequence[Rollout]], tokenizer, voting: VotingConfig, cfg: CreditConfig) -> None:
-    """Fills vote, credit, advantage and penalty of every rollout; each group is one prompt's n rollouts."""
+    """Fills vote, credit, advantage and group_penalty of every rollout; each group is one prompt's n rollouts."""
     for group in groups:
         for r in group:
             r.vote = vote(r.critiques, len(r.steps), voting.mode, voting.threshold, voting.min_valid)
@@ -324,7 +324,7 @@ def assign_credit(groups: Sequence[Sequence[Rollout]], tokenizer, voting: Voting
         signals = [RolloutSignals(r.correct, r.formatted, r.credit, r.judge_verdict) for r in group]
         adv = factored_advantages(signals, cfg)
         for r, a in zip(group, adv.rollout_advantages.tolist(), strict=True):
-            r.advantage, r.penalty = a, adv.group_penalty
+            r.advantage, r.group_penalty = a, adv.group_penalty
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -14,6 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from capo_fast.errors import ConfigError
+from capo_fast.plugins import is_callable_spec, load_callable
+
 _BLANK_LINE = re.compile(r"\n[ \t\r]*\n\s*")
 # Critique parsing (DESIGN.md 1.3). Each pattern below starts at a literal or a digit run and scans forward
 # over one character class, and no stretch of text is scanned twice, so parsing costs linear time whatever a
@@ -72,9 +75,6 @@ def split_steps(response: str, separator: re.Pattern = _BLANK_LINE) -> list[Step
 def make_splitter(spec: str = "") -> Callable[[str], list[Step]]:
     """`critic.step_splitter`: empty for blank lines, `module:function` returning the response's pieces
     in order (they must join to the response), or a regex whose matches end a step."""
-    from capo_fast.config import ConfigError
-    from capo_fast.plugins import is_callable_spec, load_callable
-
     if not spec:
         return split_steps
     if is_callable_spec(spec):
@@ -112,8 +112,6 @@ def default_template_path() -> Path:
 
 def load_template(path: str | Path | None = None) -> str:
     """The critic prompt template at `path` (default: the packaged one); every placeholder must be there."""
-    from capo_fast.config import ConfigError
-
     source = Path(path) if path else default_template_path()
     if not source.is_file():
         raise ConfigError(f"critic.prompt_template: {source} does not exist")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from capo_fast.chain_arithmetic import split_rows
+from capo_fast.errors import DataError
 from capo_fast.text_files import read_utf8
 
 QUESTION_KEYS = ("question", "problem", "prompt", "Question")  # the last: GPQA's rows
@@ -58,10 +59,6 @@ class DataKeys:
     answer: str = ""
     reference: str = ""
     instruction: str = ""  # data.strip_instruction: the INSTRUCTION_WRAPPERS entry stripped from questions
-
-
-class DataError(ValueError):
-    """A data row or source that cannot be used; the message names the file and line."""
 
 
 def _get(row: dict, dotted: str):

@@ -19,7 +19,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from capo_fast.config import ConfigError
+from capo_fast.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -199,7 +199,7 @@ def load_runs(
 
 
 def parse_sets(specs: Sequence[str]) -> dict[str, str]:
-    from capo_fast.config import ConfigError
+    from capo_fast.errors import ConfigError
 
     sets = {}
     for spec in specs:
@@ -257,7 +257,8 @@ def _from_config(args: argparse.Namespace) -> argparse.Namespace:
     """Fills --sets and --system-prompt from `--config` where the command line left them out."""
     if args.config is None:
         return argparse.Namespace(**vars(args) | {"system_prompt": args.system_prompt or PAPER_SYSTEM_PROMPT})
-    from capo_fast.config import ConfigError, load_config
+    from capo_fast.config import load_config
+    from capo_fast.errors import ConfigError
 
     config = load_config(args.config)
     sets = args.sets or config.eval.benchmarks
@@ -273,7 +274,7 @@ def build_engine(args: argparse.Namespace, model: Path):
     share of the GPU and tensor-parallel size from the command line. Above one GPU vLLM's own worker
     processes ("mp", what vLLM itself picks for several GPUs of one node: vllm/config/parallel.py:1035-1076)
     serve the engine, since no launcher started one process per GPU."""
-    from capo_fast.rollout import VLLMEngine
+    from capo_fast.engines import VLLMEngine
 
     return VLLMEngine(
         model, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len, sleep_mode=False,
@@ -292,8 +293,7 @@ def _summary(name: str, metrics: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
-    from capo_fast.config import ConfigError
-    from capo_fast.data import DataError
+    from capo_fast.errors import ConfigError, DataError
     from capo_fast.reward import OutcomeVerifier
     from capo_fast.train import resolve_model
 

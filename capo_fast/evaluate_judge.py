@@ -45,10 +45,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from capo_fast.config import Config, ConfigError, load_config
+from capo_fast.config import Config, load_config
+from capo_fast.critics import Critic, CritiqueRequest
 from capo_fast.critique import FAILED, VOTING, Critique, Step, majority_judgment, vote
-from capo_fast.data import ANSWER_KEYS, QUESTION_KEYS, REFERENCE_KEYS, DataError, read_rows, row_field
-from capo_fast.rollout import Critic, CritiqueRequest
+from capo_fast.data import ANSWER_KEYS, QUESTION_KEYS, REFERENCE_KEYS, read_rows, row_field
+from capo_fast.errors import ConfigError, DataError
 
 PROBLEM_KEYS = ("problem", *(k for k in QUESTION_KEYS if k != "problem"))  # ProcessBench's name first
 MAX_SUBSETS = 64  # subsets of N' critiques averaged per N'; past it, a seeded sample of them
@@ -299,7 +300,7 @@ def judge_description(config: Config, critic: Critic) -> dict:
     c = config.critic
     return {
         "backend": c.backend,
-        "model": c.function if c.backend == "function" else c.model or config.model.path,
+        "model": c.backend_class().judge_name(c, config.model.path),
         "num_critiques": c.num_critiques,
         "answer_format": c.answer_format,
         "prompt_template": c.prompt_template or "packaged (capo_fast/prompts/critic.txt)",
@@ -437,9 +438,9 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     from capo_fast.console import quiet_libraries
+    from capo_fast.critics import build_critic
     from capo_fast.critique import make_splitter
     from capo_fast.evaluate import parse_sets
-    from capo_fast.rollout import build_critic
     from capo_fast.train import resolve_model
 
     args, overrides = parse_args(argv)
@@ -451,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         split = make_splitter(config.critic.step_splitter)
         sets = {name: load_annotated(src, keys, split, args.limit) for name, src in parse_sets(args.sets).items()}
         judge = None
-        if config.critic.backend == "vllm":
+        if config.critic.backend_class().local_model:
             key = "critic.model" if config.critic.model else "model.path (the judge when critic.model is empty)"
             judge = resolve_model(config.critic.model or config.model.path, key=key)
     except (ConfigError, DataError) as err:

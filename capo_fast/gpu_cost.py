@@ -33,7 +33,8 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from capo_fast.config import Config, ConfigError, load_config
+from capo_fast.config import Config, load_config
+from capo_fast.errors import ConfigError
 from capo_fast.memory_budget import (
     GPU,
     GPUS,
@@ -160,7 +161,7 @@ def critique(config: Config, judge: Architecture | None, world: int, gpu: GPU) -
     c = config.critic
     if not config.needs_judge():
         return Work(), "no judge"
-    if c.backend != "vllm" or judge is None:
+    if not config.local_judge() or judge is None:
         return Work(), f"{c.backend} judge: not on these GPUs"
     j = judge_memory(config, judge, world, gpu.memory_bytes)
     work = generation(

@@ -25,8 +25,7 @@ def required_env(config: Config, environ: dict[str, str] | None = None) -> list[
     """Names of the variables this run reads that the launcher does not forward by itself."""
     env = os.environ if environ is None else environ
     names = []
-    if config.critic.backend == "remote" and config.critic.api_key_env:
-        names.append(config.critic.api_key_env)
+    names += config.critic.backend_class().env_vars(config.critic)
     if config.logging.wandb_project:
         names.append("WANDB_API_KEY")
     names += sorted(n for n in env if n.startswith(FORWARDED_PREFIXES))

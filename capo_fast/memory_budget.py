@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from capo_fast.config import Config, ConfigError, load_config
+from capo_fast.config import Config, load_config
+from capo_fast.errors import ConfigError
 
 GIB = 2**30
 KV_HEADROOM = 1.2  # vLLM needs some blocks beyond the exact demand (partial blocks, scheduling slack)
@@ -226,7 +227,7 @@ def judge_memory(config: Config, judge: Architecture, world: int, gpu_bytes: flo
 
 
 def has_colocated_judge(config: Config) -> bool:
-    return config.critic.backend == "vllm" and config.needs_judge()
+    return config.local_judge()
 
 
 def zero_setup(config: Config) -> tuple[int, bool]:

@@ -144,7 +144,7 @@ class RolloutSamples:
             problem = problems[r.group]
             steps = [
                 # the advantage every token of the step gets: a_i - p_g * e (Eq. 2, factored)
-                {"text": s.text, "vote": w, "token_advantage": r.advantage - r.penalty * w}
+                {"text": s.text, "vote": w, "token_advantage": r.advantage - r.group_penalty * w}
                 for s, w in zip(r.steps, r.vote.weights, strict=True)
             ]
             rows.append({
@@ -163,7 +163,7 @@ class RolloutSamples:
                 "token_credit": [round(x, 4) for x in r.credit.tolist()],
                 "correct": r.correct,
                 "advantage": r.advantage,
-                "group_penalty": r.penalty,
+                "group_penalty": r.group_penalty,
             })  # fmt: skip
         with self.path.open("a") as f:
             for row in rows:

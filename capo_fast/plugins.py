@@ -6,7 +6,7 @@ import importlib
 import re
 from collections.abc import Callable
 
-from capo_fast.config import ConfigError
+from capo_fast.errors import ConfigError
 
 SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 

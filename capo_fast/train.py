@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 
 from capo_fast.chain_arithmetic import warmed_up_policy
-from capo_fast.config import Config, ConfigError, describe_config, load_config, to_dict
+from capo_fast.config import Config, describe_config, load_config, to_dict
 from capo_fast.console import quiet_libraries
 from capo_fast.credit import COUNTED_METRICS as CREDIT_COUNTS
-from capo_fast.credit import CreditConfig, Rollout, VotingConfig, assign_credit, describe, rollout_metrics
+from capo_fast.credit import Rollout, assign_credit, describe, rollout_metrics
+from capo_fast.critics import CritiqueRequest, build_critic, check_critique_failures
 from capo_fast.critique import make_splitter
 from capo_fast.data import (
     EVAL_SEED_OFFSET,
-    DataError,
     DataKeys,
     PromptSampler,
     encode_prompts,
@@ -50,6 +50,8 @@ from capo_fast.distributed import (
     rank_and_world,
     start_process_group,
 )
+from capo_fast.engines import PolicyEngine, VLLMEngine, critic_sleep_mode, sleep_mode_supported
+from capo_fast.errors import ConfigError, DataError, JudgeError
 from capo_fast.evaluate import EvalOptions, evaluate_set, is_correct, load_set, parse_sets
 from capo_fast.launch_env import required_env
 from capo_fast.memory_budget import Architecture, kv_cache_bytes
@@ -65,16 +67,6 @@ from capo_fast.metrics import (
 )
 from capo_fast.reward import COUNTED_METRICS as REWARD_COUNTS
 from capo_fast.reward import OutcomeVerifier, outcome_metrics
-from capo_fast.rollout import (
-    CRITIC_BACKENDS,
-    CritiqueRequest,
-    JudgeError,
-    PolicyEngine,
-    VLLMEngine,
-    build_critic,
-    critic_sleep_mode,
-    sleep_mode_supported,
-)
 from capo_fast.seeds import Stream, rank_seeds, sampling_seed
 from capo_fast.trainer import PolicyTrainer, TrainingDiverged, TrainSequence
 
@@ -193,11 +185,8 @@ class Run:
         self.started = time.monotonic()
         self.rank, self.world = rank_and_world()
         a = c.algorithm
-        self.credit_config = CreditConfig(
-            correct_reward=a.correct_reward, penalty=a.penalty, format_weight=a.format_weight,
-            reward_mode=a.reward_mode, genorm_alpha=a.genorm_alpha, genorm_beta=a.genorm_beta,
-        )  # fmt: skip
-        judge = CRITIC_BACKENDS[c.critic.backend].describe(c.critic, c.model.path) if c.needs_judge() else "no judge"
+        self.credit_config = a.credit_options()
+        judge = c.critic.backend_class().describe(c.critic, c.model.path) if c.needs_judge() else "no judge"
         self.method = f"{describe(self.credit_config)}, voting={a.voting}; {judge}"
         if self.rank == 0:
             print(f"method: {self.method}", flush=True)  # the first line the run prints
@@ -209,17 +198,16 @@ class Run:
         self.out = Path(c.logging.output_dir)
         self.model_path = resolve_model_once(c.model.path)
         # A local judge's weights are found (or fail) now too, not after the policy's engines have started.
-        local_judge = c.needs_judge() and c.critic.backend == "vllm"
         self.critic_path = (
-            resolve_model_once(c.critic.model, "critic.model") if local_judge and c.critic.model else None
+            resolve_model_once(c.critic.model, "critic.model") if c.local_judge() and c.critic.model else None
         )
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
 
         # Data errors stop every rank here, before deepspeed.initialize or an engine starts.
         fail_together(self._load_data, "loading the data")
         # A judge server (or a critic function) answers now, not after the first rollouts.
-        remote_judge = c.needs_judge() and c.critic.backend != "vllm"
-        self.critic = fail_together(lambda: build_critic(c, None), "reaching the judge") if remote_judge else None
+        early_judge = c.needs_judge() and not c.local_judge()
+        self.critic = fail_together(lambda: build_critic(c, None), "reaching the judge") if early_judge else None
 
         self.trainer = PolicyTrainer(c, self.model_path)
         r = c.rollout
@@ -233,10 +221,10 @@ class Run:
             ),
             self.trainer,
         )  # fmt: skip
-        self.voting = VotingConfig(a.voting, a.vote_threshold, a.min_valid_critiques)
+        self.voting = a.voting_options()
         # The reward mode says whether critiques are read at all: GRPO-Rule and CAPO with P = 0 skip the judge.
         if c.needs_judge() and self.critic is None:  # a local engine: after the policy's (one sleep-mode engine)
-            sleeps = c.critic.backend == "vllm" and critic_sleep_mode(
+            sleeps = critic_sleep_mode(
                 requested=r.sleep_mode, supported=sleep_mode_supported(), policy_sleeps=self.policy.engine.sleep_enabled
             )
             self.critic = build_critic(c, self.critic_path or self.model_path, sleep_mode=sleeps)
@@ -416,7 +404,7 @@ class Run:
                 failed /= max(total, 1)  # ranks may hold different numbers of rollouts
                 check_critique_failures(failed, c.critic, self.step + 1)
             sequences = [
-                TrainSequence(prompts[r.group], r.token_ids, r.advantage, r.penalty, r.credit) for r in rollouts
+                TrainSequence(prompts[r.group], r.token_ids, r.advantage, r.group_penalty, r.credit) for r in rollouts
             ]
 
         with timed(times, "logprobs"):
@@ -537,21 +525,6 @@ class Run:
             line += f"; change {change:+.3f} ± {se:.3f} ({change / se if se else float('nan'):+.1f} SE)"
         print(line, flush=True)
         self.log.log(self.step, {f"eval/accuracy_{when.split()[0]}": accuracy, **metrics})
-
-
-def check_critique_failures(rate: float, config, step: int) -> None:
-    """Warns above critic.warn_failure_rate and stops above critic.max_failure_rate: without critiques,
-    CAPO silently trains on outcome reward alone. `rate` is reduced over ranks, so all ranks agree."""
-    if rate > config.max_failure_rate:
-        where = f"critic.url={config.url!r} and ${config.api_key_env}" if config.backend == "remote" else "the judge"
-        raise JudgeError(
-            f"step {step}: {rate:.0%} of critiques failed (critic.max_failure_rate={config.max_failure_rate}); "
-            f"the run would train on outcome reward alone. Check {where}, and critic.answer_format "
-            "(guided keeps small judges to the format)"
-        )
-    if rate > config.warn_failure_rate:
-        logger.warning("step %d: %.0f%% of critiques failed (critic.warn_failure_rate=%s)", step, 100 * rate,
-                       config.warn_failure_rate)  # fmt: skip
 
 
 def reduce_step_metrics(local: dict[str, float], rollouts: int) -> dict[str, float]:

@@ -22,19 +22,19 @@ import torch.distributed as dist
 
 from capo_fast.config import Config
 from capo_fast.distributed import all_reduce
-from capo_fast.kernels import PolicyLossOptions, fused_linear_logprobs
+from capo_fast.kernels import fused_linear_logprobs
 from capo_fast.kernels.aggregation import aggregation_weights
 from capo_fast.policy_losses import PolicyLossInputs, compute_policy_loss
 
 
 @dataclass
 class TrainSequence:
-    """One rollout as the trainer sees it. A_t = advantage - penalty * credit[t]."""
+    """One rollout as the trainer sees it. A_t = advantage - group_penalty * credit[t]."""
 
     prompt_ids: list[int]
     response_ids: list[int]
     advantage: float
-    penalty: float
+    group_penalty: float  # p_g = P / (std_g + eps) of its prompt group
     credit: torch.Tensor  # [len(response_ids)]
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
@@ -331,7 +331,7 @@ class PolicyTrainer:
 
     def weights(self):
         """HF-named full tensors of the current policy (gathered under ZeRO-3), for the rollout engine."""
-        from capo_fast.rollout import model_weights
+        from capo_fast.engines import model_weights
 
         return model_weights(self.model)
 
@@ -381,10 +381,7 @@ class PolicyTrainer:
         # DeepSpeed averages gradients over ranks; the weights already normalise globally.
         world = dist.get_world_size() if dist.is_initialized() else 1
         groups = self._micro_batches(sequences)
-        options = PolicyLossOptions(
-            temperature=self.config.rollout.sampling.temperature or 1.0, eps_low=a.eps_low, eps_high=a.eps_high,
-            dual_clip=a.dual_clip, kl_coef=a.kl_coef, entropy_coef=a.entropy_coef,
-        )  # fmt: skip
+        options = a.policy_loss_options(self.config.rollout.sampling.temperature)
         stats = {"loss": 0.0, "clipped": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0, "skipped": 0.0}
         for k, group in enumerate(groups):
             chosen = [sequences[i] for i in group]
@@ -406,7 +403,7 @@ class PolicyTrainer:
                 loss_weights=weights * world,
                 seq_ids=batch.seq_ids,
                 credit=cat(lambda s: s.credit.float()),
-                penalty=cat(lambda s: torch.full((len(s.response_ids),), s.penalty)),
+                penalty=cat(lambda s: torch.full((len(s.response_ids),), s.group_penalty)),
                 ref_logprobs=cat(lambda s: s.ref_logprobs) if self.reference is not None else None,
             )  # fmt: skip
             loss_args = {"name": a.policy_loss, "inputs": inputs, "options": options}
@@ -460,7 +457,7 @@ class PolicyTrainer:
     def export(self, directory: Path, tokenizer, card: str = "") -> None:
         """An HF model folder of the current policy (gathered from all ranks under ZeRO-3), with `card`
         as its README.md (model card)."""
-        from capo_fast.rollout import model_weights
+        from capo_fast.engines import model_weights
 
         writer = not dist.is_initialized() or dist.get_rank() == 0
         # Every rank takes part in ZeRO-3's gathers; only the writer copies the full model to host memory
@@ -475,6 +472,6 @@ class PolicyTrainer:
 
 # A rank with fewer sequences than micro-batches still runs a forward/backward (with zero weight).
 _PAD = TrainSequence(
-    prompt_ids=[0], response_ids=[0], advantage=0.0, penalty=0.0, credit=torch.zeros(1),
+    prompt_ids=[0], response_ids=[0], advantage=0.0, group_penalty=0.0, credit=torch.zeros(1),
     old_logprobs=torch.zeros(1), ref_logprobs=torch.zeros(1),
 )  # fmt: skip

@@ -30,7 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from capo_fast.data import HUB_SOURCE, DataError, read_rows
+from capo_fast.data import HUB_SOURCE, read_rows
+from capo_fast.errors import DataError
 from capo_fast.evaluate import PAPER_SYSTEM_PROMPT
 
 NUMINA = "AI-MO/NuminaMath-CoT@train"

@@ -20,8 +20,8 @@ from capo_fast.chain_arithmetic import (
     wrong_steps,
 )
 from capo_fast.config import load_config
+from capo_fast.critics import CritiqueRequest, FunctionCritic
 from capo_fast.critique import split_steps
-from capo_fast.rollout import CritiqueRequest, FunctionCritic
 
 CHAIN = Chain(7, (("+", 5), ("*", 3), ("-", 4)))  # 7 + 5 = 12, 12 * 3 = 36, 36 - 4 = 32
 
@@ -151,7 +151,7 @@ def test_the_default_run_reads_the_chain_task_and_judges_it_with_the_program_cri
 
 def test_the_first_line_names_the_judge_for_every_backend():
     from capo_fast.config import CriticConfig
-    from capo_fast.rollout import CRITIC_BACKENDS
+    from capo_fast.critics import CRITIC_BACKENDS
 
     function = CriticConfig()
     assert "program critic capo_fast.chain_arithmetic:critique" in CRITIC_BACKENDS["function"].describe(function, "x")

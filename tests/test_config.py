@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 from capo_fast.config import Config, ConfigError, load_config
+from capo_fast.credit import CreditConfig, VotingConfig
+from capo_fast.kernels import PolicyLossOptions
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -16,9 +18,38 @@ def test_defaults_are_valid():
     assert config.algorithm.correct_reward == 2.0 and config.algorithm.penalty == 1.0
 
 
+def _written_values(tree: dict, prefix: str = ""):
+    """(dotted key, value) of every leaf of a YAML mapping, as PyYAML reads it."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _written_values(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load(path):
-    assert isinstance(load_config(path), Config)
+    """Every value the file writes is the loaded one (PyYAML's own reading of the file as the statement of it),
+    and every other key keeps its default."""
+    import dataclasses
+
+    import yaml
+
+    config, default = load_config(path), Config()
+    written = dict(_written_values(yaml.safe_load(path.read_text())))
+    assert written, f"{path.name} sets nothing"
+    for key, value in written.items():
+        loaded = config
+        for part in key.split("."):
+            loaded = getattr(loaded, part)
+        assert loaded == (float(value) if isinstance(loaded, float) else value), key
+    for section in dataclasses.fields(Config):
+        for key, value in dict(_written_values(dataclasses.asdict(getattr(default, section.name)))).items():
+            if f"{section.name}.{key}" not in written:
+                got = dataclasses.asdict(getattr(config, section.name))
+                for part in key.split("."):
+                    got = got[part]
+                assert got == value, f"{section.name}.{key} changed without being written"
     assert path.read_text().startswith("#"), "a config names the command that runs it in its header"
 
 
@@ -312,3 +343,55 @@ def test_file_encodings(tmp_path):
         load_config(path)
     path.write_bytes(b"\xef\xbb\xbftrainer:\n  steps: 3\n")  # a UTF-8 byte-order mark is fine
     assert load_config(path).trainer.steps == 3
+
+
+def test_option_objects_carry_the_algorithm_section():
+    written = {
+        "algorithm.correct_reward": 3, "algorithm.penalty": 0.5, "algorithm.format_weight": 0.2,
+        "algorithm.reward_mode": "genorm", "algorithm.genorm_alpha": 2, "algorithm.genorm_beta": 0.5,
+        "algorithm.voting": "union", "algorithm.vote_threshold": 0.75, "critic.num_critiques": 4,
+        "algorithm.min_valid_critiques": 3, "algorithm.eps_low": 0.1, "algorithm.eps_high": 0.28,
+        "algorithm.dual_clip": 3, "algorithm.kl_coef": 0.01, "algorithm.entropy_coef": 0.001,
+    }  # fmt: skip
+    config = load_config(None, [f"--{key}={value}" for key, value in written.items()])
+    a = config.algorithm
+    assert a.credit_options() == CreditConfig(correct_reward=3.0, penalty=0.5, format_weight=0.2, reward_mode="genorm",
+                                              genorm_alpha=2.0, genorm_beta=0.5)  # fmt: skip
+    assert a.voting_options() == VotingConfig(mode="union", threshold=0.75, min_valid=3)
+    assert a.policy_loss_options(0.7) == PolicyLossOptions(0.7, eps_low=0.1, eps_high=0.28, dual_clip=3.0, kl_coef=0.01,
+                                                           entropy_coef=0.001)  # fmt: skip
+    assert a.policy_loss_options(0.0).temperature == 1.0  # greedy rollouts: the logits as they are
+
+
+@pytest.mark.parametrize(
+    ("overrides", "judged", "local"),
+    [
+        ([], True, False),  # the default: CAPO, P = 1, the program critic
+        (["--critic.backend=vllm"], True, True),
+        (["--critic.backend=vllm", "--algorithm.penalty=0"], False, False),  # CAPO without a step penalty
+        (["--critic.backend=vllm", "--algorithm.reward_mode=outcome"], False, False),  # GRPO-Rule
+        (["--critic.backend=vllm", "--algorithm.reward_mode=genorm", "--algorithm.penalty=0"], True, True),
+        (["--critic.backend=remote", "--critic.url=http://judge:8000/v1"], True, False),
+    ],
+)
+def test_the_registries_say_whether_a_run_has_a_judge_and_where(overrides, judged, local):
+    config = load_config(None, overrides)
+    assert (config.needs_judge(), config.local_judge()) == (judged, local)
+
+
+def test_each_critic_backend_states_what_it_needs():
+    from capo_fast.critics import CRITIC_BACKENDS
+    from capo_fast.launch_env import required_env
+
+    assert {name: b.local_model for name, b in CRITIC_BACKENDS.items()} == {
+        "vllm": True, "remote": False, "function": False
+    }  # fmt: skip
+    remote = ["--critic.backend=remote", "--critic.url=http://judge:8000/v1", "--critic.api_key_env=JUDGE_KEY"]
+    assert required_env(load_config(None, remote), environ={}) == ["JUDGE_KEY"]
+    assert required_env(load_config(None, ["--critic.backend=vllm"]), environ={}) == []
+    with pytest.raises(ConfigError, match=r"critic\.url: remote critic needs an http\(s\) URL"):
+        load_config(None, ["--critic.backend=remote"])
+    with pytest.raises(ConfigError, match=r"critic\.function: the function backend needs module:function"):
+        load_config(None, ["--critic.function="])
+    with pytest.raises(ConfigError, match=r"critic\.backend: 'vlm' is not one of \['function', 'remote', 'vllm'\]"):
+        load_config(None, ["--critic.backend=vlm"])

@@ -259,7 +259,7 @@ def test_prompt_goes_through_the_judge_chat_template(tiny_model_dir):
 
 def test_the_judge_sees_the_reference_solution_else_the_gold_answer():
     from capo_fast.config import CriticConfig
-    from capo_fast.rollout import ChatCritic, CritiqueRequest
+    from capo_fast.critics import ChatCritic, CritiqueRequest
 
     class Recording(ChatCritic):
         def _complete(self, messages, seeds, regexes):

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from capo_fast.critics import guided_critique_regex
 from capo_fast.critique import Critique, parse_critique, parse_judgment
-from capo_fast.rollout import guided_critique_regex
 
 QUESTION = "Is the solution correct (Yes/No)?"
 # Prose with no judgment line in it: it may come anywhere, even before the verdict.

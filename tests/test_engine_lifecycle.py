@@ -1,6 +1,6 @@
 """The policy engine's lifecycle has one owner: offload, sync when needed, wake, generate, sleep.
 
-A stand-in engine records what happens to it (no vLLM here); tests/test_rollout.py runs the real one.
+A stand-in engine records what happens to it (no vLLM here); tests/test_engines.py runs the real one.
 """
 
 import logging
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from capo_fast.config import CriticConfig, SamplingConfig
-from capo_fast.rollout import Completion, JudgeError, PolicyEngine, critic_sleep_mode
-from capo_fast.train import check_critique_failures
+from capo_fast.critics import check_critique_failures
+from capo_fast.engines import Completion, PolicyEngine, critic_sleep_mode
+from capo_fast.errors import JudgeError
 
 
 class RecordingEngine:
@@ -159,7 +160,7 @@ def test_a_local_judge_counts_its_tokens_and_says_which_prompts_are_too_long(tin
     fail) and the log says so; the completions' tokens are counted for the judge's cost."""
     from transformers import AutoTokenizer
 
-    from capo_fast.rollout import ChatCritic, LocalCritic
+    from capo_fast.critics import ChatCritic, LocalCritic
 
     class StandInJudge:
         tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -173,7 +174,7 @@ def test_a_local_judge_counts_its_tokens_and_says_which_prompts_are_too_long(tin
     ChatCritic.__init__(critic, CriticConfig(max_model_len=256, sampling=SamplingConfig(max_tokens=128)))
     critic.engine = StandInJudge()
     chats = [[{"role": "user", "content": "short"}], [{"role": "user", "content": "long " * 300}]]
-    with caplog.at_level(logging.WARNING, logger="capo_fast.rollout"):
+    with caplog.at_level(logging.WARNING, logger="capo_fast.critics"):
         texts = critic._complete(chats, [0, 1], [None, None])
     assert texts == [["judged", "judged"], [None, None]] and len(critic.engine.sent) == 1
     assert critic.tokens_generated == 6

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from capo_fast.data import DataError, Problem, as_multiple_choice
+from capo_fast.engines import Completion
 from capo_fast.evaluate import EvalOptions, choice_letter, evaluate_set, is_correct, load_set, pass_at_k
 from capo_fast.reward import OutcomeVerifier
-from capo_fast.rollout import Completion
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
@@ -255,11 +255,11 @@ def test_cli_engine_options_reach_the_engine_and_runs_reshuffle(tmp_path, monkey
 
     import transformers
 
-    import capo_fast.rollout
+    import capo_fast.engines
     import capo_fast.train
     from capo_fast.evaluate import load_runs, main
 
-    monkeypatch.setattr(capo_fast.rollout, "VLLMEngine", RecordingEngine)
+    monkeypatch.setattr(capo_fast.engines, "VLLMEngine", RecordingEngine)
     monkeypatch.setattr(capo_fast.train, "resolve_model", lambda name: tmp_path)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: CharTokenizer())
     mc = tmp_path / "mc.jsonl"
@@ -274,7 +274,7 @@ def test_cli_engine_options_reach_the_engine_and_runs_reshuffle(tmp_path, monkey
     assert (default["gpu_memory_utilization"], default["tensor_parallel_size"], default["executor_backend"]) == (
         0.9, 1, "")  # fmt: skip
     assert first["sleep_mode"] is False
-    from capo_fast.rollout import VLLMEngine  # the real engine takes every option the CLI passes
+    from capo_fast.engines import VLLMEngine  # the real engine takes every option the CLI passes
 
     inspect.signature(VLLMEngine).bind(*first_args, **first)
     metrics = json.loads(out.read_text())["sets"]["mc"]

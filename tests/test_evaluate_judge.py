@@ -9,6 +9,7 @@ import pytest
 
 from capo_fast.chain_arithmetic import chain_of, write_annotated, wrong_steps
 from capo_fast.config import load_config
+from capo_fast.critics import ChatCritic, guided_critique_regex
 from capo_fast.critique import critique_messages, load_template, split_steps
 from capo_fast.data import DataError
 from capo_fast.evaluate_judge import (
@@ -19,7 +20,6 @@ from capo_fast.evaluate_judge import (
     run_judge,
     subsets,
 )
-from capo_fast.rollout import ChatCritic, guided_critique_regex
 
 SHIPPED = Path(__file__).parent / "data" / "chain-annotated.jsonl"
 JUDGMENT = "Judgment: Is the solution correct (Yes/No)?"
@@ -334,9 +334,9 @@ def test_processbench_loads_from_a_saved_dataset_and_by_hub_id(tmp_path, monkeyp
 def test_the_evaluated_judge_is_built_as_training_builds_it_but_alone(annotated, tmp_path, monkeypatch):
     """One build_critic for both; a local engine takes critic.gpu_memory_utilization of the GPU in either
     (test_memory_budget.py holds what it gives vLLM)."""
-    from capo_fast import rollout
+    from capo_fast import critics
 
-    calls, real = [], rollout.build_critic
-    monkeypatch.setattr(rollout, "build_critic", lambda *a, **k: calls.append(k) or real(*a, **k))
+    calls, real = [], critics.build_critic
+    monkeypatch.setattr(critics, "build_critic", lambda *a, **k: calls.append(k) or real(*a, **k))
     _run(tmp_path, [f"x={annotated}"])
     assert calls == [{}]

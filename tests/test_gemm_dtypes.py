@@ -152,7 +152,7 @@ def test_trainer_forward_and_backward_keep_low_precision_gemms(monkeypatch):
     g = torch.Generator().manual_seed(1)
     seqs = [
         TrainSequence(torch.randint(0, V, (p,), generator=g).tolist(), torch.randint(0, V, (r,), generator=g).tolist(),
-                      advantage=0.5, penalty=0.1, credit=torch.ones(r))
+                      advantage=0.5, group_penalty=0.1, credit=torch.ones(r))
         for p, r in ((5, 7), (3, 9))
     ]  # fmt: skip
     batch = pack(seqs, block_mask=True, device=torch.device("cpu"))

@@ -129,7 +129,7 @@ def engine_kwargs(monkeypatch):
 
 
 def test_engine_receives_the_sized_kv_cache_on_cuda(engine_kwargs, monkeypatch):
-    from capo_fast.rollout import VLLMEngine
+    from capo_fast.engines import VLLMEngine
 
     seen = engine_kwargs
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -143,7 +143,7 @@ def test_engine_receives_the_sized_kv_cache_on_cuda(engine_kwargs, monkeypatch):
 def test_a_local_judge_gets_its_share_in_training_and_in_evaluation(engine_kwargs, monkeypatch, tiny_model_dir):
     """No kv_cache_memory_bytes: with one vLLM skips its memory profile and ignores gpu_memory_utilization
     (vllm/config/cache.py:257-264, vllm/v1/worker/gpu_worker.py:649-675)."""
-    from capo_fast.rollout import build_critic
+    from capo_fast.critics import build_critic
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     config = load_config(None, ["--critic.backend=vllm", "--critic.gpu_memory_utilization=0.8"])

@@ -5,9 +5,9 @@ import textwrap
 import pytest
 
 from capo_fast.config import ConfigError, load_config
+from capo_fast.critics import CRITIC_BACKENDS, CritiqueRequest
 from capo_fast.critique import Critique, make_splitter, split_steps
 from capo_fast.reward import OutcomeVerifier
-from capo_fast.rollout import CRITIC_BACKENDS, CritiqueRequest
 
 
 @pytest.fixture

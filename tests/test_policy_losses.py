@@ -303,7 +303,7 @@ def test_trainer_takes_the_loss_from_the_config(single_rank, tiny_model_dir):
         TrainSequence(ids(p), ids(r), a, 0.5, (torch.rand(r, generator=g) > 0.5).float())
         for p, r, a in [(5, 7, 1.0), (3, 11, -0.5), (9, 2, 0.25)]
     ]
-    adv = torch.cat([s.advantage - s.penalty * s.credit for s in seqs]).double()
+    adv = torch.cat([s.advantage - s.group_penalty * s.credit for s in seqs]).double()
     for name in ("gspo", "cispo"):
         trainer.config.algorithm.policy_loss = name
         trainer.compute_logprobs(seqs)

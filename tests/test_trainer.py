@@ -29,7 +29,7 @@ def _sequences(vocab: int, seed: int = 0) -> list[TrainSequence]:
                 prompt_ids=torch.randint(3, vocab, (p,), generator=g).tolist(),
                 response_ids=torch.randint(3, vocab, (r,), generator=g).tolist(),
                 advantage=[1.0, -0.5, 0.25][i],
-                penalty=0.5,
+                group_penalty=0.5,
                 credit=(torch.rand(r, generator=g) > 0.5).float(),
             )
         )
@@ -64,7 +64,7 @@ def test_packed_forward_equals_separate(tiny_model_dir):
 def test_logprobs_and_one_update_match_the_reference(single_rank, tiny_model_dir, zero_stage):
     from transformers import AutoModelForCausalLM
 
-    from capo_fast.rollout import model_weights
+    from capo_fast.engines import model_weights
 
     overrides = [
         f"--trainer.zero_stage={zero_stage}",
@@ -87,7 +87,7 @@ def test_logprobs_and_one_update_match_the_reference(single_rank, tiny_model_dir
         torch.testing.assert_close(seq.old_logprobs.double(), expected, atol=1e-5, rtol=0)
 
     # At ratio 1 the clipped loss is -mean_t(A_t) with A_t = a - p * e_t (token-mean).
-    advantages = torch.cat([seq.advantage - seq.penalty * seq.credit for seq in seqs]).double()
+    advantages = torch.cat([seq.advantage - seq.group_penalty * seq.credit for seq in seqs]).double()
     stats = trainer.train_mini_batch(seqs)
     assert stats["tokens"] == sum(len(s.response_ids) for s in seqs)
     assert stats["loss"] == pytest.approx(-advantages.mean().item(), abs=1e-5)
@@ -180,7 +180,7 @@ def test_update_runs_in_training_mode_with_checkpointing_and_no_cache(single_ran
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(single_rank, tiny_model_dir):
-    from capo_fast.rollout import model_weights
+    from capo_fast.engines import model_weights
 
     config = load_config(None, ["--model.path=tiny", "--trainer.max_skipped_steps=2", "--trainer.lr=1e-3"])
     trainer = PolicyTrainer(config, tiny_model_dir)

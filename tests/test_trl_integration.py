@@ -31,9 +31,9 @@ from capo_fast.credit import (  # noqa: E402
     group_advantages,
     token_rewards,
 )
+from capo_fast.critics import CritiqueRequest, FunctionCritic  # noqa: E402
 from capo_fast.critique import split_steps  # noqa: E402
 from capo_fast.integrations.trl import LOSS_TYPES, CapoCreditGRPOTrainer, CapoGRPOTrainer, check_args  # noqa: E402
-from capo_fast.rollout import CritiqueRequest, FunctionCritic  # noqa: E402
 
 ROWS, PROMPT, LENGTH = 4, 3, 6
 # ragged lengths and one empty completion (grpo and dr_grpo still count it among the B rows)
@@ -237,7 +237,7 @@ def test_capo_token_advantages_equal_capo_fast_credit(tiny, tmp_path):
         direct = group_advantages([token_rewards(RolloutSignals(r.correct, 0.0, r.credit), credit) for r in group])
         for k, (r, expected) in enumerate(zip(group, direct, strict=True)):
             i, n = g * group_size + k, len(r.token_ids)
-            torch.testing.assert_close(advantages[i, :n].double(), r.advantage - r.penalty * r.credit.double())
+            torch.testing.assert_close(advantages[i, :n].double(), r.advantage - r.group_penalty * r.credit.double())
             torch.testing.assert_close(advantages[i, :n].double(), expected, rtol=1e-6, atol=1e-6)
             assert (advantages[i, n:] == 0).all()
             flagged += int((r.credit > 0).any())

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from capo_fast.config import Config, CriticConfig, load_config
+from capo_fast.critics import ChatCritic, CritiqueRequest
 from capo_fast.critique import split_steps
-from capo_fast.rollout import ChatCritic, CritiqueRequest
 from capo_fast.seeds import Stream, rank_seeds, sampling_seed
 from capo_fast.train import describe_shares, my_share
 

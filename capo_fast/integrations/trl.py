@@ -18,6 +18,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from capo_fast.credit import CreditConfig, Rollout, VotingConfig, assign_credit, rollout_metrics
+from capo_fast.critics import Critic, CritiqueRequest
 from capo_fast.critique import make_splitter
 from capo_fast.kernels import (
     AggregationMode,
@@ -26,7 +27,6 @@ from capo_fast.kernels import (
     fused_linear_logprobs,
     fused_linear_policy_loss,
 )
-from capo_fast.rollout import Critic, CritiqueRequest
 from capo_fast.seeds import Stream, sampling_seed
 
 # TRL loss_type -> the aggregation of capo_fast.kernels.aggregation with the same normaliser
@@ -225,7 +225,7 @@ class CapoCreditGRPOTrainer(CapoGRPOTrainer):
 
     TRL's reward functions score each completion (their weighted sum, as TRL sums them, is r_v of Eq. 1,
     scaled by `credit.correct_reward`); `critic` (any capo-fast backend: `FunctionCritic`, `RemoteCritic`,
-    `LocalCritic`, e.g. from `capo_fast.rollout.build_critic`) writes N critiques of each completion's
+    `LocalCritic`, e.g. from `capo_fast.critics.build_critic`) writes N critiques of each completion's
     steps; `voting` combines them into e_t per token and `capo_fast.credit.assign_credit` gives the
     advantages of Eq. 2, pooled over each prompt's `num_generations` completions.
 
@@ -321,7 +321,7 @@ class CapoCreditGRPOTrainer(CapoGRPOTrainer):
         assign_credit(groups, tokenizer, self.voting, self.credit)
         advantages = torch.zeros(completion_ids.shape, dtype=torch.float32)
         for i, r in enumerate(rollouts):
-            token_advantage = r.advantage - r.penalty * r.credit.double()  # Eq. 2 in factored form
+            token_advantage = r.advantage - r.group_penalty * r.credit.double()  # Eq. 2 in factored form
             advantages[i, completion_mask[i].bool().cpu()] = token_advantage.float()
         metrics = rollout_metrics(rollouts, self.credit, self.critic.config.num_critiques)
         return advantages.to(completion_ids.device), {f"capo/{name}": value for name, value in metrics.items()}

@@ -7,7 +7,7 @@ import torch
 
 from capo_fast.config import SamplingConfig
 from capo_fast.distributed import start_process_group
-from capo_fast.rollout import VLLMEngine
+from capo_fast.engines import VLLMEngine
 
 model_dir, out_dir = sys.argv[-2], sys.argv[-1]
 start_process_group()  # as train.py joins: gloo here, its /dev/shm names released

@@ -1,4 +1,4 @@
-"""Generation engines: vLLM policy rollouts and GenPRM critiques, sleep mode, weight sync.
+"""Generation engines: vLLM in the training process, sleep mode, weight sync from the trainer.
 
 Engines live inside the training processes. A single process runs vLLM's uniprocess executor; ranks
 started by the deepspeed launcher use `external_launcher`, so every rank owns one engine and
@@ -11,34 +11,17 @@ Sleep mode frees accelerator memory for training between generations. It needs C
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import re
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from capo_fast.config import Config, CriticConfig, SamplingConfig
-from capo_fast.critique import (
-    FAILED,
-    JUDGMENT_LINE,
-    VOTING,
-    Critique,
-    Step,
-    critique_messages,
-    load_template,
-    parse_critique,
-)
-from capo_fast.data import chat_token_ids
-from capo_fast.seeds import critique_request_seeds
+from capo_fast.distributed import gather_requests, own_slice, tensor_parallel_group
 
 logger = logging.getLogger(__name__)
 _sleep_notice_given = False
@@ -76,6 +59,15 @@ def _executor_backend(tensor_parallel_size: int) -> str:
             f"deepspeed --num_gpus {tensor_parallel_size} capo_fast/train.py ..."
         )
     return "uni"
+
+
+class Sampling(Protocol):
+    """What an engine reads of a sampling section (config.SamplingConfig is one)."""
+
+    temperature: float  # 0: greedy decoding
+    top_p: float
+    max_tokens: int  # new tokens per completion
+    stop: Sequence[str]  # strings that end a generation
 
 
 @dataclass(frozen=True)
@@ -129,8 +121,6 @@ class VLLMEngine:
         self.sleep_level = sleep_level
         self.asleep = False
         threads = torch.get_num_threads()
-        from capo_fast.distributed import tensor_parallel_group
-
         self.tp_group = tensor_parallel_group(tensor_parallel_size)
         self.llm = LLM(
             model=str(model),
@@ -195,7 +185,7 @@ class VLLMEngine:
     def generate(
         self,
         prompts: Sequence[list[int]],
-        sampling: SamplingConfig,
+        sampling: Sampling,
         *,
         n: int,
         seeds: Sequence[int],
@@ -206,8 +196,6 @@ class VLLMEngine:
         `regex` (one per prompt) constrains the text through vLLM's structured outputs."""
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
-
-        from capo_fast.distributed import gather_requests, own_slice
 
         self.wake_up()
         # Ranks of one tensor-parallel engine submit the same requests: each submits the group's.
@@ -282,7 +270,7 @@ class PolicyEngine:
         self._loaded_version: int | None = None
         self.last_sync_s = 0.0
 
-    def generate(self, prompts, sampling: SamplingConfig, *, n: int, seeds) -> list[list[Completion]]:
+    def generate(self, prompts, sampling: Sampling, *, n: int, seeds) -> list[list[Completion]]:
         with self._awake():
             return self.engine.generate(prompts, sampling, n=n, seeds=seeds)
 
@@ -339,267 +327,3 @@ def model_weights(model: torch.nn.Module, *, bucket_bytes: int = 256 << 20) -> I
                 copies = [(n, p.detach().clone()) for n, p in bucket]
             yield from copies
             bucket, size = [], 0
-
-
-# ---- critics --------------------------------------------------------------------------------------
-
-
-def guided_critique_regex(reasoning_chars: int, num_steps: int) -> str:
-    """What `answer_format: guided` lets a critic write: the paper's judgment line first; after "Yes" the
-    critique ends there (valid, it flags nothing); after "No", some reasoning and an `<incorrect_steps>`
-    list that can only name steps the response has (possibly none: a judge that finds no wrong step is not
-    made to pick one).
-
-    The paper asks for the list only when the solution is wrong. A grammar that required a list after "Yes"
-    made a small judge fill it: SmolLM2-135M, told to leave it empty, named steps in 93% of its "Yes"
-    critiques, and training penalised them. Every text this grammar admits parses as a valid critique
-    whose verdict is the one on its first line (the reasoning cannot open a block: it has no "<")."""
-    reasoning = f"[^<]{{0,{reasoning_chars}}}\\n" if reasoning_chars else ""
-    index = "(" + "|".join(str(k) for k in range(num_steps)) + ")"
-    indices = f"({index}(,{index}){{0,{num_steps - 1}}})?" if num_steps else ""
-    literal = re.sub(r"([()?.])", r"\\\1", JUDGMENT_LINE)  # no "\\ ": engines differ on it
-    return literal + f" (Yes|No\\n{reasoning}<incorrect_steps>{indices}</incorrect_steps>)"
-
-
-class JudgeError(RuntimeError):
-    """Too many critiques failed: the run would silently lose its step credit."""
-
-
-@dataclass(frozen=True)
-class CritiqueRequest:
-    question: str
-    steps: list[Step]
-    reference_solution: str | None = None
-    answer: str | None = None  # the gold final answer
-
-    def ground_truth(self) -> str | None:
-        """What the judge is shown as right: the reference solution, else the gold final answer (rows of
-        DAPO-Math and the like carry only the answer)."""
-        if self.reference_solution and self.reference_solution.strip():
-            return self.reference_solution
-        return f"The final answer is {self.answer}." if self.answer else None
-
-
-class Critic(ABC):
-    """N critiques per rollout; a failed or unparsable one is `FAILED`, never an exception.
-
-    `tokens_generated` counts the judge's completion tokens so far (None for backends that write no tokens).
-    """
-
-    def __init__(self, config: CriticConfig):
-        self.config = config
-        self.tokens_generated: int | None = None
-
-    @abstractmethod
-    def critique(self, requests: Sequence[CritiqueRequest], seed: int = 0) -> list[list[Critique]]:
-        """Parsed critiques, N per request; request i samples with seeds seed + i*N ... seed + i*N + N - 1."""
-
-    def sleep(self) -> None:  # noqa: B027 - most backends hold nothing to free
-        """Frees what it can between critiques (a local engine's accelerator memory)."""
-
-    @staticmethod
-    def describe(config: CriticConfig, policy: str) -> str:
-        """The judge in words, for the first line a run prints (`policy`: the model a judge defaults to)."""
-        return f"critic.backend={config.backend}"
-
-    def probe(self) -> None:  # noqa: B027 - a local engine or a function is there once built
-        """Raises JudgeError when the judge cannot answer, so a run stops before its first rollout."""
-
-
-class ChatCritic(Critic):
-    """A chat model as the GenPRM: the critic prompt in, judge text out. Backends provide `_complete`."""
-
-    def __init__(self, config: CriticConfig):
-        super().__init__(config)
-        self.guided = config.answer_format == "guided"
-        self.template = load_template(config.prompt_template or None)
-        self.tokens_generated = 0
-
-    @abstractmethod
-    def _complete(
-        self, messages: list[list[dict]], seeds: list[int], regexes: list[str | None]
-    ) -> list[list[str | None]]:
-        """N completions per chat (constrained by its regex when there is one); None marks a failure."""
-
-    def critique(self, requests: Sequence[CritiqueRequest], seed: int = 0) -> list[list[Critique]]:
-        reference = lambda r: r.ground_truth() if self.config.include_reference else None  # noqa: E731
-        messages = [critique_messages(r.question, r.steps, reference(r), self.template) for r in requests]
-        regexes = [
-            guided_critique_regex(self.config.guided_reasoning_chars, len(r.steps)) if self.guided else None
-            for r in requests
-        ]
-        seeds = critique_request_seeds(seed, len(requests), self.config.num_critiques)  # N children apart
-        texts = self._complete(messages, seeds, regexes)
-        return [
-            [parse_critique(t, len(r.steps)) if t is not None else FAILED for t in per_request]
-            for r, per_request in zip(requests, texts, strict=True)
-        ]
-
-
-class LocalCritic(ChatCritic):
-    """The GenPRM as a second vLLM engine in this process; sleeps at level 1 (frozen weights)."""
-
-    @staticmethod
-    def describe(config: CriticConfig, policy: str) -> str:
-        return f"LLM judge {config.model or policy} in a local vLLM engine"
-
-    def __init__(
-        self,
-        config: CriticConfig,
-        model: str,
-        *,
-        dtype: str,
-        seed: int,
-        sleep_mode: bool,
-    ):
-        super().__init__(config)
-        self.engine = VLLMEngine(
-            model,
-            dtype=dtype,
-            seed=seed,
-            gpu_memory_utilization=config.gpu_memory_utilization,  # its share: weights, activations, KV cache
-            max_model_len=config.max_model_len,
-            sleep_level=1,
-            sleep_mode=sleep_mode,
-        )
-
-    def _complete(self, messages, seeds, regexes):
-        tokenizer = self.engine.tokenizer
-        limit = self.config.max_model_len - self.config.sampling.max_tokens
-        prompts = [chat_token_ids(tokenizer, m) for m in messages]
-        fits = [i for i, p in enumerate(prompts) if len(p) <= limit]
-        if len(fits) < len(prompts):
-            longest = max(len(p) for p in prompts)
-            logger.warning(
-                "%d of %d critic prompts (up to %d tokens) exceed critic.max_model_len - critic.sampling.max_tokens "
-                "= %d: their critiques fail", len(prompts) - len(fits), len(prompts), longest, limit,
-            )  # fmt: skip
-        n = self.config.num_critiques
-        pick = lambda xs: [xs[i] for i in fits]  # noqa: E731
-        outputs = self.engine.generate(pick(prompts), self.config.sampling, n=n, seeds=pick(seeds), regex=pick(regexes))
-        texts: list[list[str | None]] = [[None] * self.config.num_critiques for _ in prompts]
-        for i, completions in zip(fits, outputs, strict=True):
-            texts[i] = [c.text for c in completions]  # cut off before its block: an abstention unless it said Yes
-            self.tokens_generated += sum(len(c.token_ids) for c in completions)
-        return texts
-
-    def sleep(self) -> None:
-        self.engine.sleep()
-
-
-class RemoteCritic(ChatCritic):
-    """A judge behind an OpenAI-compatible endpoint (e.g. `vllm serve` of a 72B model elsewhere).
-
-    Requests run with bounded concurrency; each has a timeout and a number of retries, after which
-    its N critiques are failed ones.
-    """
-
-    @staticmethod
-    def describe(config: CriticConfig, policy: str) -> str:
-        return f"LLM judge {config.model or '(the served model)'} at {config.url}"
-
-    def __init__(self, config: CriticConfig, model: str = ""):
-        super().__init__(config)
-        from openai import OpenAI
-
-        self.client = OpenAI(
-            base_url=config.url,
-            api_key=os.environ.get(config.api_key_env) or "none",
-            timeout=config.timeout_s,
-            max_retries=config.retries,
-        )
-        self.model = model or next(iter(self._served_models()), "")
-
-    def _served_models(self) -> list[str]:
-        """The server's model list; a judge that is down or behind another key raises JudgeError."""
-        try:
-            return [m.id for m in self.client.models.list().data]
-        except Exception as err:  # connection, HTTP and authentication errors alike
-            raise JudgeError(
-                f"critic.url={self.config.url!r}: the judge server did not answer ({type(err).__name__}: {err}); "
-                f"start it (vllm serve MODEL), or check critic.url and the key in ${self.config.api_key_env}"
-            ) from None
-
-    def probe(self) -> None:
-        """One request to the model list: a judge that is down or serves another model is found before the
-        first rollout, not as a step of failed critiques."""
-        served = self._served_models()
-        if self.model not in served:
-            raise JudgeError(
-                f"critic.model={self.model!r} is not served at critic.url={self.config.url!r}; it serves {served}"
-            )
-
-    def _one(self, messages: list[dict], seed: int, regex: str | None) -> tuple[list[str | None], int]:
-        """N completions of one chat and the tokens the server says it generated for them."""
-        s = self.config.sampling
-        try:
-            response = self.client.chat.completions.create(
-                model=self.model,
-                messages=messages,
-                n=self.config.num_critiques,
-                temperature=s.temperature,
-                top_p=s.top_p,
-                max_tokens=s.max_tokens,
-                stop=list(s.stop) or None,
-                seed=seed,
-                extra_body={"structured_outputs": {"regex": regex}} if regex else None,
-            )
-        except Exception as err:  # network, HTTP and server errors alike: the critiques are failed ones
-            logger.warning("remote critic request failed: %s", err)
-            return [None] * self.config.num_critiques, 0
-        texts: list[str | None] = [c.message.content for c in response.choices]
-        tokens = response.usage.completion_tokens if response.usage else 0
-        return (texts + [None] * self.config.num_critiques)[: self.config.num_critiques], tokens
-
-    def _complete(self, messages, seeds, regexes):
-        with ThreadPoolExecutor(max_workers=self.config.max_concurrency) as pool:
-            answers = list(pool.map(self._one, messages, seeds, regexes))
-        self.tokens_generated += sum(tokens for _, tokens in answers)
-        return [texts for texts, _ in answers]
-
-
-class FunctionCritic(Critic):
-    """Critiques from Python (`critic.function`, `module:function`), for tasks whose steps a program can
-    check: `function(requests, num_critiques, seed)` returns, per request, N critique texts (parsed like a
-    judge's) or `Critique` objects; None marks a failed one."""
-
-    @staticmethod
-    def describe(config: CriticConfig, policy: str) -> str:
-        return f"program critic {config.function} (a Python function standing in for an LLM judge)"
-
-    def __init__(self, config: CriticConfig, model: str = ""):
-        from capo_fast.plugins import load_callable
-
-        super().__init__(config)
-        self.function = load_callable(config.function, "critic.function")
-
-    def critique(self, requests: Sequence[CritiqueRequest], seed: int = 0) -> list[list[Critique]]:
-        out = self.function(list(requests), self.config.num_critiques, seed)
-        if len(out) != len(requests):
-            raise ValueError(f"critic.function returned {len(out)} results for {len(requests)} requests")
-        return [
-            [c if isinstance(c, Critique) else parse_critique(c, len(r.steps)) if c is not None else FAILED for c in cs]
-            for r, cs in zip(requests, out, strict=True)
-        ]
-
-
-CRITIC_BACKENDS = {"vllm": LocalCritic, "remote": RemoteCritic, "function": FunctionCritic}
-
-
-def build_critic(config: Config, judge: Path | None, *, sleep_mode: bool = False) -> Critic:
-    """The critic of a run, as training and the judge evaluation both use it: `critic.backend` with the
-    sampling of the voting mode (greedy decodes at temperature 0). A local engine loads `judge` (the
-    resolved critic.model, else the policy's start) and holds critic.gpu_memory_utilization of the GPU,
-    its KV cache being what weights and activations leave of that share: no kv_cache_memory_bytes, which
-    would make vLLM ignore the share (vllm/config/cache.py:257-264; vllm/v1/worker/gpu_worker.py:649-675
-    skips the profile, :740-744 sizes the cache from the share). A step's critiques that do not fit at
-    once wait in vLLM's queue; `python -m capo_fast.memory_budget` says how many waves that takes."""
-    c = config.critic
-    critic_config = dataclasses.replace(c, sampling=VOTING[config.algorithm.voting].critic_sampling(c.sampling))
-    if c.backend != "vllm":
-        critic = CRITIC_BACKENDS[c.backend](critic_config, c.model)
-        critic.probe()
-        return critic
-    return CRITIC_BACKENDS["vllm"](
-        critic_config, str(judge), dtype=config.model.dtype, seed=config.trainer.seed, sleep_mode=sleep_mode
-    )
