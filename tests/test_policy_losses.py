@@ -37,7 +37,7 @@ def _token_loss_and_grad(name, logp, inputs, options):
     """(total, per-token loss, clip codes, d total / d logp) through the registry's [N] statement."""
     logp = logp.clone().requires_grad_(True)
     per_token, code = POLICY_LOSSES[name].token_loss(logp, inputs, options)
-    out = aggregate(POLICY_LOSSES[name].token_loss, logp, torch.zeros_like(logp), inputs, options)
+    out = aggregate(POLICY_LOSSES[name].token_loss, logp, torch.zeros_like(logp), inputs, options, vocab_size=1)
     out.loss.backward()
     return out.loss.item(), per_token.detach(), out.clipped, logp.grad
 
