@@ -125,11 +125,18 @@ def test_each_op_reads_option_k_as_field_k(name, triton_device):
     expected = reference.policy_loss(logits.double(), inputs.labels, **kw, **options.__dict__)[0]
     default = reference.policy_loss(logits.double(), inputs.labels, **kw)[0]
     assert abs(expected - default) > 1e-3, f"{name} has no effect on the case: the test could not fail"
-    cpu = torch.ops.capo.policy_loss(logits, *inputs.op_args(), options.as_list())[0]
-    torch.testing.assert_close(cpu.double(), expected, atol=1e-5, rtol=1e-5)
-    dev_inputs = PolicyLossInputs(*(None if t is None else t.to(triton_device) for t in inputs))
-    triton = pl.policy_loss_triton(logits.to(triton_device), *dev_inputs.op_args(), options.as_list())[0]
-    torch.testing.assert_close(triton.cpu().double(), expected, atol=1e-5, rtol=1e-5)
+    args = (*inputs.op_args(), options.as_list())
+    dev_args = (*(None if t is None else t.to(triton_device) for t in inputs.op_args()), options.as_list())
+    losses = {
+        "C++": torch.ops.capo.policy_loss(logits, *args)[0],
+        "C++ in place": torch.ops.capo.policy_loss_(logits.clone(), *args)[0],
+        "Triton": pl.policy_loss_triton(logits.to(triton_device), *dev_args)[0],
+        "Triton in place": pl.policy_loss_inplace_triton(logits.to(triton_device), *dev_args)[0],
+    }
+    for path, loss in losses.items():
+        torch.testing.assert_close(
+            loss.cpu().double(), expected, atol=1e-5, rtol=1e-5, msg=lambda m, path=path: f"{path}: {m}"
+        )
 
 
 # ---- fake kernels: a wrong call fails while tracing, with the message of the CPU op ----------------------
