@@ -22,43 +22,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
-from capo_fast.kernels import PolicyLossOptions, PolicyLossOutput, fused_linear_logprobs, fused_linear_policy_loss
+from capo_fast.kernels import (
+    PolicyLossInputs,
+    PolicyLossOptions,
+    PolicyLossOutput,
+    apply_linear_policy_loss,
+    fused_linear_logprobs,
+)
 from capo_fast.kernels.reference import LOG_RATIO_CLAMP
 
-
-class PolicyLossInputs(NamedTuple):
-    """The per-token tensors of one packed micro-batch, all [N].
-
-    labels: sampled tokens (negative: masked). old_logprobs: behaviour-policy log-probs.
-    advantages: per-rollout a_i broadcast to its tokens. loss_weights: aggregation weight of each token
-    (`capo_fast.kernels.aggregation_weights`; 0 masks a token). seq_ids: int64 sequence index of each
-    token. credit, penalty: CAPO's e_t and p, A_t = advantages - penalty * credit. ref_logprobs:
-    reference-policy log-probs (the k3 KL term, weighted by `options.kl_coef`).
-    """
-
-    labels: torch.Tensor
-    old_logprobs: torch.Tensor
-    advantages: torch.Tensor
-    loss_weights: torch.Tensor
-    seq_ids: torch.Tensor
-    credit: torch.Tensor | None = None
-    penalty: torch.Tensor | None = None
-    ref_logprobs: torch.Tensor | None = None
-
-    def token_advantages(self, dtype: torch.dtype) -> torch.Tensor:
-        """A_t = a - p * e_t (CAPO's token-credit masking), in `dtype`."""
-        adv = self.advantages.to(dtype)
-        if self.credit is None:
-            return adv
-        return adv - self.penalty.to(dtype) * self.credit.to(dtype)
-
-    def counted(self) -> torch.Tensor:
-        """[N] bool: tokens that enter the loss (a valid label and a non-zero weight)."""
-        return (self.labels >= 0) & (self.loss_weights != 0)
+__all__ = [
+    "POLICY_LOSSES",
+    "PolicyLoss",
+    "PolicyLossInputs",  # the per-token record, defined with the ops (capo_fast.kernels) that take it
+    "aggregate",
+    "compute_policy_loss",
+    "policy_loss",
+    "register_logprob_loss",
+    "register_policy_loss",
+]
 
 
 PolicyLossFn = Callable[[torch.Tensor, torch.Tensor, PolicyLossInputs, PolicyLossOptions], PolicyLossOutput]
@@ -104,7 +89,7 @@ def register_logprob_loss(name: str, *, dual_clip: bool = False) -> Callable[[To
             logp, entropy = fused_linear_logprobs(
                 hidden, weight, inputs.labels, temperature=options.temperature, with_entropy=True
             )
-            return aggregate(token_loss, logp, entropy, inputs, options)
+            return aggregate(token_loss, logp, entropy, inputs, options, vocab_size=weight.shape[0])
 
         _add(name, PolicyLoss(fn, dual_clip=dual_clip, token_loss=token_loss))
         return token_loss
@@ -141,21 +126,25 @@ def aggregate(
     entropy: torch.Tensor,
     inputs: PolicyLossInputs,
     options: PolicyLossOptions,
+    *,
+    vocab_size: int,
 ) -> PolicyLossOutput:
     """sum_t w_t * (token_loss_t + kl_coef * k3_t - entropy_coef * H_t) over the counted tokens.
 
     The same KL (k3 estimator of KL(pi || ref), with d = ref_logp - logp: exp(d) - d - 1) and entropy
-    terms as the fused kernel (`capo_fast.kernels.reference.policy_loss`).
+    terms as the fused kernel (`capo_fast.kernels.reference.policy_loss`). `token_loss` sees the record
+    with weight 0 on every token that is not counted (`PolicyLossInputs.counted`), so a weight != 0 is a
+    counted token for it.
     """
-    counted = inputs.counted()
+    counted = inputs.counted(vocab_size)
     # Masked tokens get log-prob 0 from the op; zero them out of every term before weighting.
     logp = torch.where(counted, logp, torch.zeros_like(logp))
-    loss, clip_code = token_loss(logp, inputs, options)
+    w = torch.where(counted, inputs.loss_weights.to(logp.dtype), torch.zeros_like(logp))
+    loss, clip_code = token_loss(logp, inputs._replace(loss_weights=w), options)
     if inputs.ref_logprobs is not None:
         d = inputs.ref_logprobs.to(logp.dtype) - logp
         loss = loss + options.kl_coef * (torch.exp(d) - d - 1.0)
     loss = loss - options.entropy_coef * entropy.to(logp.dtype)
-    w = torch.where(counted, inputs.loss_weights.to(logp.dtype), torch.zeros_like(logp))
     total = torch.where(counted, w * loss, torch.zeros_like(loss)).sum()
     clip_code = torch.where(counted, clip_code, torch.zeros_like(clip_code)).to(torch.int8)
     return PolicyLossOutput(total, logp.detach(), entropy.detach(), clip_code)
@@ -164,15 +153,15 @@ def aggregate(
 @register_policy_loss("ppo", dual_clip=True)
 def ppo(hidden, weight, inputs, options):
     """Clipped PPO with CAPO token credit, fused: `capo_fast.kernels.fused_linear_policy_loss`."""
-    return fused_linear_policy_loss(
-        hidden, weight, inputs.labels, inputs.old_logprobs, inputs.advantages, credit=inputs.credit,
-        penalty=inputs.penalty, ref_logprobs=inputs.ref_logprobs, loss_weights=inputs.loss_weights, options=options,
-    )  # fmt: skip
+    return apply_linear_policy_loss(hidden, weight, inputs, options)
 
 
 def _sequence_mean(values: torch.Tensor, inputs: PolicyLossInputs) -> torch.Tensor:
-    """[N] -> [N]: the mean of `values` over the counted tokens of each token's sequence."""
-    counted = inputs.counted().to(values.dtype)
+    """[N] -> [N]: the mean of `values` over the counted tokens (weight != 0, see `aggregate`) of each token's
+    sequence."""
+    if inputs.seq_ids is None:
+        raise ValueError("a sequence-level loss needs PolicyLossInputs.seq_ids (the sequence index of each token)")
+    counted = (inputs.loss_weights != 0).to(values.dtype)
     seq_ids = inputs.seq_ids.long()
     size = int(seq_ids.max()) + 1 if seq_ids.numel() else 1
     sums = values.new_zeros(size).index_add_(0, seq_ids, values * counted)

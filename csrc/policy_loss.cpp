@@ -236,30 +236,59 @@ const float* opt_ptr(const std::optional<at::Tensor>& t) {
 // A row of one element (or no rows at all) is contiguous whatever its stride says.
 bool rows_contiguous(const at::Tensor& t) { return t.size(0) == 0 || t.size(1) <= 1 || t.stride(1) == 1; }
 
+// The checks of the fake kernels (kernels/policy_loss.py check_rows, check_per_token), with the same messages.
 void check_inputs(const at::Tensor& logits, const at::Tensor& labels) {
-  TORCH_CHECK(logits.dim() == 2, "capo: logits must be [N, V], got ", logits.sizes());
-  TORCH_CHECK(rows_contiguous(logits), "capo: logits rows must be contiguous (stride(1) == 1), got strides ",
+  TORCH_CHECK(logits.dim() == 2, "capo: logits must be 2-D, got shape ", logits.sizes());
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "capo: logits must be floating point, got ",
+              logits.scalar_type());
+  TORCH_CHECK(rows_contiguous(logits), "capo: logits rows must be contiguous (stride(1) == 1), got ",
               logits.strides());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0),
-              "capo: labels must be [N] with N = logits.size(0)");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0), "capo: labels must have shape [",
+              logits.size(0), "], got ", labels.sizes());
+  TORCH_CHECK(labels.device() == logits.device(), "capo: labels is on ", labels.device(), ", the logits on ",
+              logits.device());
+  TORCH_CHECK(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false), "capo: labels must be integers, got ",
+              labels.scalar_type());
 }
 
 // Per-token inputs as contiguous fp32 [N]; a wrong length would read past the end, so it is an error.
-at::Tensor as_f32(const at::Tensor& t, int64_t n, const char* name) {
+at::Tensor as_f32(const at::Tensor& t, const at::Tensor& logits, const char* name) {
+  const int64_t n = logits.size(0);
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "capo: ", name, " must have shape [", n, "], got ", t.sizes());
+  TORCH_CHECK(t.device() == logits.device(), "capo: ", name, " is on ", t.device(), ", the logits on ",
+              logits.device());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "capo: ", name, " must be floating point, got ", t.scalar_type());
   return t.to(at::kFloat).contiguous();
 }
 
-std::optional<at::Tensor> as_f32(const std::optional<at::Tensor>& t, int64_t n, const char* name) {
+std::optional<at::Tensor> as_f32(const std::optional<at::Tensor>& t, const at::Tensor& logits, const char* name) {
   if (!t.has_value()) return std::nullopt;
-  return as_f32(*t, n, name);
+  return as_f32(*t, logits, name);
 }
 
-LossOptions make_options(double temperature, double eps_low, double eps_high, double dual_clip, double kl_coef,
-                         double entropy_coef) {
+// The per-token tensor arguments of the loss ops, in schema order (kLossArgs below; PolicyLossInputs in Python).
+struct LossInputs {
+  const at::Tensor& labels;
+  const at::Tensor& old_logprobs;
+  const at::Tensor& advantages;
+  const at::Tensor& loss_weights;
+  const std::optional<at::Tensor>& credit;
+  const std::optional<at::Tensor>& penalty;
+  const std::optional<at::Tensor>& ref_logprobs;
+};
+
+// `float[] options`: option k is field k of PolicyLossOptions (kernels/policy_loss.py OPTION_NAMES), one order
+// for every op; tests/test_op_registration.py sets each option alone and checks its effect.
+enum Option : size_t { kTemperature, kEpsLow, kEpsHigh, kDualClip, kKlCoef, kEntropyCoef, kNumOptions };
+
+LossOptions make_options(at::ArrayRef<double> options) {
+  TORCH_CHECK(options.size() == kNumOptions, "capo: options must hold ", static_cast<int64_t>(kNumOptions),
+              " values (temperature, eps_low, eps_high, dual_clip, kl_coef, entropy_coef), got ", options.size());
+  const double temperature = options[kTemperature];
   TORCH_CHECK(temperature > 0.0, "capo: temperature must be > 0, got ", temperature);
-  return {static_cast<float>(1.0 / temperature), static_cast<float>(eps_low), static_cast<float>(eps_high),
-          static_cast<float>(dual_clip), static_cast<float>(kl_coef), static_cast<float>(entropy_coef)};
+  return {static_cast<float>(1.0 / temperature), static_cast<float>(options[kEpsLow]),
+          static_cast<float>(options[kEpsHigh]),  static_cast<float>(options[kDualClip]),
+          static_cast<float>(options[kKlCoef]),   static_cast<float>(options[kEntropyCoef])};
 }
 
 struct LossOutputs {
@@ -267,21 +296,18 @@ struct LossOutputs {
 };
 
 // Shared by the functional op (no gradient sweep) and the in-place one (gradient over the logits).
-LossOutputs policy_loss_impl(const at::Tensor& logits, const at::Tensor& labels_in, const at::Tensor& old_in,
-                             const at::Tensor& adv_in, const std::optional<at::Tensor>& credit_in,
-                             const std::optional<at::Tensor>& penalty_in, const std::optional<at::Tensor>& ref_in,
-                             const at::Tensor& weights_in, const LossOptions& opts, bool write_grad) {
-  check_inputs(logits, labels_in);
-  TORCH_CHECK(credit_in.has_value() == penalty_in.has_value(), "capo: credit and penalty must be given together");
+LossOutputs policy_loss_impl(const at::Tensor& logits, const LossInputs& in, const LossOptions& opts, bool write_grad) {
+  check_inputs(logits, in.labels);
+  TORCH_CHECK(in.credit.has_value() == in.penalty.has_value(), "capo: credit and penalty must be given together");
   const int64_t N = logits.size(0);
   const int64_t V = logits.size(1);
-  const auto labels = labels_in.to(at::kLong).contiguous();
-  const auto old_lp = as_f32(old_in, N, "old_logprobs");
-  const auto adv = as_f32(adv_in, N, "advantages");
-  const auto credit = as_f32(credit_in, N, "credit");
-  const auto penalty = as_f32(penalty_in, N, "penalty");
-  const auto ref = as_f32(ref_in, N, "ref_logprobs");
-  const auto weights = as_f32(weights_in, N, "loss_weights");
+  const auto labels = in.labels.to(at::kLong).contiguous();
+  const auto old_lp = as_f32(in.old_logprobs, logits, "old_logprobs");
+  const auto adv = as_f32(in.advantages, logits, "advantages");
+  const auto weights = as_f32(in.loss_weights, logits, "loss_weights");
+  const auto credit = as_f32(in.credit, logits, "credit");
+  const auto penalty = as_f32(in.penalty, logits, "penalty");
+  const auto ref = as_f32(in.ref_logprobs, logits, "ref_logprobs");
   const auto f32 = logits.options().dtype(at::kFloat);
   LossOutputs out{at::Tensor(),     at::empty({N}, f32), at::empty({N}, f32), at::empty({N}, f32.dtype(at::kChar)),
                   at::empty({N}, f32), at::empty({N}, f32), at::empty({N}, f32)};
@@ -327,23 +353,19 @@ LossOutputs policy_loss_impl(const at::Tensor& logits, const at::Tensor& labels_
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logprobs, const at::Tensor& advantages,
-    const std::optional<at::Tensor>& credit, const std::optional<at::Tensor>& penalty,
-    const std::optional<at::Tensor>& ref_logprobs, const at::Tensor& loss_weights, double temperature, double eps_low,
-    double eps_high, double dual_clip, double kl_coef, double entropy_coef) {
-  const auto opts = make_options(temperature, eps_low, eps_high, dual_clip, kl_coef, entropy_coef);
-  auto o = policy_loss_impl(logits, labels, old_logprobs, advantages, credit, penalty, ref_logprobs, loss_weights,
-                            opts, /*write_grad=*/false);
+    const at::Tensor& loss_weights, const std::optional<at::Tensor>& credit, const std::optional<at::Tensor>& penalty,
+    const std::optional<at::Tensor>& ref_logprobs, at::ArrayRef<double> options) {
+  const LossInputs in{labels, old_logprobs, advantages, loss_weights, credit, penalty, ref_logprobs};
+  auto o = policy_loss_impl(logits, in, make_options(options), /*write_grad=*/false);
   return {o.loss, o.logprobs, o.entropy, o.clip, o.lse, o.dloss_dlogp, o.dloss_dentropy};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_inplace_cpu(
     at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logprobs, const at::Tensor& advantages,
-    const std::optional<at::Tensor>& credit, const std::optional<at::Tensor>& penalty,
-    const std::optional<at::Tensor>& ref_logprobs, const at::Tensor& loss_weights, double temperature, double eps_low,
-    double eps_high, double dual_clip, double kl_coef, double entropy_coef) {
-  const auto opts = make_options(temperature, eps_low, eps_high, dual_clip, kl_coef, entropy_coef);
-  auto o = policy_loss_impl(logits, labels, old_logprobs, advantages, credit, penalty, ref_logprobs, loss_weights,
-                            opts, /*write_grad=*/true);
+    const at::Tensor& loss_weights, const std::optional<at::Tensor>& credit, const std::optional<at::Tensor>& penalty,
+    const std::optional<at::Tensor>& ref_logprobs, at::ArrayRef<double> options) {
+  const LossInputs in{labels, old_logprobs, advantages, loss_weights, credit, penalty, ref_logprobs};
+  auto o = policy_loss_impl(logits, in, make_options(options), /*write_grad=*/true);
   return {o.loss, o.logprobs, o.entropy, o.clip};
 }
 
@@ -382,12 +404,13 @@ void logits_grad_impl(const at::Tensor& logits, const at::Tensor& labels_in, con
                       double temperature, at::Tensor& out) {
   check_inputs(logits, labels_in);
   TORCH_CHECK(out.sizes() == logits.sizes() && rows_contiguous(out), "capo: gradient buffer must match logits");
+  TORCH_CHECK(temperature > 0.0, "capo: temperature must be > 0, got ", temperature);
   const int64_t N = logits.size(0);
   const int64_t V = logits.size(1);
   const float inv_t = static_cast<float>(1.0 / temperature);
   const auto labels = labels_in.to(at::kLong).contiguous();
-  const auto lse = as_f32(lse_in, N, "lse"), entropy = as_f32(entropy_in, N, "entropy");
-  const auto glp = as_f32(glp_in, N, "grad_logprobs"), gh = as_f32(gh_in, N, "grad_entropy");
+  const auto lse = as_f32(lse_in, logits, "lse"), entropy = as_f32(entropy_in, logits, "entropy");
+  const auto glp = as_f32(glp_in, logits, "grad_logprobs"), gh = as_f32(gh_in, logits, "grad_entropy");
   const int64_t* lab = labels.const_data_ptr<int64_t>();
   const float *lse_p = lse.const_data_ptr<float>(), *ent_p = entropy.const_data_ptr<float>();
   const float *glp_p = glp.const_data_ptr<float>(), *gh_p = gh.const_data_ptr<float>();
@@ -434,11 +457,10 @@ void logits_grad_inplace_cpu(at::Tensor& logits, const at::Tensor& labels, const
   logits_grad_impl(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, logits);
 }
 
-// The per-token inputs and options of the loss, written once for both loss schemas.
+// The per-token inputs (LossInputs) and the options (Option) of the loss, written once for both loss schemas.
 const std::string kLossArgs =
-    "Tensor labels, Tensor old_logprobs, Tensor advantages, Tensor? credit, Tensor? penalty, "
-    "Tensor? ref_logprobs, Tensor loss_weights, float temperature, float eps_low, float eps_high, "
-    "float dual_clip, float kl_coef, float entropy_coef";
+    "Tensor labels, Tensor old_logprobs, Tensor advantages, Tensor loss_weights, Tensor? credit, Tensor? penalty, "
+    "Tensor? ref_logprobs, float[] options";
 const std::string kGradArgs =
     "Tensor labels, Tensor lse, Tensor entropy, Tensor grad_logprobs, Tensor grad_entropy, float temperature";
 

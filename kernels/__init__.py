@@ -7,15 +7,29 @@ Each op is a `torch.library` custom op in the `capo` namespace: C++ on CPU, Trit
 """
 
 from capo_fast.kernels.aggregation import AGGREGATIONS, AggregationMode, aggregation_weights
-from capo_fast.kernels.linear_policy_loss import fused_linear_logprobs, fused_linear_policy_loss
-from capo_fast.kernels.policy_loss import PolicyLossOptions, PolicyLossOutput, fused_logprobs, fused_policy_loss
+from capo_fast.kernels.linear_policy_loss import (
+    apply_linear_policy_loss,
+    fused_linear_logprobs,
+    fused_linear_policy_loss,
+)
+from capo_fast.kernels.policy_loss import (
+    PolicyLossInputs,
+    PolicyLossOptions,
+    PolicyLossOutput,
+    apply_policy_loss,
+    fused_logprobs,
+    fused_policy_loss,
+)
 
 __all__ = [
     "AGGREGATIONS",
     "AggregationMode",
+    "PolicyLossInputs",
     "PolicyLossOptions",
     "PolicyLossOutput",
     "aggregation_weights",
+    "apply_linear_policy_loss",
+    "apply_policy_loss",
     "fused_linear_logprobs",
     "fused_linear_policy_loss",
     "fused_logprobs",

@@ -14,8 +14,13 @@ from __future__ import annotations
 import torch
 
 from capo_fast.kernels.policy_loss import (
+    PolicyLossInputs,
     PolicyLossOptions,
     PolicyLossOutput,
+    check_loss_inputs,
+    check_matrix,
+    check_per_token,
+    check_temperature,
     per_token,
     resolve_options,
     token_mean_weights,
@@ -54,10 +59,6 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int):
         yield rows, logits
 
 
-def _take(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
-    return None if t is None else t[rows]
-
-
 def gemm_accumulates_in_fp32(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `torch.addmm(..., out_dtype=torch.float32)` takes operands of `dtype` on `device`: bf16/fp16
     on CUDA only (torch/_torch_docs.py:602-611 of torch 2.13; the overload exists since torch 2.8, which Liger
@@ -82,6 +83,8 @@ def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden
         acc.addmm_(grad_logits.T.to(torch.float32), hidden.to(torch.float32))
 
 
+# The schema of capo::policy_loss with hidden states and the lm_head weight in place of the logits: the
+# per-token tensors in `LOSS_TENSORS` order, the options as one list (`PolicyLossOptions.as_list`).
 @torch.library.custom_op("capo::linear_policy_loss", mutates_args=())
 def _linear_policy_loss(
     hidden: torch.Tensor,
@@ -89,14 +92,16 @@ def _linear_policy_loss(
     labels: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
+    loss_weights: torch.Tensor,
     credit: torch.Tensor | None,
     penalty: torch.Tensor | None,
     ref_logprobs: torch.Tensor | None,
-    loss_weights: torch.Tensor,
     options: list[float],
     chunk_size: int,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    tensors = (labels, old_logprobs, advantages, loss_weights, credit, penalty, ref_logprobs)
+    inputs = PolicyLossInputs.from_op_args(tensors)
     n = hidden.shape[0]
     f32 = dict(device=hidden.device, dtype=torch.float32)
     loss = torch.zeros((), **f32)
@@ -104,9 +109,8 @@ def _linear_policy_loss(
     clip = torch.empty(n, device=hidden.device, dtype=torch.int8)
     grad_hidden = torch.empty_like(hidden) if compute_grad else hidden.new_empty(0)
     grad_weight = torch.zeros(weight.shape, **f32) if compute_grad else weight.new_empty(0, dtype=torch.float32)
-    per_token_inputs = (labels, old_logprobs, advantages, credit, penalty, ref_logprobs, loss_weights)
     for rows, logits in _chunk_logits(hidden, weight, chunk_size):
-        chunk = torch.ops.capo.policy_loss_(logits, *(_take(t, rows) for t in per_token_inputs), *options)
+        chunk = torch.ops.capo.policy_loss_(logits, *inputs.rows(rows).op_args(), options)
         loss += chunk[0]
         logprobs[rows], entropy[rows], clip[rows] = chunk[1], chunk[2], chunk[3]
         if compute_grad:  # `logits` now holds d loss / d logits for this chunk
@@ -115,10 +119,26 @@ def _linear_policy_loss(
     return loss, logprobs, entropy, clip, grad_hidden, grad_weight
 
 
+def _check_linear(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    """hidden [N, H] and weight [V, H]: floating point, one dtype, one device (the matmuls need all three)."""
+    check_matrix("hidden", hidden)
+    check_matrix("weight", weight)
+    torch._check(
+        hidden.shape[1] == weight.shape[1],
+        lambda: f"capo: hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}",
+    )
+    torch._check(hidden.dtype == weight.dtype, lambda: f"capo: hidden is {hidden.dtype}, weight {weight.dtype}")
+    torch._check(
+        hidden.device == weight.device, lambda: f"capo: hidden is on {hidden.device}, weight on {weight.device}"
+    )
+
+
 @_linear_policy_loss.register_fake
-def _(hidden, weight, labels, *args):
+def _(hidden, weight, *args):
+    *tensors, options, chunk_size, compute_grad = args
+    _check_linear(hidden, weight)
     n = hidden.shape[0]
-    compute_grad = args[-1]
+    check_loss_inputs(n, hidden.device, tensors, options)
     return (
         hidden.new_empty((), dtype=torch.float32),
         hidden.new_empty(n, dtype=torch.float32),
@@ -169,6 +189,9 @@ def _linear_logprobs(
 
 @_linear_logprobs.register_fake
 def _(hidden, weight, labels, temperature, chunk_size):
+    _check_linear(hidden, weight)
+    check_per_token(hidden.shape[0], hidden.device, labels=labels)
+    check_temperature(temperature)
     return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(3))
 
 
@@ -223,27 +246,39 @@ def fused_linear_policy_loss(
     Returns:
         PolicyLossOutput; gradients flow to `hidden` and `weight`.
     """
+    if loss_weights is None:
+        loss_weights = token_mean_weights(labels, weight.shape[0])
+    inputs = PolicyLossInputs(
+        labels,
+        old_logprobs,
+        advantages,
+        loss_weights,
+        credit=credit,
+        penalty=per_token(penalty, hidden),
+        ref_logprobs=ref_logprobs,
+    )
+    opts = resolve_options(options, option_overrides)
+    return apply_linear_policy_loss(hidden, weight, inputs, opts, chunk_budget_bytes=chunk_budget_bytes)
+
+
+def apply_linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    inputs: PolicyLossInputs,
+    options: PolicyLossOptions,
+    *,
+    chunk_budget_bytes: int | None = None,
+) -> PolicyLossOutput:
+    """`fused_linear_policy_loss` on the per-token record: hidden [N, H], weight [V, H], `inputs` all [N]."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
-    opts = resolve_options(options, option_overrides)
-    if loss_weights is None:
-        loss_weights = token_mean_weights(labels, weight.shape[0])
-    per_token_inputs = (
-        labels,
-        old_logprobs,
-        advantages,
-        credit,
-        per_token(penalty, hidden),
-        ref_logprobs,
-        loss_weights,
-    )
     out = torch.ops.capo.linear_policy_loss(
         hidden,
         weight,
-        *per_token_inputs,
-        list(opts.as_args()),
+        *inputs.op_args(),
+        options.as_list(),
         chunk_tokens(weight.shape[0], hidden.dtype, chunk_budget_bytes or default_chunk_budget(hidden.device)),
         hidden.requires_grad or weight.requires_grad,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -282,38 +283,21 @@ class LossOutputs(NamedTuple):
 
 
 def policy_loss_fwd(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    credit: torch.Tensor | None,
-    penalty: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
-    loss_weights: torch.Tensor,
-    options: PolicyLossOptions,
-    in_place: bool = False,
+    logits: torch.Tensor, inputs: PolicyLossInputs, options: PolicyLossOptions, in_place: bool = False
 ) -> LossOutputs:
     """Launches the Triton forward; with `in_place` the logits are overwritten by d(loss)/d(logits).
 
     Works on any device Triton runs on, CPU tensors included under TRITON_INTERPRET=1.
     """
-    _check_rows(
-        logits,
-        labels=labels,
-        old_logprobs=old_logprobs,
-        advantages=advantages,
-        credit=credit,
-        penalty=penalty,
-        ref_logprobs=ref_logprobs,
-        loss_weights=loss_weights,
-    )
+    _check_rows(logits, **dict(zip(LOSS_TENSORS, inputs.op_args(), strict=True)))
+    labels, credit, penalty, ref_logprobs = inputs.labels, inputs.credit, inputs.penalty, inputs.ref_logprobs
     if (credit is None) != (penalty is None):
         raise ValueError("credit and penalty must be given together")
     n, v = logits.shape
     f32 = dict(device=logits.device, dtype=torch.float32)
     token_loss, logprobs, entropy, lse, dlogp, dent = (torch.empty(n, **f32) for _ in range(6))
     clip = torch.empty(n, device=logits.device, dtype=torch.int8)
-    advantages = _f32(advantages)
+    advantages = _f32(inputs.advantages)
     if n > 0:
         with launch_guard(logits.device):
             _policy_loss_fwd_kernel[(n,)](
@@ -326,12 +310,12 @@ def policy_loss_fwd(
                 dent_ptr=dent,
                 logits_ptr=logits,
                 labels_ptr=_i64(labels),
-                old_logprobs_ptr=_f32(old_logprobs),
+                old_logprobs_ptr=_f32(inputs.old_logprobs),
                 advantages_ptr=advantages,
                 credit_ptr=_f32(credit) if credit is not None else advantages,
                 penalty_ptr=_f32(penalty) if penalty is not None else advantages,
                 ref_logprobs_ptr=_f32(ref_logprobs) if ref_logprobs is not None else advantages,
-                weights_ptr=_f32(loss_weights),
+                weights_ptr=_f32(inputs.loss_weights),
                 stride_logits=logits.stride(0),
                 V=v,
                 inv_t=1.0 / options.temperature,
@@ -424,12 +408,16 @@ def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x
 
 
-# ---- op registration: CUDA kernels, fake kernels, autograd -------------------------------------------
+# ---- op registration: the records, CUDA kernels, fake kernels, autograd ---------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class PolicyLossOptions:
-    """The scalar options of the loss; the field order is the C++ schema's (csrc/policy_loss.cpp).
+    """The scalar options of the loss.
+
+    The ops take them as one `float[] options` argument, in the order of these fields (`OPTION_NAMES`,
+    see `as_list`); csrc/policy_loss.cpp reads option k as its field k (its `Option` enum), which
+    tests/test_op_registration.py pins.
 
     temperature: logits are divided by it, as in sampling.
     eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high] (clip-higher when eps_high > eps_low).
@@ -453,27 +441,93 @@ class PolicyLossOptions:
         if self.dual_clip != 0.0 and self.dual_clip <= 1.0:
             raise ValueError(f"dual_clip must be 0 (off) or > 1, got {self.dual_clip}")
 
-    def as_args(self) -> tuple[float, ...]:
-        """The options as the op schemas take them."""
-        return tuple(float(getattr(self, name)) for name in OPTION_NAMES)
+    def as_list(self) -> list[float]:
+        """The options as the op schemas take them (`float[] options`): the fields in `OPTION_NAMES` order."""
+        return [float(getattr(self, name)) for name in OPTION_NAMES]
+
+    @classmethod
+    def from_list(cls, values: Sequence[float]) -> PolicyLossOptions:
+        """The inverse of `as_list`: an op's `options` argument as the option object."""
+        if len(values) != len(OPTION_NAMES):
+            raise ValueError(f"options must hold {len(OPTION_NAMES)} values {OPTION_NAMES}, got {len(values)}")
+        return cls(**dict(zip(OPTION_NAMES, values, strict=True)))
 
 
 # Field names in schema order, computed once (torch.compile does not trace dataclasses.fields).
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(PolicyLossOptions))
 
 
-N_LOSS_INPUTS = 7  # labels, old_logprobs, advantages, credit, penalty, ref_logprobs, loss_weights
+class PolicyLossInputs(NamedTuple):
+    """The per-token tensors of one packed micro-batch, all [N], as one record from the trainer to the launchers.
+
+    labels: sampled tokens (negative or >= V: masked). old_logprobs: behaviour-policy log-probs.
+    advantages: per-rollout a_i broadcast to its tokens. loss_weights: aggregation weight of each token
+    (`capo_fast.kernels.aggregation_weights`; 0 masks a token). seq_ids: int64 sequence index of each
+    token, read only by sequence-level losses (GSPO); the ops do not take it. credit, penalty: CAPO's e_t
+    and p, A_t = advantages - penalty * credit (both or neither). ref_logprobs: reference-policy log-probs
+    (the k3 KL term, weighted by `options.kl_coef`).
+
+    The ops take the other fields as named tensor arguments in field order (`LOSS_TENSORS`, `op_args`).
+    """
+
+    labels: torch.Tensor
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    loss_weights: torch.Tensor
+    seq_ids: torch.Tensor | None = None
+    credit: torch.Tensor | None = None
+    penalty: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+
+    def token_advantages(self, dtype: torch.dtype) -> torch.Tensor:
+        """A_t = a - p * e_t (CAPO's token-credit masking), in `dtype`."""
+        adv = self.advantages.to(dtype)
+        if self.credit is None:
+            return adv
+        return adv - self.penalty.to(dtype) * self.credit.to(dtype)
+
+    def counted(self, vocab_size: int) -> torch.Tensor:
+        """[N] bool: tokens that enter the loss, as the kernels count them: a label in [0, vocab_size) (an
+        ignored or out-of-vocabulary label is no token, as in `token_mean_weights`) and a non-zero weight."""
+        return (self.labels >= 0) & (self.labels < vocab_size) & (self.loss_weights != 0)
+
+    def op_args(self) -> tuple[torch.Tensor | None, ...]:
+        """The tensors the loss ops take, in schema order (`LOSS_TENSORS`)."""
+        return tuple(getattr(self, name) for name in LOSS_TENSORS)
+
+    @classmethod
+    def from_op_args(cls, tensors: Sequence[torch.Tensor | None]) -> PolicyLossInputs:
+        """The inverse of `op_args`: a loss op's tensor arguments after the logits as the record."""
+        return cls(**dict(zip(LOSS_TENSORS, tensors, strict=True)))
+
+    def rows(self, rows: slice) -> PolicyLossInputs:
+        """The record of the tokens `rows`."""
+        return PolicyLossInputs(*(None if t is None else t[rows] for t in self))
 
 
-@torch.library.register_kernel("capo::policy_loss", "cuda")
-def _policy_loss_cuda(logits, *args):
-    return tuple(policy_loss_fwd(logits, *args[:N_LOSS_INPUTS], PolicyLossOptions(*args[N_LOSS_INPUTS:])))
+# The per-token tensor arguments of the loss ops, in schema order (csrc/policy_loss.cpp `kLossArgs` and
+# capo::linear_policy_loss): the record's fields but seq_ids.
+LOSS_TENSORS = tuple(name for name in PolicyLossInputs._fields if name != "seq_ids")
 
 
-@torch.library.register_kernel("capo::policy_loss_", "cuda")
-def _policy_loss_inplace_cuda(logits, *args):
-    out = policy_loss_fwd(logits, *args[:N_LOSS_INPUTS], PolicyLossOptions(*args[N_LOSS_INPUTS:]), in_place=True)
-    return tuple(out[:4])
+def _op_args(args: Sequence) -> tuple[PolicyLossInputs, PolicyLossOptions]:
+    """A loss op's arguments after the logits, `(*LOSS_TENSORS, options)`, as the record and the options."""
+    *tensors, options = args
+    return PolicyLossInputs.from_op_args(tensors), PolicyLossOptions.from_list(options)
+
+
+def policy_loss_triton(logits, *args):
+    """capo::policy_loss on CUDA (any Triton device: tests call it on CPU tensors under the interpreter)."""
+    return tuple(policy_loss_fwd(logits, *_op_args(args)))
+
+
+def policy_loss_inplace_triton(logits, *args):
+    out = policy_loss_fwd(logits, *_op_args(args), in_place=True)
+    return out.loss, out.logprobs, out.entropy, out.clipped
+
+
+torch.library.register_kernel("capo::policy_loss", "cuda", policy_loss_triton)
+torch.library.register_kernel("capo::policy_loss_", "cuda", policy_loss_inplace_triton)
 
 
 @torch.library.register_kernel("capo::logprobs", "cuda")
@@ -492,12 +546,72 @@ def _logits_grad_inplace_cuda(logits, labels, lse, entropy, grad_logprobs, grad_
     logits_grad(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature, logits)
 
 
+# ---- fake kernels: the checks of the C++ ops, with torch._check, so a wrong call fails while tracing ----
+
+
+def is_integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def check_matrix(name: str, t: torch.Tensor) -> None:
+    """`t` is 2-D and floating point."""
+    torch._check(t.dim() == 2, lambda: f"capo: {name} must be 2-D, got shape {tuple(t.shape)}")
+    torch._check(t.dtype.is_floating_point, lambda: f"capo: {name} must be floating point, got {t.dtype}")
+
+
+def check_rows(name: str, t: torch.Tensor) -> None:
+    """`t` is [N, K], floating point, with rows the kernels can read (`rows_contiguous`)."""
+    check_matrix(name, t)
+    torch._check(rows_contiguous(t), lambda: f"capo: {name} rows must be contiguous (stride(1) == 1), got {t.stride()}")
+
+
+def check_per_token(n, device: torch.device, **per_token: torch.Tensor | None) -> None:
+    """Each given tensor is [n] on `device`; `labels` of an integer type, the others floating point."""
+    for name, t in per_token.items():
+        if t is not None:
+            _check_vector(name, t, n, device)
+
+
+def _check_vector(name: str, t: torch.Tensor, n, device: torch.device) -> None:
+    torch._check(t.dim() == 1 and t.shape[0] == n, lambda: f"capo: {name} must have shape [{n}], got {tuple(t.shape)}")
+    torch._check(t.device == device, lambda: f"capo: {name} is on {t.device}, the logits on {device}")
+    if name == "labels":
+        torch._check(is_integer(t.dtype), lambda: f"capo: labels must be integers, got {t.dtype}")
+    else:
+        torch._check(t.dtype.is_floating_point, lambda: f"capo: {name} must be floating point, got {t.dtype}")
+
+
+def check_loss_inputs(n, device: torch.device, tensors: Sequence[torch.Tensor | None], options: Sequence[float]):
+    """The checks of the loss ops on their tensor arguments (`LOSS_TENSORS` order) and `options`."""
+    inputs = PolicyLossInputs.from_op_args(tensors)
+    check_per_token(n, device, **inputs._asdict())
+    torch._check(
+        (inputs.credit is None) == (inputs.penalty is None), lambda: "capo: credit and penalty must be given together"
+    )
+    check_options(options)
+
+
+def check_options(options: Sequence[float]) -> None:
+    torch._check(
+        len(options) == len(OPTION_NAMES),
+        lambda: f"capo: options must hold {len(OPTION_NAMES)} values {OPTION_NAMES}, got {len(options)}",
+    )
+    check_temperature(options[OPTION_NAMES.index("temperature")])
+
+
+def check_temperature(temperature: float) -> None:
+    torch._check(temperature > 0, lambda: f"capo: temperature must be > 0, got {temperature}")
+
+
 def _vectors(logits: torch.Tensor, count: int) -> list[torch.Tensor]:
     return [logits.new_empty(logits.shape[0], dtype=torch.float32) for _ in range(count)]
 
 
 @torch.library.register_fake("capo::policy_loss")
 def _policy_loss_fake(logits, *args):
+    check_rows("logits", logits)
+    *tensors, options = args
+    check_loss_inputs(logits.shape[0], logits.device, tensors, options)
     loss = logits.new_empty((), dtype=torch.float32)
     clip = logits.new_empty(logits.shape[0], dtype=torch.int8)
     logprobs, entropy, lse, dlogp, dent = _vectors(logits, 5)
@@ -511,25 +625,43 @@ def _policy_loss_inplace_fake(logits, *args):
 
 @torch.library.register_fake("capo::logprobs")
 def _logprobs_fake(logits, labels, temperature):
+    check_rows("logits", logits)
+    check_per_token(logits.shape[0], logits.device, labels=labels)
+    check_temperature(temperature)
     return tuple(_vectors(logits, 3))
+
+
+def _check_grad_args(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature):
+    check_rows("logits", logits)
+    check_per_token(
+        logits.shape[0], logits.device, labels=labels, lse=lse, entropy=entropy, grad_logprobs=grad_logprobs,
+        grad_entropy=grad_entropy,
+    )  # fmt: skip
+    check_temperature(temperature)
 
 
 @torch.library.register_fake("capo::logits_grad")
 def _logits_grad_fake(logits, *args):
+    _check_grad_args(logits, *args)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("capo::logits_grad_")
 def _logits_grad_inplace_fake(logits, *args):
+    _check_grad_args(logits, *args)
     return None
 
 
+# ---- autograd ---------------------------------------------------------------------------------------
+
+
 def _policy_loss_setup_context(ctx, inputs, output):
-    logits, labels = inputs[0], inputs[1]
-    ctx.temperature = inputs[1 + N_LOSS_INPUTS]
+    logits, *args = inputs
+    loss_inputs, options = _op_args(args)
+    ctx.temperature = options.temperature
     ctx.num_inputs = len(inputs)
     _, _, entropy, _, lse, dloss_dlogp, dloss_dentropy = output
-    ctx.save_for_backward(logits, labels, lse, entropy, dloss_dlogp, dloss_dentropy)
+    ctx.save_for_backward(logits, loss_inputs.labels, lse, entropy, dloss_dlogp, dloss_dentropy)
 
 
 def _policy_loss_backward(ctx, grad_loss, *unused_grads):
@@ -562,17 +694,16 @@ class _InplacePolicyLoss(torch.autograd.Function):
     """Overwrites the logits with their gradient during forward: no extra [N, V] buffer at all."""
 
     @staticmethod
-    def forward(ctx, logits, *args):
-        loss, logprobs, entropy, clip = torch.ops.capo.policy_loss_(logits.detach(), *args)
+    def forward(ctx, logits, inputs, options):
+        loss, logprobs, entropy, clip = torch.ops.capo.policy_loss_(logits.detach(), *inputs.op_args(), options)
         ctx.save_for_backward(logits.detach())
-        ctx.num_inputs = 1 + len(args)
         ctx.mark_non_differentiable(logprobs, entropy, clip)
         return loss, logprobs, entropy, clip
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         (grad_logits,) = ctx.saved_tensors
-        return (scale_(grad_logits, grad_loss),) + (None,) * (ctx.num_inputs - 1)
+        return scale_(grad_logits, grad_loss), None, None
 
 
 # ---- public API --------------------------------------------------------------------------------------
@@ -609,7 +740,7 @@ def resolve_options(options: PolicyLossOptions | None, overrides: dict[str, floa
     unknown = set(overrides) - set(OPTION_NAMES)
     if unknown:
         raise TypeError(f"unknown policy-loss option(s) {sorted(unknown)}; see PolicyLossOptions")
-    return PolicyLossOptions(*(overrides.get(name, getattr(base, name)) for name in OPTION_NAMES))
+    return PolicyLossOptions(**{name: overrides.get(name, getattr(base, name)) for name in OPTION_NAMES})
 
 
 def fused_policy_loss(
@@ -650,13 +781,28 @@ def fused_policy_loss(
         with `r = exp(clamp(logp - old_logprobs, -20, 20))` and `logp = log_softmax(logits / T)[label]`;
         see `capo_fast.kernels.reference.policy_loss`.
     """
-    opts = resolve_options(options, option_overrides)
     if loss_weights is None:
         loss_weights = token_mean_weights(labels, logits.shape[-1])
-    args = (labels, old_logprobs, advantages, credit, per_token(penalty, logits), ref_logprobs, loss_weights)
+    inputs = PolicyLossInputs(
+        labels,
+        old_logprobs,
+        advantages,
+        loss_weights,
+        credit=credit,
+        penalty=per_token(penalty, logits),
+        ref_logprobs=ref_logprobs,
+    )
+    opts = resolve_options(options, option_overrides)
+    return apply_policy_loss(logits, inputs, opts, inplace_backward=inplace_backward)
+
+
+def apply_policy_loss(
+    logits: torch.Tensor, inputs: PolicyLossInputs, options: PolicyLossOptions, *, inplace_backward: bool = False
+) -> PolicyLossOutput:
+    """`fused_policy_loss` on the per-token record: logits [N, V], `inputs` all [N] (loss_weights given)."""
     if inplace_backward and logits.requires_grad:
-        return PolicyLossOutput(*_InplacePolicyLoss.apply(logits, *args, *opts.as_args()))
-    out = torch.ops.capo.policy_loss(logits, *args, *opts.as_args())
+        return PolicyLossOutput(*_InplacePolicyLoss.apply(logits, inputs, options.as_list()))
+    out = torch.ops.capo.policy_loss(logits, *inputs.op_args(), options.as_list())
     return PolicyLossOutput(out[0], out[1].detach(), out[2].detach(), out[3])
 
 

@@ -19,7 +19,13 @@ from capo_fast.kernels import (
     fused_policy_loss,
     reference,
 )
-from capo_fast.kernels.policy_loss import PolicyLossOptions, logits_grad, logprobs_fwd, policy_loss_fwd
+from capo_fast.kernels.policy_loss import (
+    PolicyLossInputs,
+    PolicyLossOptions,
+    logits_grad,
+    logprobs_fwd,
+    policy_loss_fwd,
+)
 
 OPTION_NAMES = {f.name for f in dataclasses.fields(PolicyLossOptions)}
 
@@ -284,17 +290,11 @@ def triton_forward(logits, labels, old, adv, kwargs, with_grad=True, device="cpu
     Inputs are moved to `device`, results returned on the CPU."""
     logits, labels, old, adv, kwargs = on(device, (logits, labels, old, adv)) + (on(device, kwargs),)
     options = PolicyLossOptions(**{k: v for k, v in kwargs.items() if k in OPTION_NAMES})
-    out = policy_loss_fwd(
-        logits,
-        labels,
-        old,
-        adv,
-        kwargs.get("credit"),
-        kwargs.get("penalty"),
-        kwargs.get("ref_logprobs"),
-        kwargs["loss_weights"],
-        options,
-    )
+    inputs = PolicyLossInputs(
+        labels, old, adv, kwargs["loss_weights"], credit=kwargs.get("credit"), penalty=kwargs.get("penalty"),
+        ref_logprobs=kwargs.get("ref_logprobs"),
+    )  # fmt: skip
+    out = policy_loss_fwd(logits, inputs, options)
     grad = None
     if with_grad:
         grad = torch.full_like(logits, float("nan"))  # poisoned: every entry must be written
@@ -320,10 +320,10 @@ def test_triton_kernel_large_vocab_bf16_inplace(triton_device):
     logits, labels, old, adv, kwargs = make_case(3, 65_600, dtype=torch.bfloat16, seed=11, credit=True, penalty=1.0)
     loss_ref, logp_ref, _, _, grad_ref = run_reference(logits, labels, old, adv, kwargs)
     buf, labels, old, adv, kwargs = on(triton_device, (logits, labels, old, adv)) + (on(triton_device, kwargs),)
-    out = policy_loss_fwd(
-        buf, labels, old, adv, kwargs["credit"], kwargs["penalty"], None, kwargs["loss_weights"],
-        PolicyLossOptions(), in_place=True,
-    )  # fmt: skip
+    inputs = PolicyLossInputs(
+        labels, old, adv, kwargs["loss_weights"], credit=kwargs["credit"], penalty=kwargs["penalty"]
+    )
+    out = policy_loss_fwd(buf, inputs, PolicyLossOptions(), in_place=True)
     out, buf = on("cpu", out), buf.cpu()
     assert_close(out.loss, loss_ref, 1e-4, 1e-4, "loss")
     assert_close(out.logprobs, logp_ref, 2e-2, 1e-3, "logprobs")  # bf16 inputs: the reference sees the same values
@@ -435,7 +435,7 @@ def test_huge_logits_gradient_in_place_is_exact_and_finite_otherwise(scale, trit
     fused_policy_loss(x, labels, old, adv, temperature=0.7, inplace_backward=True).loss.backward()
     assert_close(x.grad, x64.grad, 1e-6, 1e-5, "in-place grad")
     buf, lab, o, a, w = on(triton_device, (logits, labels, old, adv, torch.ones(1)))
-    policy_loss_fwd(buf, lab, o, a, None, None, None, w, PolicyLossOptions(0.7), in_place=True)
+    policy_loss_fwd(buf, PolicyLossInputs(lab, o, a, w), PolicyLossOptions(0.7), in_place=True)
     assert_close(buf.cpu(), x64.grad, 1e-6, 1e-5, "Triton in-place grad")
     y = logits.clone().requires_grad_(True)
     fused_policy_loss(y, labels, old, adv, temperature=0.7).loss.backward()

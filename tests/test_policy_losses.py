@@ -13,6 +13,7 @@ import torch
 
 from capo_fast.config import ConfigError, load_config
 from capo_fast.kernels import PolicyLossOptions, aggregation_weights, fused_linear_policy_loss, reference
+from capo_fast.kernels.policy_loss import token_mean_weights
 from capo_fast.policy_losses import (
     POLICY_LOSSES,
     PolicyLossInputs,
@@ -37,7 +38,7 @@ def _token_loss_and_grad(name, logp, inputs, options):
     """(total, per-token loss, clip codes, d total / d logp) through the registry's [N] statement."""
     logp = logp.clone().requires_grad_(True)
     per_token, code = POLICY_LOSSES[name].token_loss(logp, inputs, options)
-    out = aggregate(POLICY_LOSSES[name].token_loss, logp, torch.zeros_like(logp), inputs, options)
+    out = aggregate(POLICY_LOSSES[name].token_loss, logp, torch.zeros_like(logp), inputs, options, vocab_size=1)
     out.loss.backward()
     return out.loss.item(), per_token.detach(), out.clipped, logp.grad
 
@@ -220,6 +221,34 @@ def test_losses_on_hidden_states_match_float64(name, mode):
     torch.testing.assert_close(x.grad.double(), h64.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(wt.grad.double(), w64.grad, atol=1e-5, rtol=1e-4)
     assert out.clipped[4] == 0
+
+
+def test_counted_skips_labels_outside_the_vocabulary_as_the_kernels_do():
+    """A label >= V is a masked token (the kernels' rule and token_mean_weights'): counted() leaves it out,
+    and so the [N] log-prob losses give it no part in the loss or in its sequence's mean ratio."""
+    v = 7
+    labels = torch.tensor([0, -100, 6, 7, 50, 3])
+    weights = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2, 0.0])
+    inputs = PolicyLossInputs(labels, torch.zeros(6), torch.ones(6), weights)
+    assert inputs.counted(v).tolist() == [True, False, True, False, False, False]
+    all_weighted = inputs._replace(loss_weights=torch.ones(6))
+    assert torch.equal(all_weighted.counted(v), token_mean_weights(labels, v) != 0)
+
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(6, 4, generator=g), torch.randn(v, 4, generator=g)
+    old, adv = -1.0 - torch.rand(6, generator=g), torch.tensor([1.0, 1.0, 1.0, -0.5, -0.5, -0.5])
+    seq_ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    labels = torch.tensor([0, 5, 6, 7, 50, 3])
+    weights = torch.full((6,), 1 / 6)
+    masked = torch.where(labels < v, labels, -100)
+    options = PolicyLossOptions(eps_low=0.5, eps_high=0.5, entropy_coef=0.05)
+    for name in ("gspo", "cispo"):
+        out = compute_policy_loss(name, hidden, weight, PolicyLossInputs(labels, old, adv, weights, seq_ids), options)
+        expected = compute_policy_loss(
+            name, hidden, weight, PolicyLossInputs(masked, old, adv, weights, seq_ids), options
+        )
+        assert out.loss.item() == pytest.approx(expected.loss.item(), rel=1e-6, abs=1e-7), name
+        assert torch.equal(out.logprobs, expected.logprobs) and torch.equal(out.clipped, expected.clipped)
 
 
 def test_ppo_entry_is_the_fused_loss_unchanged():

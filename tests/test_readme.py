@@ -28,6 +28,13 @@ def test_kernel_example_runs_and_its_losses_are_the_formulas(capsys):
     a = torch.tensor([0.8, -0.4], dtype=torch.float64)
     gspo = -torch.minimum(s * a, s.clamp(1 - 3e-4, 1 + 4e-4) * a).mean()
     assert ns["gspo"].loss.item() == pytest.approx(gspo.item(), rel=1e-5, abs=1e-6)
+    # the per-token outputs too: the fused loss's log-probs and entropy, and the linear log-prob op's
+    logp, entropy = reference.token_logprobs_and_entropy(x["logits"], ns["labels"])
+    torch.testing.assert_close(ns["out"].logprobs.double(), logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ns["out"].entropy.double(), entropy, atol=1e-5, rtol=1e-5)
+    logp, entropy = reference.token_logprobs_and_entropy(logits, ns["labels"])
+    torch.testing.assert_close(ns["logp"].double(), logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ns["entropy"].double(), entropy, atol=1e-5, rtol=1e-5)
 
 
 def test_first_lines_are_the_train_and_test_commands():

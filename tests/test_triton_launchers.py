@@ -15,10 +15,16 @@ import torch
 from conftest import TRITON_DEVICE, choose_triton_device
 
 from capo_fast.kernels import policy_loss as pl
-from capo_fast.kernels.policy_loss import PolicyLossOptions, logits_grad, logprobs_fwd, policy_loss_fwd
+from capo_fast.kernels.policy_loss import (
+    LOSS_TENSORS,
+    PolicyLossInputs,
+    PolicyLossOptions,
+    logits_grad,
+    logprobs_fwd,
+    policy_loss_fwd,
+)
 
 N, V = 9, 131
-LOSS_INPUTS = ("labels", "old_logprobs", "advantages", "credit", "penalty", "ref_logprobs", "loss_weights")
 GRAD_INPUTS = ("labels", "lse", "entropy", "grad_logprobs", "grad_entropy")
 
 
@@ -50,12 +56,12 @@ OPTIONS = PolicyLossOptions(temperature=0.8, eps_high=0.28, dual_clip=3.0, kl_co
 
 def run_loss(logits, inputs, in_place):
     buf = logits.clone()
-    out = policy_loss_fwd(buf, *(inputs[k] for k in LOSS_INPUTS), OPTIONS, in_place=in_place)
+    out = policy_loss_fwd(buf, PolicyLossInputs(**inputs), OPTIONS, in_place=in_place)
     return [t.cpu() for t in out] + ([buf.cpu()] if in_place else [])
 
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["forward", "in-place"])
-@pytest.mark.parametrize("name", LOSS_INPUTS)
+@pytest.mark.parametrize("name", LOSS_TENSORS)
 def test_loss_launcher_reads_strided_per_token_inputs(name, in_place, triton_device):
     logits, inputs = loss_inputs(triton_device)
     expected = run_loss(logits, inputs, in_place)
@@ -159,8 +165,8 @@ def test_every_launch_happens_inside_the_guard_of_its_tensors_device(monkeypatch
     for name in KERNELS:
         monkeypatch.setattr(pl, name, SpyKernel(name))
     logits, inputs = loss_inputs("cpu")
-    policy_loss_fwd(logits, *(inputs[k] for k in LOSS_INPUTS), OPTIONS)
-    policy_loss_fwd(logits, *(inputs[k] for k in LOSS_INPUTS), OPTIONS, in_place=True)
+    policy_loss_fwd(logits, PolicyLossInputs(**inputs), OPTIONS)
+    policy_loss_fwd(logits, PolicyLossInputs(**inputs), OPTIONS, in_place=True)
     logprobs_fwd(logits, inputs["labels"], 1.0)
     vec = torch.zeros(N)
     logits_grad(logits, inputs["labels"], vec, vec, vec, vec, 1.0, torch.empty_like(logits))
