@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 from capo_fast.config import SamplingConfig
 from capo_fast.data import DataKeys, Problem, encode_prompts, load_problems
+from capo_fast.models import resolve_model
 from capo_fast.reward import final_answer
 
 PAPER_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -295,7 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     from capo_fast.config import ConfigError
     from capo_fast.data import DataError
     from capo_fast.reward import OutcomeVerifier
-    from capo_fast.train import resolve_model
 
     try:
         args = _from_config(args)

@@ -13,9 +13,7 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
-import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from capo_fast.chain_arithmetic import warmed_up_policy
 from capo_fast.config import Config, ConfigError, describe_config, load_config, to_dict
 from capo_fast.console import quiet_libraries
 from capo_fast.credit import COUNTED_METRICS as CREDIT_COUNTS
@@ -41,7 +38,6 @@ from capo_fast.data import (
     load_problems,
 )
 from capo_fast.distributed import (
-    all_gather_objects,
     all_reduce,
     broadcast_object,
     check_same_environment,
@@ -63,6 +59,7 @@ from capo_fast.metrics import (
     run_summary,
     write_run_info,
 )
+from capo_fast.models import resolve_model_once
 from capo_fast.reward import COUNTED_METRICS as REWARD_COUNTS
 from capo_fast.reward import OutcomeVerifier, outcome_metrics
 from capo_fast.rollout import (
@@ -91,66 +88,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 COUNTED_METRICS = CREDIT_COUNTS | REWARD_COUNTS  # summed over ranks; the other step metrics are averaged
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-
-
-def resolve_model(name: str, cache_dir: str | None = None, key: str = "model.path") -> Path:
-    """A model folder for `model.path`: an HF model folder, a hub id (`org/name`, downloaded into the
-    HF cache, or found there when HF_HUB_OFFLINE=1), or `chain` / `smollm2` / `tiny`, the models that ship offline."""
-    from capo_fast import local_models
-
-    if name == "smollm2":
-        return local_models.smollm2_instruct()
-    if name == "tiny":
-        return local_models.build_tiny_model(local_models.default_cache_dir() / "tiny-qwen2")
-    if name == "chain":
-        return warmed_up_policy()
-    path = Path(name)
-    if (path / "config.json").exists():
-        return path
-    if path.exists() or not HUB_ID.match(name):
-        raise ConfigError(
-            f"{key}: {name!r} is not an HF model folder (no config.json), a hub id, chain, smollm2 or tiny"
-        )
-    from huggingface_hub import snapshot_download
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-    try:
-        folder = snapshot_download(name, allow_patterns=MODEL_FILES, cache_dir=cache_dir, local_files_only=offline)
-    except Exception as err:  # offline, unknown id, gated model: all end the run before it starts
-        raise ConfigError(
-            f"{key}: hub model {name!r} could not be had ({type(err).__name__}: {err}); download it where "
-            f"there is a network (huggingface-cli download {name}) and pass its folder, or put it in the HF cache"
-        ) from None
-    return Path(folder)
-
-
-def _try_resolve(name: str, key: str, rank: int) -> tuple[str, str]:
-    """("ok", folder) or ("error", message): any failure must reach the collectives of
-    resolve_model_once, or the other ranks wait there."""
-    try:
-        return "ok", str(resolve_model(name, key=key))
-    except Exception as err:
-        message = str(err) if isinstance(err, ConfigError) else f"{key}: {type(err).__name__}: {err}"
-        return "error", message if rank == 0 else f"rank {rank} ({socket.gethostname()}): {message}"
-
-
-def resolve_model_once(name: str, key: str = "model.path") -> Path:
-    """Rank 0 resolves (builds, converts or downloads) first and tells the others whether it worked; then
-    every other rank resolves in its own cache (another node has its own), and a failure anywhere stops
-    every rank with that error instead of leaving the others at the next collective."""
-    rank, _ = rank_and_world()
-    status, detail = broadcast_object(_try_resolve(name, key, rank) if rank == 0 else None)
-    if status == "error":
-        raise ConfigError(detail)
-    mine = (status, detail) if rank == 0 else _try_resolve(name, key, rank)
-    failures = [detail for status, detail in all_gather_objects(mine) if status == "error"]
-    if failures:
-        raise ConfigError(failures[0])
-    return Path(mine[1])
-
-
 # ---- distributed helpers -----------------------------------------------------------------------------
 
 

@@ -255,12 +255,12 @@ def test_cli_engine_options_reach_the_engine_and_runs_reshuffle(tmp_path, monkey
 
     import transformers
 
+    import capo_fast.evaluate
     import capo_fast.rollout
-    import capo_fast.train
     from capo_fast.evaluate import load_runs, main
 
     monkeypatch.setattr(capo_fast.rollout, "VLLMEngine", RecordingEngine)
-    monkeypatch.setattr(capo_fast.train, "resolve_model", lambda name: tmp_path)
+    monkeypatch.setattr(capo_fast.evaluate, "resolve_model", lambda name: tmp_path)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: CharTokenizer())
     mc = tmp_path / "mc.jsonl"
     mc.write_text("".join(json.dumps(r) + "\n" for r in _mc_rows(8)))
