@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import shutil
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from capo_fast.checkpoints import Checkpoints
 from capo_fast.config import Config, ConfigError, describe_config, load_config, to_dict
 from capo_fast.console import quiet_libraries
 from capo_fast.credit import COUNTED_METRICS as CREDIT_COUNTS
@@ -39,7 +39,6 @@ from capo_fast.data import (
 )
 from capo_fast.distributed import (
     all_reduce,
-    broadcast_object,
     check_same_environment,
     check_shared_folder,
     fail_together,
@@ -159,6 +158,9 @@ class Run:
         self.critic = fail_together(lambda: build_critic(c, None), "reaching the judge") if remote_judge else None
 
         self.trainer = PolicyTrainer(c, self.model_path)
+        self.checkpoints = Checkpoints(
+            self.out / "checkpoints", self.trainer, self.sampler, rank=self.rank, keep=c.checkpoint.keep
+        )
         r = c.rollout
         arch = Architecture.from_hf_config(json.loads((self.model_path / "config.json").read_text()))
         self.policy = PolicyEngine(
@@ -214,69 +216,13 @@ class Run:
             )
         self.sampler = PromptSampler(len(self.train_set), c.trainer.seed)
 
-    # ---- checkpoints ---------------------------------------------------------------------------------
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.out / "checkpoints"
-
-    def latest_checkpoint(self) -> str | None:
-        latest = self.checkpoint_dir / "latest"
-        return latest.read_text().strip() if latest.exists() else None
-
-    def _state(self) -> dict:
-        return {
-            "step": self.step,
-            "sampler": self.sampler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        }
-
-    def keep_if_best(self, accuracy: float) -> None:
-        """The paper reports its best checkpoint: `checkpoints/best` holds the one with the highest held-out
-        accuracy so far (best.json says which step); the periodic ones are pruned, this one is not."""
-        record = self.checkpoint_dir / "best.json"
-
-        def beats_best() -> bool:
-            try:
-                best = json.loads(record.read_text())["eval/accuracy"]
-            except (OSError, ValueError, KeyError, TypeError):  # none yet, or cut short by a crash: no best
-                best = float("-inf")
-            return accuracy > best
-
-        # Decided on rank 0 alone: another rank may read a stale best.json from a shared filesystem's cache,
-        # and ranks that disagree would not all enter the collective save.
-        if not broadcast_object(beats_best() if self.rank == 0 else None):
-            return
-        self.trainer.save(self.checkpoint_dir, "best", self._state(), latest=False)
-        if self.rank == 0:
-            partial = record.with_suffix(".json.partial")
-            partial.write_text(json.dumps({"step": self.step, "eval/accuracy": accuracy}) + "\n")
-            os.replace(partial, record)  # a crash leaves the old record or the new one, never half
-            logger.info("best checkpoint so far: step %d, eval accuracy %.3f", self.step, accuracy)
-
-    def save_checkpoint(self) -> None:
-        tag = f"step{self.step}"
-        self.trainer.save(self.checkpoint_dir, tag, self._state())  # `latest` last, after every rank's shards
-        if self.rank == 0:
-            tags = sorted((p for p in self.checkpoint_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
-            for old in tags[: -self.config.checkpoint.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        if self.rank == 0:
-            logger.info("checkpoint %s written to %s", tag, self.checkpoint_dir)
-
     def resume(self) -> None:
-        tag = self.latest_checkpoint()
-        if not (self.config.checkpoint.resume and tag):
-            return
-        state = self.trainer.load(self.checkpoint_dir, tag)
-        self.step = state["step"]
-        self.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        self.log.truncate_after(self.step)
-        self.samples.truncate_after(self.step)
-        if self.rank == 0:
-            print(f"resumed from {self.checkpoint_dir / tag} at step {self.step}", flush=True)
+        """Continues from the newest checkpoint when checkpoint.resume is on and there is one."""
+        step = self.checkpoints.resume() if self.config.checkpoint.resume else None
+        if step is not None:
+            self.step = step
+            self.log.truncate_after(step)
+            self.samples.truncate_after(step)
 
     # ---- one step ------------------------------------------------------------------------------------
 
@@ -403,7 +349,7 @@ class Run:
         from tqdm import tqdm
 
         c = self.config
-        check_shared_folder(self.checkpoint_dir)
+        check_shared_folder(self.checkpoints.folder)
         self.resume()
         if self.step == 0:
             self._report_eval("before training", self.evaluate())
@@ -414,19 +360,19 @@ class Run:
             if c.eval.every and self.step % c.eval.every == 0 and self.step < c.trainer.steps:
                 metrics.update(self.evaluate())
                 if c.checkpoint.keep_best:
-                    self.keep_if_best(metrics["eval/accuracy"])
+                    self.checkpoints.keep_if_best(self.step, metrics["eval/accuracy"])
             self.log.log(self.step, metrics)
             if self.rank == 0:
                 bar.write(format_line(self.step, metrics))
             bar.update(1)
             if c.checkpoint.every and self.step % c.checkpoint.every == 0:
-                self.save_checkpoint()
+                self.checkpoints.save(self.step)
         bar.close()
         final = self.evaluate()
         accuracy = final["eval/accuracy"]
         self._report_eval("after training", final)
         if c.checkpoint.keep_best:
-            self.keep_if_best(accuracy)
+            self.checkpoints.keep_if_best(self.step, accuracy)
         self.log.log(self.step, {"eval/accuracy_final": accuracy})
         if c.checkpoint.export:
             self.trainer.export(self.out / "final", self.tokenizer, self.model_card(final))
@@ -437,7 +383,7 @@ class Run:
                                   method=self.method)  # fmt: skip
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             curves = plot_run(self.log.path, self.out / "curves.png")
-            print(f"logs: {self.log.path}  curves: {curves}  checkpoints: {self.checkpoint_dir}  final model: "
+            print(f"logs: {self.log.path}  curves: {curves}  checkpoints: {self.checkpoints.folder}  final model: "
                   f"{self.out / 'final'}")  # fmt: skip
         self.log.close()
         self.verifier.close()
