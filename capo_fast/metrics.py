@@ -135,13 +135,13 @@ class RolloutSamples:
             lines = [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] <= step]
             self.path.write_text("".join(line + "\n" for line in lines))
 
-    def write(self, step: int, problems, groups) -> None:
+    def write(self, step: int, groups) -> None:
+        """The first `per_step` rollouts of `groups` (data.PromptGroup: a problem and its rollouts)."""
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = []
-        for r in itertools.islice((r for group in groups for r in group), self.per_step):
-            problem = problems[r.group]
+        for problem, r in itertools.islice(((g.problem, r) for g in groups for r in g.rollouts), self.per_step):
             steps = [
                 # the advantage every token of the step gets: a_i - p_g * e (Eq. 2, factored)
                 {"text": s.text, "vote": w, "token_advantage": r.advantage - r.penalty * w}

@@ -31,6 +31,7 @@ from capo_fast.data import (
     EVAL_SEED_OFFSET,
     DataError,
     DataKeys,
+    PromptGroup,
     PromptSampler,
     encode_prompts,
     held_out_source,
@@ -45,7 +46,7 @@ from capo_fast.distributed import (
     rank_and_world,
     start_process_group,
 )
-from capo_fast.evaluate import EvalOptions, evaluate_set, is_correct, load_set, parse_sets
+from capo_fast.evaluate import EvalOptions, evaluate_set, load_set, parse_sets
 from capo_fast.launch_env import required_env
 from capo_fast.memory_budget import Architecture, kv_cache_bytes
 from capo_fast.metrics import (
@@ -60,7 +61,7 @@ from capo_fast.metrics import (
 )
 from capo_fast.models import resolve_model_once
 from capo_fast.reward import COUNTED_METRICS as REWARD_COUNTS
-from capo_fast.reward import OutcomeVerifier, outcome_metrics
+from capo_fast.reward import OutcomeVerifier, outcome_metrics, outcome_reward
 from capo_fast.rollout import (
     CRITIC_BACKENDS,
     CritiqueRequest,
@@ -258,48 +259,47 @@ class Run:
         c, times = self.config, {}
         global_batch = self.sampler.next_batch(c.trainer.prompts_per_step)
         positions = my_share(list(range(len(global_batch))), self.rank, self.world)
-        problems = [self.train_set[global_batch[p]] for p in positions]
-        prompts = [self.train_prompts[global_batch[p]] for p in positions]
+        groups = [PromptGroup(self.train_set[global_batch[p]], self.train_prompts[global_batch[p]]) for p in positions]
         n = c.rollout.n
 
         with timed(times, "rollout"):  # includes the weight sync, reported apart as time/sync
             seeds = rank_seeds(c.trainer.seed, self.step, positions, n, c.critic.num_critiques)
-            groups = self.policy.generate(prompts, c.rollout.sampling, n=n, seeds=seeds.rollouts)
+            completions = self.policy.generate([g.prompt_ids for g in groups], c.rollout.sampling, n=n,
+                                               seeds=seeds.rollouts)  # fmt: skip
         times["time/sync"] = self.policy.last_sync_s
-        by_prompt = [
-            [Rollout(g, c.token_ids, c.text, c.finish_reason == "length", self.split_steps(c.text)) for c in group]
-            for g, group in enumerate(groups)
-        ]
-        rollouts = [r for group in by_prompt for r in group]
+        for group, answers in zip(groups, completions, strict=True):
+            group.rollouts = [
+                Rollout(a.token_ids, a.text, a.finish_reason == "length", self.split_steps(a.text)) for a in answers
+            ]
+        answered = [(g.problem, r) for g in groups for r in g.rollouts]
+        rollouts = [r for _, r in answered]
 
         with timed(times, "critique"), ThreadPoolExecutor(1) as pool:  # the verifier runs meanwhile
-            verified = pool.submit(self.verifier.score, [r.text for r in rollouts],
-                                   [problems[r.group].answer for r in rollouts])  # fmt: skip
+            verified = pool.submit(self.verifier.score, [r.text for r in rollouts], [p.answer for p, _ in answered])
             if self.critic is not None:
-                requests = [
-                    CritiqueRequest(p.question, r.steps, p.reference_solution, p.answer)
-                    for r, p in ((r, problems[r.group]) for r in rollouts)
-                ]
+                requests = [CritiqueRequest(p.question, r.steps, p.reference_solution, p.answer) for p, r in answered]
                 for r, critiques in zip(rollouts, self.critic.critique(requests, seed=seeds.critiques), strict=True):
                     r.critiques = critiques
                 self.critic.sleep()
             scores = verified.result()
         zero_truncated = c.algorithm.truncated_reward == "zero"
-        for r, score in zip(rollouts, scores, strict=True):
-            correct = is_correct(problems[r.group], r.text, score.correct)  # as evaluation scores it
-            r.correct = 0.0 if (zero_truncated and r.truncated) else correct
+        for (problem, r), score in zip(answered, scores, strict=True):
+            r.correct = outcome_reward(r.text, score.correct, choice=problem.correct_choice, truncated=r.truncated,
+                                       zero_if_truncated=zero_truncated)  # fmt: skip
             r.formatted = score.formatted
 
         num_critiques = c.critic.num_critiques if self.critic else 0
         with timed(times, "credit"):
-            assign_credit(by_prompt, self.tokenizer, self.voting, self.credit_config)
+            assign_credit([g.rollouts for g in groups], self.tokenizer, self.voting, self.credit_config)
             judged = rollout_metrics(rollouts, self.credit_config, num_critiques)
             if self.critic is not None:  # before the update: a dead judge must not leave a step on outcome alone
                 failed, total = all_reduce([judged["credit/failed_critique_rate"] * len(rollouts), len(rollouts)])
                 failed /= max(total, 1)  # ranks may hold different numbers of rollouts
                 check_critique_failures(failed, c.critic, self.step + 1)
             sequences = [
-                TrainSequence(prompts[r.group], r.token_ids, r.advantage, r.penalty, r.credit) for r in rollouts
+                TrainSequence(g.prompt_ids, r.token_ids, r.advantage, r.penalty, r.credit)
+                for g in groups
+                for r in g.rollouts
             ]
 
         with timed(times, "logprobs"):
@@ -314,7 +314,7 @@ class Run:
             "response/length": _mean([len(r.token_ids) for r in rollouts]),
             "response/truncated": _mean([float(r.truncated) for r in rollouts]),
         }
-        self.samples.write(self.step + 1, problems, by_prompt)
+        self.samples.write(self.step + 1, groups)
         metrics = reduce_step_metrics(local, len(rollouts))
         stat_keys = ("loss", "clipped", "entropy", "kl", "tokens")
         loss, clipped, entropy, kl, tokens = all_reduce([stats[k] for k in stat_keys])

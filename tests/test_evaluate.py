@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from capo_fast.data import DataError, Problem, as_multiple_choice
-from capo_fast.evaluate import EvalOptions, choice_letter, evaluate_set, is_correct, load_set, pass_at_k
-from capo_fast.reward import OutcomeVerifier
+from capo_fast.evaluate import EvalOptions, evaluate_set, load_set, pass_at_k
+from capo_fast.reward import OutcomeVerifier, choice_letter, outcome_reward
 from capo_fast.rollout import Completion
 
 
@@ -30,9 +30,9 @@ def test_multiple_choice_options_are_shuffled_by_seed_and_scored_on_the_letter()
     assert choice_letter("It must be \\boxed{B}.") == "B" and choice_letter("The answer is (D).") == "D"
     assert choice_letter("no idea") is None
     # training and evaluation score an answer alike: the letter, never math-verify's reading of it
-    assert is_correct(a, f"So \\boxed{{{a.answer}. 7}}", verified=0.0) == 1.0
-    assert is_correct(a, "\\boxed{Z}", verified=1.0) == 0.0
-    assert is_correct(Problem("1+1?", "2"), "\\boxed{2}", verified=1.0) == 1.0
+    assert outcome_reward(f"So \\boxed{{{a.answer}. 7}}", 0.0, choice=a.correct_choice) == 1.0
+    assert outcome_reward("\\boxed{Z}", 1.0, choice=a.correct_choice) == 0.0
+    assert Problem("1+1?", "2").correct_choice is None and outcome_reward("\\boxed{2}", 1.0, choice=None) == 1.0
 
 
 def _correct_text(problem: Problem) -> str:
