@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 from capo_fast.config import SamplingConfig
 from capo_fast.data import DataKeys, Problem, encode_prompts, load_problems
+from capo_fast.metrics import all_reduce_named
 from capo_fast.models import resolve_model
 from capo_fast.reward import final_answer, outcome_reward
 
@@ -149,6 +150,43 @@ def evaluate_set(
             metrics[f"maj@{k}"] = sum(
                 _majority_correct(t[:k], c[:k]) for t, c in zip(texts, correct, strict=True)
             ) / max(n, 1)
+    return metrics
+
+
+def evaluate_on_ranks(
+    sets: dict[str, tuple[Sequence[Problem], Sequence[list[int]]]],
+    generate: Generate,
+    score: Score,
+    options: EvalOptions,
+    *,
+    rank: int,
+    world: int,
+) -> dict[str, float]:
+    """`eval/NAME/pass@1`, `length` and `truncated` of every set (problems, prompt ids) and, for a set of
+    several data sources, `eval/NAME/SOURCE/pass@1`, each rank answering every `world`-th problem (one
+    greedy run, as `evaluate_set`), the counts summed over the ranks by name."""
+    metrics = {}
+    for name, (problems, prompts) in sets.items():
+        if not problems:
+            continue
+        local = evaluate_set(problems[rank::world], prompts[rank::world], generate, score, options)
+        sources = sorted({p.data_source for p in problems if p.data_source})  # the same list on every rank
+        n = local["problems"]
+        counts = {"correct": local["pass@1"] * n, "length": local["length"] * n, "truncated": local["truncated"] * n}
+        counts["problems"] = n
+        for source in sources:
+            mine = local.get("by_source", {}).get(source, {"pass@1": 0.0, "problems": 0})
+            counts[f"source/{source}/correct"] = mine["pass@1"] * mine["problems"]
+            counts[f"source/{source}/problems"] = mine["problems"]
+        totals = all_reduce_named(counts)
+        answered = max(totals["problems"], 1)
+        metrics[f"eval/{name}/pass@1"] = totals["correct"] / answered
+        metrics[f"eval/{name}/length"] = totals["length"] / answered
+        metrics[f"eval/{name}/truncated"] = totals["truncated"] / answered
+        if len(sources) > 1:
+            for source in sources:
+                count = max(totals[f"source/{source}/problems"], 1)
+                metrics[f"eval/{name}/{source}/pass@1"] = totals[f"source/{source}/correct"] / count
     return metrics
 
 

@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from capo_fast.distributed import all_reduce
+
 SUMMARY_KEYS = (
     ("reward/mean", "reward"),
     ("reward/accuracy", "acc"),
@@ -25,6 +27,12 @@ def format_line(step: int, metrics: dict[str, float]) -> str:
     values = " ".join(f"{short} {metrics[key]:.3g}" for key, short in SUMMARY_KEYS if key in metrics)
     times = " ".join(f"{k.split('/', 1)[1]} {v:.1f}s" for k, v in metrics.items() if k.startswith("time/"))
     return f"step {step} | {values} | {times}"
+
+
+def all_reduce_named(values: dict[str, float]) -> dict[str, float]:
+    """`values` summed over the ranks, key by key; every rank must pass the same keys (in any order)."""
+    keys = sorted(values)
+    return dict(zip(keys, all_reduce([values[k] for k in keys]), strict=True))
 
 
 class MetricsLog:

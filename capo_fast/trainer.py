@@ -26,6 +26,7 @@ from capo_fast.kernels import PolicyLossOptions, fused_linear_logprobs
 from capo_fast.kernels.aggregation import aggregation_weights
 from capo_fast.policy_losses import PolicyLossInputs, compute_policy_loss
 from capo_fast.rollout import model_weights
+from capo_fast.seeds import Stream, sampling_seed
 
 
 @dataclass
@@ -359,6 +360,24 @@ class PolicyTrainer:
                 f"{self._skipped_in_a_row} optimizer steps in a row had a non-finite loss or gradient norm "
                 f"(trainer.max_skipped_steps={limit}); lower trainer.lr or check the advantages and the data"
             )
+
+    def ppo_epochs(self, sequences: list[TrainSequence], step: int) -> dict[str, float]:
+        """`algorithm.mini_epochs` passes over the step's sequences, each reshuffled (a seed per step) and cut
+        into `trainer.mini_batches` optimizer steps; the loss is averaged over a pass's mini-batches, the
+        other sums per pass, all averaged over the passes, and `skipped` counts optimizer steps."""
+        epochs, batches = self.config.algorithm.mini_epochs, self.config.trainer.mini_batches
+        totals = {"loss": 0.0, "clipped": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0, "skipped": 0.0}
+        order = torch.Generator().manual_seed(sampling_seed(self.config.trainer.seed, Stream.SHUFFLE, step, 0))
+        for _ in range(epochs):
+            shuffled = [sequences[i] for i in torch.randperm(len(sequences), generator=order).tolist()]
+            size = -(-len(shuffled) // batches)
+            for b in range(batches):
+                stats = self.train_mini_batch(shuffled[b * size : (b + 1) * size])
+                for k in totals:
+                    totals[k] += stats[k] / (batches if k == "loss" else 1)
+        averages = {k: v / epochs for k, v in totals.items()}  # per mini-epoch
+        averages["skipped"] = totals["skipped"]  # a count of optimizer steps, not an average
+        return averages
 
     @property
     def lr(self) -> float:

@@ -292,3 +292,27 @@ def test_cli_rejects_engine_options_out_of_range(flag, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--model", "m", "--sets", "a=b", *flag])
     assert flag[0] in capsys.readouterr().err
+
+
+def test_training_evaluation_answers_its_rank_share_and_names_every_metric():
+    """Rank 1 of 2 answers problems 1 and 3 (every second one); a single process sums nothing more, so the
+    named totals are that share's: 1 of 2 right overall, 1/1 on source a, 0/1 on source b."""
+    from capo_fast.evaluate import evaluate_on_ranks
+
+    problems = [Problem(f"{i}+0?", str(i), data_source=source) for i, source in enumerate("aabb")]
+    answers = {(ord(c),): t for c, t in (("a", "\\boxed{0}"), ("b", "\\boxed{1}"), ("c", "\\boxed{9}"), ("d", "x"))}
+    prompts = [[ord(c)] for c in "abcd"]
+    asked = []
+
+    def generate(prompts, sampling, *, n, seeds):
+        asked.extend(prompts)
+        return [[Completion([1] * 4, [0.0] * 4, answers[tuple(p)], "stop")] for p in prompts]
+
+    with OutcomeVerifier(num_workers=1) as verifier:
+        m = evaluate_on_ranks({"heldout": (problems, prompts), "empty": ([], [])}, generate, verifier.score,
+                              EvalOptions(runs=1), rank=1, world=2)  # fmt: skip
+    assert asked == [[ord("b")], [ord("d")]]
+    assert m == {
+        "eval/heldout/pass@1": 0.5, "eval/heldout/length": 4.0, "eval/heldout/truncated": 0.0,
+        "eval/heldout/a/pass@1": 1.0, "eval/heldout/b/pass@1": 0.0,
+    }  # fmt: skip
