@@ -118,20 +118,18 @@ def timed(times: dict[str, float], phase: str):
 @dataclass(frozen=True)
 class RunData:
     """The training problems with their prompt ids and the order they come in (the sampler's position is
-    checkpointed), and the evaluation sets as (problems, prompt ids), the held-out set first."""
+    checkpointed), and the evaluation sets as (problems, prompt ids), the held-out set first (an eval.sets
+    entry named `heldout` takes its place, as it always did; `heldout_size` stays the held-out set's)."""
 
     train: list[Problem]
     train_prompts: list[list[int]]
     sampler: PromptSampler
     eval_sets: dict[str, tuple[list[Problem], list[list[int]]]]
+    heldout_size: int
 
     def group(self, index: int) -> PromptGroup:
         """A fresh record for training prompt `index` (a sampler index), before its rollouts."""
         return PromptGroup(self.train[index], self.train_prompts[index])
-
-    @property
-    def heldout_size(self) -> int:
-        return len(self.eval_sets["heldout"][0])
 
 
 def load_data(config: Config, tokenizer) -> RunData:
@@ -153,7 +151,7 @@ def load_data(config: Config, tokenizer) -> RunData:
     too_long = [i for i, p in enumerate(train_prompts) if len(p) > d.max_prompt_tokens]
     if too_long:
         raise DataError(f"{d.train}: {len(too_long)} prompts exceed data.max_prompt_tokens, e.g. problem {too_long[0]}")
-    return RunData(train, train_prompts, PromptSampler(len(train), config.trainer.seed), sets)
+    return RunData(train, train_prompts, PromptSampler(len(train), config.trainer.seed), sets, len(heldout))
 
 
 def build_policy_engine(config: Config, model_path: Path, world: int) -> VLLMEngine:
