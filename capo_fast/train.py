@@ -66,7 +66,7 @@ from capo_fast.rollout import (
 )
 from capo_fast.run_report import eval_line, model_card, write_summary
 from capo_fast.seeds import rank_seeds
-from capo_fast.trainer import PolicyTrainer, TrainingDiverged, TrainSequence
+from capo_fast.trainer import UPDATE_STATS, PolicyTrainer, TrainingDiverged, TrainSequence
 
 logger = logging.getLogger("capo_fast")
 
@@ -397,7 +397,7 @@ def reduce_step_metrics(local: dict[str, float], rollouts: int) -> dict[str, flo
     return {k: totals[k] if k in COUNTED_METRICS else totals[k] / max(totals["rollouts"], 1) for k in sorted(local)}
 
 
-ACTOR_SUMS = ("loss", "clipped", "entropy", "kl", "tokens")  # of PolicyTrainer.ppo_epochs, summed over ranks
+ACTOR_SUMS = [k for k in UPDATE_STATS if k != "skipped"]  # summed over ranks; skipped steps agree already
 
 
 def step_metrics(

@@ -151,6 +151,11 @@ def _cosine_with_warmup(total_steps: int, warmup: int, min_ratio: float):
     return factor
 
 
+# What an update reports (train_mini_batch, ppo_epochs): sums over this rank's response tokens of the loss
+# (already divided by the world size), clipped tokens, entropy and KL; the tokens; skipped optimizer steps.
+UPDATE_STATS = ("loss", "clipped", "entropy", "kl", "tokens", "skipped")
+
+
 class TrainingDiverged(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
@@ -304,7 +309,7 @@ class PolicyTrainer:
             temperature=self.config.rollout.sampling.temperature or 1.0, eps_low=a.eps_low, eps_high=a.eps_high,
             dual_clip=a.dual_clip, kl_coef=a.kl_coef, entropy_coef=a.entropy_coef,
         )  # fmt: skip
-        stats = {"loss": 0.0, "clipped": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0, "skipped": 0.0}
+        stats = dict.fromkeys(UPDATE_STATS, 0.0)
         for k, group in enumerate(groups):
             chosen = [sequences[i] for i in group]
             batch = self._pack(chosen or [_PAD])
@@ -366,7 +371,7 @@ class PolicyTrainer:
         into `trainer.mini_batches` optimizer steps; the loss is averaged over a pass's mini-batches, the
         other sums per pass, all averaged over the passes, and `skipped` counts optimizer steps."""
         epochs, batches = self.config.algorithm.mini_epochs, self.config.trainer.mini_batches
-        totals = {"loss": 0.0, "clipped": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0, "skipped": 0.0}
+        totals = dict.fromkeys(UPDATE_STATS, 0.0)
         order = torch.Generator().manual_seed(sampling_seed(self.config.trainer.seed, Stream.SHUFFLE, step, 0))
         for _ in range(epochs):
             shuffled = [sequences[i] for i in torch.randperm(len(sequences), generator=order).tolist()]
