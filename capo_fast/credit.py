@@ -284,9 +284,9 @@ def factored_advantages(group: Sequence[RolloutSignals], cfg: CreditConfig) -> F
 
 @dataclass
 class Rollout:
-    """One sampled answer as it goes through a step: verify, critique, vote, credit, advantage."""
+    """One sampled answer as it goes through a step: verify, critique, vote, credit, advantage (its prompt
+    and the other answers to it: data.PromptGroup)."""
 
-    group: int  # index of its prompt among this rank's prompts
     token_ids: list[int]
     text: str
     truncated: bool

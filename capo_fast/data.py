@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from capo_fast.chain_arithmetic import split_rows
+from capo_fast.credit import Rollout
 from capo_fast.errors import DataError
 from capo_fast.text_files import read_utf8
 
@@ -48,6 +49,21 @@ class Problem:
     data_source: str = ""  # kept for per-source metrics
     choices: tuple[str, ...] | None = None  # the options of a multiple-choice row, as the data orders them
     multiple_choice: bool = False  # lettered options in the question, the answer a letter
+
+    @property
+    def correct_choice(self) -> str | None:
+        """The correct option's letter of a multiple-choice question; None for the rest."""
+        return self.answer if self.multiple_choice else None
+
+
+@dataclass
+class PromptGroup:
+    """One prompt of a step and its n rollouts, as they go through verify, critique, vote, credit and
+    advantage together (the group is what Eq. 2 normalises over)."""
+
+    problem: Problem
+    prompt_ids: list[int]
+    rollouts: list[Rollout] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import statistics
 import sys
 from collections import Counter
@@ -37,10 +36,11 @@ from typing import NamedTuple
 
 from capo_fast.config import SamplingConfig
 from capo_fast.data import DataKeys, Problem, encode_prompts, load_problems
-from capo_fast.reward import final_answer
+from capo_fast.metrics import all_reduce_named
+from capo_fast.models import resolve_model
+from capo_fast.reward import final_answer, outcome_reward
 
 PAPER_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-_LETTER = re.compile(r"^\(?([A-Z])\)?(?:[.:)\s]|$)")
 
 Generate = Callable[..., list]  # (prompts, sampling, *, n, seeds) -> completions per prompt, as VLLMEngine.generate
 Score = Callable[[list[str], list[str]], list]  # OutcomeVerifier.score
@@ -51,16 +51,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def choice_letter(response: str) -> str | None:
-    stated = final_answer(response)
-    if stated is None:
-        return None
-    inner = re.sub(r"^\\boxed\{(.*)\}$|^\$(.*)\$$", lambda m: m[1] or m[2] or "", stated).strip()
-    inner = re.sub(r"^\\text\{(.*)\}$", r"\1", inner).strip()
-    m = _LETTER.match(inner)
-    return m[1] if m else None
 
 
 @dataclass(frozen=True)
@@ -74,20 +64,16 @@ class EvalOptions:
     seed: int = 0
 
 
-def is_correct(problem: Problem, text: str, verified: float) -> float:
-    """r_v of one answer, in training and evaluation alike: the option letter for multiple choice,
-    `verified` (the verifier's score) for the rest."""
-    return float(choice_letter(text) == problem.answer) if problem.multiple_choice else verified
-
-
-def _correct(problems: Sequence[Problem], texts: list[str], score: Score) -> list[float]:
-    """1/0 per answer (`is_correct`); the verifier sees only the rows that are not multiple choice."""
-    math_rows = [i for i, p in enumerate(problems) if not p.multiple_choice]
-    verified = [0.0] * len(texts)
-    scores = score([texts[i] for i in math_rows], [problems[i].answer for i in math_rows]) if math_rows else []
-    for i, s in zip(math_rows, scores, strict=True):
-        verified[i] = s.correct
-    return [is_correct(p, t, v) for p, t, v in zip(problems, texts, verified, strict=True)]
+def _correct(answers: Sequence[tuple[Problem, str]], score: Score) -> list[float]:
+    """r_v of each (problem, response) by the rule of training (`reward.outcome_reward`); the verifier
+    reads only the answers that are not multiple choice (a letter is scored on the letter)."""
+    verifiable = [(p, text) for p, text in answers if not p.multiple_choice]
+    scores = score([text for _, text in verifiable], [p.answer for p, _ in verifiable]) if verifiable else []
+    verified = iter(s.correct for s in scores)
+    return [
+        outcome_reward(text, 0.0 if p.multiple_choice else next(verified), choice=p.correct_choice)
+        for p, text in answers
+    ]
 
 
 class RunInputs(NamedTuple):
@@ -130,7 +116,7 @@ def evaluate_set(
     accuracy, lengths, truncated, per_problem_greedy = [], [], [], [0.0] * n
     for run, inputs in enumerate(runs):
         outs = [group[0] for group in generate(inputs.prompts, greedy, n=1, seeds=[s + run for s in seeds])]
-        correct = _correct(inputs.problems, [o.text for o in outs], score)
+        correct = _correct(list(zip(inputs.problems, (o.text for o in outs), strict=True)), score)
         accuracy.append(sum(correct) / max(n, 1))
         per_problem_greedy = [a + c / options.runs for a, c in zip(per_problem_greedy, correct, strict=True)]
         lengths += [len(o.token_ids) for o in outs]
@@ -155,17 +141,52 @@ def evaluate_set(
         }
     if options.samples:
         sampling = SamplingConfig(temperature=options.temperature, top_p=options.top_p, max_tokens=options.max_tokens)
-        groups = generate(prompts, sampling, n=options.samples, seeds=seeds)
-        flat = [(i, c.text) for i, g in enumerate(groups) for c in g]
-        correct = _correct([problems[i] for i, _ in flat], [t for _, t in flat], score)
-        per_problem = [correct[i * options.samples : (i + 1) * options.samples] for i in range(n)]
-        texts = [[t for _, t in flat[i * options.samples : (i + 1) * options.samples]] for i in range(n)]
+        texts = [[c.text for c in group] for group in generate(prompts, sampling, n=options.samples, seeds=seeds)]
+        scored = iter(_correct([(p, t) for p, group in zip(problems, texts, strict=True) for t in group], score))
+        correct = [[next(scored) for _ in group] for group in texts]  # one verifier call, scores per problem
         for k in (k for k in options.ks if k <= options.samples):
             key = f"pass@{k}" if k > 1 else "pass@1_sampled"  # plain pass@1 is the greedy one (the paper's)
-            metrics[key] = sum(pass_at_k(len(c), int(sum(c)), k) for c in per_problem) / max(n, 1)
+            metrics[key] = sum(pass_at_k(len(c), int(sum(c)), k) for c in correct) / max(n, 1)
             metrics[f"maj@{k}"] = sum(
-                _majority_correct(t[:k], c[:k]) for t, c in zip(texts, per_problem, strict=True)
+                _majority_correct(t[:k], c[:k]) for t, c in zip(texts, correct, strict=True)
             ) / max(n, 1)
+    return metrics
+
+
+def evaluate_on_ranks(
+    sets: dict[str, tuple[Sequence[Problem], Sequence[list[int]]]],
+    generate: Generate,
+    score: Score,
+    options: EvalOptions,
+    *,
+    rank: int,
+    world: int,
+) -> dict[str, float]:
+    """`eval/NAME/pass@1`, `length` and `truncated` of every set (problems, prompt ids) and, for a set of
+    several data sources, `eval/NAME/SOURCE/pass@1`, each rank answering every `world`-th problem (one
+    greedy run, as `evaluate_set`), the counts summed over the ranks by name."""
+    metrics = {}
+    for name, (problems, prompts) in sets.items():
+        if not problems:
+            continue
+        local = evaluate_set(problems[rank::world], prompts[rank::world], generate, score, options)
+        sources = sorted({p.data_source for p in problems if p.data_source})  # the same list on every rank
+        n = local["problems"]
+        counts = {"correct": local["pass@1"] * n, "length": local["length"] * n, "truncated": local["truncated"] * n}
+        counts["problems"] = n
+        for source in sources:
+            mine = local.get("by_source", {}).get(source, {"pass@1": 0.0, "problems": 0})
+            counts[f"source/{source}/correct"] = mine["pass@1"] * mine["problems"]
+            counts[f"source/{source}/problems"] = mine["problems"]
+        totals = all_reduce_named(counts)
+        answered = max(totals["problems"], 1)
+        metrics[f"eval/{name}/pass@1"] = totals["correct"] / answered
+        metrics[f"eval/{name}/length"] = totals["length"] / answered
+        metrics[f"eval/{name}/truncated"] = totals["truncated"] / answered
+        if len(sources) > 1:
+            for source in sources:
+                count = max(totals[f"source/{source}/problems"], 1)
+                metrics[f"eval/{name}/{source}/pass@1"] = totals[f"source/{source}/correct"] / count
     return metrics
 
 
@@ -295,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from capo_fast.errors import ConfigError, DataError
     from capo_fast.reward import OutcomeVerifier
-    from capo_fast.train import resolve_model
 
     try:
         args = _from_config(args)

@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     from capo_fast.critics import build_critic
     from capo_fast.critique import make_splitter
     from capo_fast.evaluate import parse_sets
-    from capo_fast.train import resolve_model
+    from capo_fast.models import resolve_model
 
     args, overrides = parse_args(argv)
     try:

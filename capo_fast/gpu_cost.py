@@ -145,7 +145,7 @@ class Batch(NamedTuple):
 
 def weight_sync(config: Config, policy: Architecture, world: int) -> Work:
     """The trainer's weights into the engine (gathered first under ZeRO-3), and the optimizer state the
-    trainer moves to the CPU while the engines generate and back (trainer.states_to_offload)."""
+    trainer moves to the CPU while the engines generate and back (deepspeed_settings.states_to_offload)."""
     stage, optimizer_offloaded = zero_setup(config)
     p, weights = policy.params, policy.params * dtype_bytes(config)
     state = 0.0

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from capo_fast.config import Config, load_config
+from capo_fast.deepspeed_settings import deepspeed_config, offload_device
 from capo_fast.errors import ConfigError
 
 GIB = 2**30
@@ -232,8 +233,6 @@ def has_colocated_judge(config: Config) -> bool:
 
 def zero_setup(config: Config) -> tuple[int, bool]:
     """The ZeRO stage of the run's merged DeepSpeed config, and whether it offloads the optimizer."""
-    from capo_fast.trainer import deepspeed_config, offload_device
-
     ds = deepspeed_config(config, fused_adam=True)
     return ds["zero_optimization"].get("stage", 0), offload_device(ds) != "none"
 

@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from capo_fast.distributed import all_reduce
+
 SUMMARY_KEYS = (
     ("reward/mean", "reward"),
     ("reward/accuracy", "acc"),
@@ -25,6 +27,12 @@ def format_line(step: int, metrics: dict[str, float]) -> str:
     values = " ".join(f"{short} {metrics[key]:.3g}" for key, short in SUMMARY_KEYS if key in metrics)
     times = " ".join(f"{k.split('/', 1)[1]} {v:.1f}s" for k, v in metrics.items() if k.startswith("time/"))
     return f"step {step} | {values} | {times}"
+
+
+def all_reduce_named(values: dict[str, float]) -> dict[str, float]:
+    """`values` summed over the ranks, key by key; every rank must pass the same keys (in any order)."""
+    keys = sorted(values)
+    return dict(zip(keys, all_reduce([values[k] for k in keys]), strict=True))
 
 
 class MetricsLog:
@@ -135,13 +143,13 @@ class RolloutSamples:
             lines = [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] <= step]
             self.path.write_text("".join(line + "\n" for line in lines))
 
-    def write(self, step: int, problems, groups) -> None:
+    def write(self, step: int, groups) -> None:
+        """The first `per_step` rollouts of `groups` (data.PromptGroup: a problem and its rollouts)."""
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = []
-        for r in itertools.islice((r for group in groups for r in group), self.per_step):
-            problem = problems[r.group]
+        for problem, r in itertools.islice(((g.problem, r) for g in groups for r in g.rollouts), self.per_step):
             steps = [
                 # the advantage every token of the step gets: a_i - p_g * e (Eq. 2, factored)
                 {"text": s.text, "vote": w, "token_advantage": r.advantage - r.group_penalty * w}

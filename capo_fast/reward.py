@@ -269,6 +269,45 @@ class OutcomeVerifier:
         return [OutcomeScore(c[0], format_reward(r), c[1]) for c, r in zip(correct, responses, strict=True)]
 
 
+_LETTER = re.compile(r"^\(?([A-Z])\)?(?:[.:)\s]|$)")
+
+
+def choice_letter(response: str) -> str | None:
+    """The option letter a multiple-choice answer states (`\\boxed{B}`, "The answer is (D)."), or None."""
+    stated = final_answer(response)
+    if stated is None:
+        return None
+    inner = re.sub(r"^\\boxed\{(.*)\}$|^\$(.*)\$$", lambda m: m[1] or m[2] or "", stated).strip()
+    inner = re.sub(r"^\\text\{(.*)\}$", r"\1", inner).strip()
+    m = _LETTER.match(inner)
+    return m[1] if m else None
+
+
+def outcome_reward(
+    response: str,
+    verified: float,
+    *,
+    choice: str | None = None,
+    truncated: bool = False,
+    zero_if_truncated: bool = False,
+) -> float:
+    """r_v of one response, the one rule of training and evaluation alike.
+
+    Args:
+        response: the policy's answer.
+        verified: the verifier's score of it (`OutcomeScore.correct`); not read for multiple choice.
+        choice: the correct option's letter when the question is multiple choice (`Problem.correct_choice`):
+            the answer is then scored on the letter it states, never on math-verify's reading of it.
+        truncated: the response was cut at max tokens.
+        zero_if_truncated: `algorithm.truncated_reward: zero`: a cut response scores 0 whatever it says.
+    """
+    if truncated and zero_if_truncated:
+        return 0.0
+    if choice is not None:
+        return float(choice_letter(response) == choice)
+    return verified
+
+
 COUNTED_METRICS = frozenset({"reward/verifier_timeouts", "reward/verifier_errors"})  # summed over ranks
 
 

@@ -11,20 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
-import re
 import shutil
-import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from capo_fast.chain_arithmetic import warmed_up_policy
+from capo_fast.checkpoints import Checkpoints
 from capo_fast.config import Config, describe_config, load_config, to_dict
 from capo_fast.console import quiet_libraries
 from capo_fast.credit import COUNTED_METRICS as CREDIT_COUNTS
@@ -34,6 +32,8 @@ from capo_fast.critique import make_splitter
 from capo_fast.data import (
     EVAL_SEED_OFFSET,
     DataKeys,
+    Problem,
+    PromptGroup,
     PromptSampler,
     encode_prompts,
     held_out_source,
@@ -41,9 +41,6 @@ from capo_fast.data import (
     load_problems,
 )
 from capo_fast.distributed import (
-    all_gather_objects,
-    all_reduce,
-    broadcast_object,
     check_same_environment,
     check_shared_folder,
     fail_together,
@@ -52,23 +49,16 @@ from capo_fast.distributed import (
 )
 from capo_fast.engines import PolicyEngine, VLLMEngine, critic_sleep_mode, sleep_mode_supported
 from capo_fast.errors import ConfigError, DataError, JudgeError
-from capo_fast.evaluate import EvalOptions, evaluate_set, is_correct, load_set, parse_sets
+from capo_fast.evaluate import EvalOptions, evaluate_on_ranks, load_set, parse_sets
 from capo_fast.launch_env import required_env
 from capo_fast.memory_budget import Architecture, kv_cache_bytes
-from capo_fast.metrics import (
-    MetricsLog,
-    RolloutSamples,
-    accuracy_change,
-    binomial_se,
-    format_line,
-    plot_run,
-    run_summary,
-    write_run_info,
-)
+from capo_fast.metrics import MetricsLog, RolloutSamples, all_reduce_named, format_line, write_run_info
+from capo_fast.models import resolve_model_once
 from capo_fast.reward import COUNTED_METRICS as REWARD_COUNTS
-from capo_fast.reward import OutcomeVerifier, outcome_metrics
-from capo_fast.seeds import Stream, rank_seeds, sampling_seed
-from capo_fast.trainer import PolicyTrainer, TrainingDiverged, TrainSequence
+from capo_fast.reward import OutcomeScore, OutcomeVerifier, outcome_metrics, outcome_reward
+from capo_fast.run_report import eval_line, model_card, write_summary
+from capo_fast.seeds import rank_seeds
+from capo_fast.trainer import UPDATE_STATS, PolicyTrainer, TrainingDiverged, TrainSequence
 
 logger = logging.getLogger("capo_fast")
 
@@ -83,66 +73,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 COUNTED_METRICS = CREDIT_COUNTS | REWARD_COUNTS  # summed over ranks; the other step metrics are averaged
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-
-
-def resolve_model(name: str, cache_dir: str | None = None, key: str = "model.path") -> Path:
-    """A model folder for `model.path`: an HF model folder, a hub id (`org/name`, downloaded into the
-    HF cache, or found there when HF_HUB_OFFLINE=1), or `chain` / `smollm2` / `tiny`, the models that ship offline."""
-    from capo_fast import local_models
-
-    if name == "smollm2":
-        return local_models.smollm2_instruct()
-    if name == "tiny":
-        return local_models.build_tiny_model(local_models.default_cache_dir() / "tiny-qwen2")
-    if name == "chain":
-        return warmed_up_policy()
-    path = Path(name)
-    if (path / "config.json").exists():
-        return path
-    if path.exists() or not HUB_ID.match(name):
-        raise ConfigError(
-            f"{key}: {name!r} is not an HF model folder (no config.json), a hub id, chain, smollm2 or tiny"
-        )
-    from huggingface_hub import snapshot_download
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-    try:
-        folder = snapshot_download(name, allow_patterns=MODEL_FILES, cache_dir=cache_dir, local_files_only=offline)
-    except Exception as err:  # offline, unknown id, gated model: all end the run before it starts
-        raise ConfigError(
-            f"{key}: hub model {name!r} could not be had ({type(err).__name__}: {err}); download it where "
-            f"there is a network (huggingface-cli download {name}) and pass its folder, or put it in the HF cache"
-        ) from None
-    return Path(folder)
-
-
-def _try_resolve(name: str, key: str, rank: int) -> tuple[str, str]:
-    """("ok", folder) or ("error", message): any failure must reach the collectives of
-    resolve_model_once, or the other ranks wait there."""
-    try:
-        return "ok", str(resolve_model(name, key=key))
-    except Exception as err:
-        message = str(err) if isinstance(err, ConfigError) else f"{key}: {type(err).__name__}: {err}"
-        return "error", message if rank == 0 else f"rank {rank} ({socket.gethostname()}): {message}"
-
-
-def resolve_model_once(name: str, key: str = "model.path") -> Path:
-    """Rank 0 resolves (builds, converts or downloads) first and tells the others whether it worked; then
-    every other rank resolves in its own cache (another node has its own), and a failure anywhere stops
-    every rank with that error instead of leaving the others at the next collective."""
-    rank, _ = rank_and_world()
-    status, detail = broadcast_object(_try_resolve(name, key, rank) if rank == 0 else None)
-    if status == "error":
-        raise ConfigError(detail)
-    mine = (status, detail) if rank == 0 else _try_resolve(name, key, rank)
-    failures = [detail for status, detail in all_gather_objects(mine) if status == "error"]
-    if failures:
-        raise ConfigError(failures[0])
-    return Path(mine[1])
-
-
 # ---- distributed helpers -----------------------------------------------------------------------------
 
 
@@ -174,10 +104,67 @@ def timed(times: dict[str, float], phase: str):
     times[f"time/{phase}"] = times.get(f"time/{phase}", 0.0) + time.perf_counter() - start
 
 
+# ---- what a run reads --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The training problems with their prompt ids and the order they come in (the sampler's position is
+    checkpointed), and the evaluation sets as (problems, prompt ids), the held-out set first (an eval.sets
+    entry named `heldout` takes its place, as it always did; `heldout_size` stays the held-out set's)."""
+
+    train: list[Problem]
+    train_prompts: list[list[int]]
+    sampler: PromptSampler
+    eval_sets: dict[str, tuple[list[Problem], list[list[int]]]]
+    heldout_size: int
+
+    def group(self, index: int) -> PromptGroup:
+        """A fresh record for training prompt `index` (a sampler index), before its rollouts."""
+        return PromptGroup(self.train[index], self.train_prompts[index])
+
+
+def load_data(config: Config, tokenizer) -> RunData:
+    """Training, held-out and eval.sets problems and their prompt tokens; DataError names what is wrong."""
+    d = config.data
+    keys = DataKeys(d.question_key, d.answer_key, d.reference_key, d.strip_instruction)
+    train = load_problems(d.train, size=d.num_train, seed=d.seed, keys=keys)
+    eval_source = d.eval or held_out_source(d.train)
+    eval_seed = d.seed + EVAL_SEED_OFFSET
+    heldout = []
+    if eval_source:
+        heldout = load_problems(eval_source, size=d.num_eval, seed=eval_seed, keys=keys)[: d.num_eval]
+    train_prompts = encode_prompts(tokenizer, train, d.system_prompt)
+    sets = {}  # eval.sets: NAME=SOURCE, scored like the held-out set
+    for name, source in parse_sets(config.eval.sets).items():
+        problems = load_set(source, seed=eval_seed, limit=d.num_eval if is_generated(source) else 0, keys=keys)
+        sets[name] = (problems, encode_prompts(tokenizer, problems, d.system_prompt))
+    sets = {"heldout": (heldout, encode_prompts(tokenizer, heldout, d.system_prompt)), **sets}
+    too_long = [i for i, p in enumerate(train_prompts) if len(p) > d.max_prompt_tokens]
+    if too_long:
+        raise DataError(f"{d.train}: {len(too_long)} prompts exceed data.max_prompt_tokens, e.g. problem {too_long[0]}")
+    return RunData(train, train_prompts, PromptSampler(len(train), config.trainer.seed), sets, len(heldout))
+
+
+def build_policy_engine(config: Config, model_path: Path, world: int) -> VLLMEngine:
+    """The policy's vLLM engine: sleeps between rollouts (level 2, weights from the trainer), its KV cache
+    sized by memory_budget."""
+    c, r = config, config.rollout
+    arch = Architecture.from_hf_config(json.loads((model_path / "config.json").read_text()))
+    return VLLMEngine(
+        model_path, dtype=c.model.dtype, seed=c.trainer.seed, tensor_parallel_size=r.tensor_parallel_size,
+        gpu_memory_utilization=r.gpu_memory_utilization, max_model_len=r.max_model_len,
+        enforce_eager=r.enforce_eager, sleep_level=2, sleep_mode=r.sleep_mode,
+        kv_cache_memory_bytes=kv_cache_bytes(c, arch, world),
+    )  # fmt: skip
+
+
 # ---- the run -----------------------------------------------------------------------------------------
 
 
 class Run:
+    """A CAPO run: `train_step` is one step of the algorithm; `run` steps, evaluates, checkpoints, reports."""
+
     def __init__(self, config: Config):
         from transformers import AutoTokenizer
 
@@ -204,23 +191,17 @@ class Run:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
 
         # Data errors stop every rank here, before deepspeed.initialize or an engine starts.
-        fail_together(self._load_data, "loading the data")
+        self.data = fail_together(lambda: load_data(c, self.tokenizer), "loading the data")
         # A judge server (or a critic function) answers now, not after the first rollouts.
         early_judge = c.needs_judge() and not c.local_judge()
         self.critic = fail_together(lambda: build_critic(c, None), "reaching the judge") if early_judge else None
 
         self.trainer = PolicyTrainer(c, self.model_path)
+        self.checkpoints = Checkpoints(
+            self.out / "checkpoints", self.trainer, self.data.sampler, rank=self.rank, keep=c.checkpoint.keep
+        )
         r = c.rollout
-        arch = Architecture.from_hf_config(json.loads((self.model_path / "config.json").read_text()))
-        self.policy = PolicyEngine(
-            VLLMEngine(
-                self.model_path, dtype=c.model.dtype, seed=c.trainer.seed, tensor_parallel_size=r.tensor_parallel_size,
-                gpu_memory_utilization=r.gpu_memory_utilization, max_model_len=r.max_model_len,
-                enforce_eager=r.enforce_eager, sleep_level=2, sleep_mode=r.sleep_mode,
-                kv_cache_memory_bytes=kv_cache_bytes(c, arch, self.world),
-            ),
-            self.trainer,
-        )  # fmt: skip
+        self.policy = PolicyEngine(build_policy_engine(c, self.model_path, self.world), self.trainer)
         self.voting = a.voting_options()
         # The reward mode says whether critiques are read at all: GRPO-Rule and CAPO with P = 0 skip the judge.
         if c.needs_judge() and self.critic is None:  # a local engine: after the policy's (one sleep-mode engine)
@@ -241,212 +222,78 @@ class Run:
             write_run_info(self.out, to_dict(c))
         self.step = 0
 
-    def _load_data(self) -> None:
-        """Training, held-out and eval.sets problems and their prompt tokens; DataError names what is wrong."""
-        c = self.config
-        d = c.data
-        keys = DataKeys(d.question_key, d.answer_key, d.reference_key, d.strip_instruction)
-        self.train_set = load_problems(d.train, size=d.num_train, seed=d.seed, keys=keys)
-        eval_source = d.eval or held_out_source(d.train)
-        eval_seed = d.seed + EVAL_SEED_OFFSET
-        self.eval_set = []
-        if eval_source:
-            self.eval_set = load_problems(eval_source, size=d.num_eval, seed=eval_seed, keys=keys)[: d.num_eval]
-        self.train_prompts = encode_prompts(self.tokenizer, self.train_set, d.system_prompt)
-        self.eval_sets = {}  # eval.sets: NAME=SOURCE, scored like the held-out set
-        for name, source in parse_sets(c.eval.sets).items():
-            problems = load_set(source, seed=eval_seed, limit=d.num_eval if is_generated(source) else 0, keys=keys)
-            self.eval_sets[name] = (problems, encode_prompts(self.tokenizer, problems, d.system_prompt))
-        self.eval_prompts = encode_prompts(self.tokenizer, self.eval_set, d.system_prompt)
-        too_long = [i for i, p in enumerate(self.train_prompts) if len(p) > d.max_prompt_tokens]
-        if too_long:
-            raise DataError(
-                f"{d.train}: {len(too_long)} prompts exceed data.max_prompt_tokens, e.g. problem {too_long[0]}"
-            )
-        self.sampler = PromptSampler(len(self.train_set), c.trainer.seed)
-
-    # ---- checkpoints ---------------------------------------------------------------------------------
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.out / "checkpoints"
-
-    def latest_checkpoint(self) -> str | None:
-        latest = self.checkpoint_dir / "latest"
-        return latest.read_text().strip() if latest.exists() else None
-
-    def _state(self) -> dict:
-        return {
-            "step": self.step,
-            "sampler": self.sampler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        }
-
-    def keep_if_best(self, accuracy: float) -> None:
-        """The paper reports its best checkpoint: `checkpoints/best` holds the one with the highest held-out
-        accuracy so far (best.json says which step); the periodic ones are pruned, this one is not."""
-        record = self.checkpoint_dir / "best.json"
-
-        def beats_best() -> bool:
-            try:
-                best = json.loads(record.read_text())["eval/accuracy"]
-            except (OSError, ValueError, KeyError, TypeError):  # none yet, or cut short by a crash: no best
-                best = float("-inf")
-            return accuracy > best
-
-        # Decided on rank 0 alone: another rank may read a stale best.json from a shared filesystem's cache,
-        # and ranks that disagree would not all enter the collective save.
-        if not broadcast_object(beats_best() if self.rank == 0 else None):
-            return
-        self.trainer.save(self.checkpoint_dir, "best", self._state(), latest=False)
-        if self.rank == 0:
-            partial = record.with_suffix(".json.partial")
-            partial.write_text(json.dumps({"step": self.step, "eval/accuracy": accuracy}) + "\n")
-            os.replace(partial, record)  # a crash leaves the old record or the new one, never half
-            logger.info("best checkpoint so far: step %d, eval accuracy %.3f", self.step, accuracy)
-
-    def save_checkpoint(self) -> None:
-        tag = f"step{self.step}"
-        self.trainer.save(self.checkpoint_dir, tag, self._state())  # `latest` last, after every rank's shards
-        if self.rank == 0:
-            tags = sorted((p for p in self.checkpoint_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
-            for old in tags[: -self.config.checkpoint.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        if self.rank == 0:
-            logger.info("checkpoint %s written to %s", tag, self.checkpoint_dir)
-
-    def resume(self) -> None:
-        tag = self.latest_checkpoint()
-        if not (self.config.checkpoint.resume and tag):
-            return
-        state = self.trainer.load(self.checkpoint_dir, tag)
-        self.step = state["step"]
-        self.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        self.log.truncate_after(self.step)
-        self.samples.truncate_after(self.step)
-        if self.rank == 0:
-            print(f"resumed from {self.checkpoint_dir / tag} at step {self.step}", flush=True)
-
     # ---- one step ------------------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        """Prompt groups -> rollouts -> verify + critique -> vote + credit -> advantages -> log-probs ->
+        update, on this rank's share of the step's prompts; the step's metrics, reduced over the ranks."""
+        c, times = self.config, {}
+        positions, groups = self._sample_prompt_groups()
+        with timed(times, "rollout"):  # includes the weight sync, reported apart as time/sync
+            seeds = rank_seeds(c.trainer.seed, self.step, positions, c.rollout.n, c.critic.num_critiques)
+            self._generate_rollouts(groups, seeds.rollouts)
+        times["time/sync"] = self.policy.last_sync_s
+        with timed(times, "critique"):  # the verifier runs meanwhile
+            scores = self._verify_and_critique(groups, seeds.critiques)
+        rollouts = [r for g in groups for r in g.rollouts]
+        with timed(times, "credit"):
+            assign_credit([g.rollouts for g in groups], self.tokenizer, self.voting, self.credit_config)
+            judged = rollout_metrics(rollouts, self.credit_config, c.critic.num_critiques if self.critic else 0)
+            if self.critic is not None:  # before the update: a dead judge must not leave a step on outcome alone
+                check_critique_failures(failed_critique_rate(judged, len(rollouts)), c.critic, self.step + 1)
+            sequences = [
+                TrainSequence(g.prompt_ids, r.token_ids, r.advantage, r.group_penalty, r.credit)
+                for g in groups
+                for r in g.rollouts
+            ]
+        with timed(times, "logprobs"):
+            self.trainer.compute_logprobs(sequences)
+        with timed(times, "update"):
+            stats = self.trainer.ppo_epochs(sequences, self.step)
+        self.samples.write(self.step + 1, groups)
+        return step_metrics(rollouts, scores, judged, stats, times, self.credit_config.correct_reward, self.trainer.lr)
+
+    def _sample_prompt_groups(self) -> tuple[list[int], list[PromptGroup]]:
+        """This rank's share of the step's prompts: their positions in the step's batch (what the seeds
+        are drawn from) and a group record for each."""
+        batch = self.data.sampler.next_batch(self.config.trainer.prompts_per_step)
+        positions = my_share(list(range(len(batch))), self.rank, self.world)
+        return positions, [self.data.group(batch[p]) for p in positions]
+
+    def _generate_rollouts(self, groups: list[PromptGroup], seeds: list[int]) -> None:
+        n, sampling = self.config.rollout.n, self.config.rollout.sampling
+        answers = self.policy.generate([g.prompt_ids for g in groups], sampling, n=n, seeds=seeds)
+        for group, completions in zip(groups, answers, strict=True):
+            group.rollouts = [
+                Rollout(a.token_ids, a.text, a.finish_reason == "length", self.split_steps(a.text)) for a in completions
+            ]
+
+    def _verify_and_critique(self, groups: list[PromptGroup], seeds: list[int]) -> list[OutcomeScore]:
+        """r_v and r_f of every rollout (the verifier in a thread) while the judge critiques it."""
+        answered = [(g.problem, r) for g in groups for r in g.rollouts]
+        with ThreadPoolExecutor(1) as pool:
+            verified = pool.submit(self.verifier.score, [r.text for _, r in answered], [p.answer for p, _ in answered])
+            if self.critic is not None:
+                requests = [CritiqueRequest(p.question, r.steps, p.reference_solution, p.answer) for p, r in answered]
+                for (_, r), critiques in zip(answered, self.critic.critique(requests, seed=seeds), strict=True):
+                    r.critiques = critiques
+                self.critic.sleep()
+            scores = verified.result()
+        zero = self.config.algorithm.truncated_reward == "zero"
+        for (problem, r), score in zip(answered, scores, strict=True):
+            r.correct = outcome_reward(r.text, score.correct, choice=problem.correct_choice, truncated=r.truncated,
+                                       zero_if_truncated=zero)  # fmt: skip
+            r.formatted = score.formatted
+        return scores
 
     def evaluate(self) -> dict[str, float]:
         """Greedy pass@1, response length and truncation on the held-out problems and on every set of
         eval.sets (capo_fast.evaluate's code), each rank answering its share; `eval/accuracy` is the
         held-out pass@1."""
         options = EvalOptions(runs=1, max_tokens=self.config.eval.max_tokens, seed=self.config.trainer.seed)
-        metrics = {"eval/accuracy": float("nan")}
-        sets = {"heldout": (self.eval_set, self.eval_prompts), **self.eval_sets}
-        for name, (problems, prompts) in sets.items():
-            if not problems:
-                continue
-            mine = list(range(len(problems)))[self.rank :: self.world]
-            local = evaluate_set([problems[i] for i in mine], [prompts[i] for i in mine], self.policy.generate,
-                                 self.verifier.score, options)  # fmt: skip
-            n = local["problems"]
-            sources = sorted({p.data_source for p in problems if p.data_source})  # the same list on every rank
-            by_source = [local.get("by_source", {}).get(s, {"pass@1": 0.0, "problems": 0}) for s in sources]
-            per_source = [v for b in by_source for v in (b["pass@1"] * b["problems"], b["problems"])]
-            sums = all_reduce([local["pass@1"] * n, local["length"] * n, local["truncated"] * n, n, *per_source])
-            total = max(sums[3], 1)
-            for key, value in zip(("pass@1", "length", "truncated"), sums, strict=False):
-                metrics[f"eval/{name}/{key}"] = value / total
-            if len(sources) > 1:
-                for i, src in enumerate(sources):
-                    correct, count = sums[4 + 2 * i : 6 + 2 * i]
-                    metrics[f"eval/{name}/{src}/pass@1"] = correct / max(count, 1)
-        metrics["eval/accuracy"] = metrics.get("eval/heldout/pass@1", float("nan"))
-        return metrics
-
-    def train_step(self) -> dict[str, float]:
-        c, times = self.config, {}
-        global_batch = self.sampler.next_batch(c.trainer.prompts_per_step)
-        positions = my_share(list(range(len(global_batch))), self.rank, self.world)
-        problems = [self.train_set[global_batch[p]] for p in positions]
-        prompts = [self.train_prompts[global_batch[p]] for p in positions]
-        n = c.rollout.n
-
-        with timed(times, "rollout"):  # includes the weight sync, reported apart as time/sync
-            seeds = rank_seeds(c.trainer.seed, self.step, positions, n, c.critic.num_critiques)
-            groups = self.policy.generate(prompts, c.rollout.sampling, n=n, seeds=seeds.rollouts)
-        times["time/sync"] = self.policy.last_sync_s
-        by_prompt = [
-            [Rollout(g, c.token_ids, c.text, c.finish_reason == "length", self.split_steps(c.text)) for c in group]
-            for g, group in enumerate(groups)
-        ]
-        rollouts = [r for group in by_prompt for r in group]
-
-        with timed(times, "critique"), ThreadPoolExecutor(1) as pool:  # the verifier runs meanwhile
-            verified = pool.submit(self.verifier.score, [r.text for r in rollouts],
-                                   [problems[r.group].answer for r in rollouts])  # fmt: skip
-            if self.critic is not None:
-                requests = [
-                    CritiqueRequest(p.question, r.steps, p.reference_solution, p.answer)
-                    for r, p in ((r, problems[r.group]) for r in rollouts)
-                ]
-                for r, critiques in zip(rollouts, self.critic.critique(requests, seed=seeds.critiques), strict=True):
-                    r.critiques = critiques
-                self.critic.sleep()
-            scores = verified.result()
-        zero_truncated = c.algorithm.truncated_reward == "zero"
-        for r, score in zip(rollouts, scores, strict=True):
-            correct = is_correct(problems[r.group], r.text, score.correct)  # as evaluation scores it
-            r.correct = 0.0 if (zero_truncated and r.truncated) else correct
-            r.formatted = score.formatted
-
-        num_critiques = c.critic.num_critiques if self.critic else 0
-        with timed(times, "credit"):
-            assign_credit(by_prompt, self.tokenizer, self.voting, self.credit_config)
-            judged = rollout_metrics(rollouts, self.credit_config, num_critiques)
-            if self.critic is not None:  # before the update: a dead judge must not leave a step on outcome alone
-                failed, total = all_reduce([judged["credit/failed_critique_rate"] * len(rollouts), len(rollouts)])
-                failed /= max(total, 1)  # ranks may hold different numbers of rollouts
-                check_critique_failures(failed, c.critic, self.step + 1)
-            sequences = [
-                TrainSequence(prompts[r.group], r.token_ids, r.advantage, r.group_penalty, r.credit) for r in rollouts
-            ]
-
-        with timed(times, "logprobs"):
-            self.trainer.compute_logprobs(sequences)
-        with timed(times, "update"):
-            stats = self._ppo_epochs(sequences)
-
-        local = {
-            **outcome_metrics(scores),
-            **judged,
-            "reward/mean": _mean([self.credit_config.correct_reward * r.correct for r in rollouts]),
-            "response/length": _mean([len(r.token_ids) for r in rollouts]),
-            "response/truncated": _mean([float(r.truncated) for r in rollouts]),
-        }
-        self.samples.write(self.step + 1, problems, by_prompt)
-        metrics = reduce_step_metrics(local, len(rollouts))
-        stat_keys = ("loss", "clipped", "entropy", "kl", "tokens")
-        loss, clipped, entropy, kl, tokens = all_reduce([stats[k] for k in stat_keys])
-        metrics.update({
-            "actor/skipped_steps": stats["skipped"],  # the same on every rank: ZeRO reduces its overflow flag
-            "actor/loss": loss, "actor/clip_fraction": clipped / max(tokens, 1),
-            "actor/entropy": entropy / max(tokens, 1), "actor/kl": kl / max(tokens, 1), "actor/lr": self.trainer.lr,
-        })  # fmt: skip
-        metrics.update(times)
-        generated = all_reduce([sum(len(r.token_ids) for r in rollouts)])[0]
-        metrics["perf/tokens_per_s"] = generated / max(times["time/rollout"], 1e-9)
-        return metrics
-
-    def _ppo_epochs(self, sequences) -> dict[str, float]:
-        c = self.config
-        totals = {"loss": 0.0, "clipped": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0, "skipped": 0.0}
-        order = torch.Generator().manual_seed(sampling_seed(c.trainer.seed, Stream.SHUFFLE, self.step, 0))
-        for _ in range(c.algorithm.mini_epochs):
-            shuffled = [sequences[i] for i in torch.randperm(len(sequences), generator=order).tolist()]
-            size = -(-len(shuffled) // c.trainer.mini_batches)
-            for b in range(c.trainer.mini_batches):
-                stats = self.trainer.train_mini_batch(shuffled[b * size : (b + 1) * size])
-                for k in totals:
-                    totals[k] += stats[k] / (c.trainer.mini_batches if k == "loss" else 1)
-        averages = {k: v / c.algorithm.mini_epochs for k, v in totals.items()}  # per mini-epoch
-        averages["skipped"] = totals["skipped"]  # a count of optimizer steps, not an average
-        return averages
+        metrics = evaluate_on_ranks(self.data.eval_sets, self.policy.generate, self.verifier.score, options,
+                                    rank=self.rank, world=self.world)  # fmt: skip
+        return {"eval/accuracy": metrics.get("eval/heldout/pass@1", float("nan")), **metrics}
 
     # ---- the loop ------------------------------------------------------------------------------------
 
@@ -454,7 +301,7 @@ class Run:
         from tqdm import tqdm
 
         c = self.config
-        check_shared_folder(self.checkpoint_dir)
+        check_shared_folder(self.checkpoints.folder)
         self.resume()
         if self.step == 0:
             self._report_eval("before training", self.evaluate())
@@ -465,74 +312,97 @@ class Run:
             if c.eval.every and self.step % c.eval.every == 0 and self.step < c.trainer.steps:
                 metrics.update(self.evaluate())
                 if c.checkpoint.keep_best:
-                    self.keep_if_best(metrics["eval/accuracy"])
+                    self.checkpoints.keep_if_best(self.step, metrics["eval/accuracy"])
             self.log.log(self.step, metrics)
             if self.rank == 0:
                 bar.write(format_line(self.step, metrics))
             bar.update(1)
             if c.checkpoint.every and self.step % c.checkpoint.every == 0:
-                self.save_checkpoint()
+                self.checkpoints.save(self.step)
         bar.close()
         final = self.evaluate()
-        accuracy = final["eval/accuracy"]
         self._report_eval("after training", final)
         if c.checkpoint.keep_best:
-            self.keep_if_best(accuracy)
-        self.log.log(self.step, {"eval/accuracy_final": accuracy})
+            self.checkpoints.keep_if_best(self.step, final["eval/accuracy"])
+        self.log.log(self.step, {"eval/accuracy_final": final["eval/accuracy"]})
         if c.checkpoint.export:
-            self.trainer.export(self.out / "final", self.tokenizer, self.model_card(final))
+            card = model_card(c, method=describe(self.credit_config), steps=self.step,
+                              heldout=self.data.heldout_size, rows=self.log.rows(), final=final)  # fmt: skip
+            self.trainer.export(self.out / "final", self.tokenizer, card)
             if self.rank == 0:
                 shutil.copy(self.out / "run.json", self.out / "final" / "run.json")
         if self.rank == 0:
-            summary = run_summary(self.log.rows(), problems=len(self.eval_set), seconds=time.monotonic() - self.started,
-                                  method=self.method)  # fmt: skip
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            curves = plot_run(self.log.path, self.out / "curves.png")
-            print(f"logs: {self.log.path}  curves: {curves}  checkpoints: {self.checkpoint_dir}  final model: "
-                  f"{self.out / 'final'}")  # fmt: skip
+            write_summary(self.out, self.log.path, self.log.rows(), heldout=self.data.heldout_size,
+                          seconds=time.monotonic() - self.started, method=self.method,
+                          checkpoints=self.checkpoints.folder)  # fmt: skip
         self.log.close()
         self.verifier.close()
 
-    def model_card(self, final: dict[str, float]) -> str:
-        """README.md of the exported model: where it started, what it trained on, how, and how it scores."""
-        c = self.config
-        before = next((r for r in self.log.rows() if "eval/accuracy_before" in r), {})
-        sets = sorted({k.split("/")[1] for k in final if k.startswith("eval/") and k.endswith("/pass@1")})
-        scores = "".join(
-            f"| {name} | {before.get(f'eval/{name}/pass@1', float('nan')):.4f} | {final[f'eval/{name}/pass@1']:.4f} |\n"
-            for name in sets
-        )
-        return (
-            f"# {Path(c.logging.output_dir).name}\n\n"
-            f"Trained with capo-fast: {describe(self.credit_config)}, voting={c.algorithm.voting}, "
-            f"N={c.critic.num_critiques} critiques by {c.critic.model or c.model.path}.\n\n"
-            f"- base model: {c.model.path}\n- RL data: {c.data.train} (eval: {c.data.eval or 'generated held-out'})\n"
-            f"- steps: {self.step} x {c.trainer.prompts_per_step} prompts x {c.rollout.n} rollouts, lr {c.trainer.lr}\n"
-            f"- held-out accuracy on {len(self.eval_set)} problems: {before.get('eval/accuracy_before', 'n/a')} "
-            f"before, {final['eval/accuracy']:.4f} after (greedy)\n\n"
-            f"| set | pass@1 before | pass@1 after |\n| --- | ---: | ---: |\n{scores}\n"
-            f"run.json beside this card holds the whole run config, the package versions and the commit.\n"
-        )
+    def resume(self) -> None:
+        """Continues from the newest checkpoint when checkpoint.resume is on and there is one."""
+        step = self.checkpoints.resume() if self.config.checkpoint.resume else None
+        if step is not None:
+            self.step = step
+            self.log.truncate_after(step)
+            self.samples.truncate_after(step)
 
     def _report_eval(self, when: str, metrics: dict[str, float]) -> None:
-        if self.rank != 0:
-            return
-        accuracy, n = metrics["eval/accuracy"], len(self.eval_set)
-        line = f"eval accuracy {when}: {accuracy:.3f} ± {binomial_se(accuracy, n):.3f} (SE) on {n} held-out problems"
-        before = next((r["eval/accuracy_before"] for r in self.log.rows() if "eval/accuracy_before" in r), None)
-        if when == "after training" and before is not None:
-            change, se = accuracy_change(before, accuracy, n)
-            line += f"; change {change:+.3f} ± {se:.3f} ({change / se if se else float('nan'):+.1f} SE)"
-        print(line, flush=True)
-        self.log.log(self.step, {f"eval/accuracy_{when.split()[0]}": accuracy, **metrics})
+        if self.rank == 0:
+            print(eval_line(when, metrics["eval/accuracy"], self.data.heldout_size, self.log.rows()), flush=True)
+            self.log.log(self.step, {f"eval/accuracy_{when.split()[0]}": metrics["eval/accuracy"], **metrics})
+
+
+# ---- step metrics, reduced over the ranks by name ----------------------------------------------------
+
+
+def failed_critique_rate(judged: dict[str, float], rollouts: int) -> float:
+    """The share of the step's critiques that failed, over every rank (ranks may hold different numbers
+    of rollouts), so that all ranks agree on stopping."""
+    totals = all_reduce_named({"failed": judged["credit/failed_critique_rate"] * rollouts, "rollouts": rollouts})
+    return totals["failed"] / max(totals["rollouts"], 1)
 
 
 def reduce_step_metrics(local: dict[str, float], rollouts: int) -> dict[str, float]:
     """Step metrics over all ranks, by name: counts summed, rates weighted by each rank's number of rollouts
     (ranks may hold different numbers of prompt groups)."""
-    keys = sorted(local)  # the same keys on every rank
-    *sums, total = all_reduce([local[k] if k in COUNTED_METRICS else local[k] * rollouts for k in keys] + [rollouts])
-    return {k: v if k in COUNTED_METRICS else v / max(total, 1) for k, v in zip(keys, sums, strict=True)}
+    weighted = {k: v if k in COUNTED_METRICS else v * rollouts for k, v in local.items()}
+    totals = all_reduce_named({**weighted, "rollouts": rollouts})  # metric names all have a "/"
+    return {k: totals[k] if k in COUNTED_METRICS else totals[k] / max(totals["rollouts"], 1) for k in sorted(local)}
+
+
+ACTOR_SUMS = [k for k in UPDATE_STATS if k != "skipped"]  # summed over ranks; skipped steps agree already
+
+
+def step_metrics(
+    rollouts: list[Rollout],
+    scores: list[OutcomeScore],
+    judged: dict[str, float],
+    stats: dict[str, float],
+    times: dict[str, float],
+    correct_reward: float,
+    lr: float,
+) -> dict[str, float]:
+    """The line a step logs: outcome and credit metrics (reduce_step_metrics), the update's statistics per
+    token over all ranks, the phases' times and the generation throughput."""
+    local = {
+        **outcome_metrics(scores),
+        **judged,
+        "reward/mean": _mean([correct_reward * r.correct for r in rollouts]),
+        "response/length": _mean([len(r.token_ids) for r in rollouts]),
+        "response/truncated": _mean([float(r.truncated) for r in rollouts]),
+    }
+    metrics = reduce_step_metrics(local, len(rollouts))
+    generated = sum(len(r.token_ids) for r in rollouts)
+    totals = all_reduce_named({**{k: stats[k] for k in ACTOR_SUMS}, "generated": generated})
+    tokens = max(totals["tokens"], 1)
+    metrics.update({
+        "actor/skipped_steps": stats["skipped"],  # the same on every rank: ZeRO reduces its overflow flag
+        "actor/loss": totals["loss"], "actor/clip_fraction": totals["clipped"] / tokens,
+        "actor/entropy": totals["entropy"] / tokens, "actor/kl": totals["kl"] / tokens, "actor/lr": lr,
+    })  # fmt: skip
+    metrics.update(times)
+    metrics["perf/tokens_per_s"] = totals["generated"] / max(times["time/rollout"], 1e-9)
+    return metrics
 
 
 def _mean(values) -> float:

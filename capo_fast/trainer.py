@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import json
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,10 +20,13 @@ import torch
 import torch.distributed as dist
 
 from capo_fast.config import Config
+from capo_fast.deepspeed_settings import deepspeed_config, fused_adam_available, states_to_offload
 from capo_fast.distributed import all_reduce
+from capo_fast.engines import model_weights
 from capo_fast.kernels import fused_linear_logprobs
 from capo_fast.kernels.aggregation import aggregation_weights
 from capo_fast.policy_losses import PolicyLossInputs, compute_policy_loss
+from capo_fast.seeds import Stream, sampling_seed
 
 
 @dataclass
@@ -149,85 +151,9 @@ def _cosine_with_warmup(total_steps: int, warmup: int, min_ratio: float):
     return factor
 
 
-def deep_merge(base: dict, override: dict) -> dict:
-    """`base` updated by `override`, nested mappings merged key by key (a JSON file's
-    zero_optimization block adds to the generated one instead of replacing it)."""
-    merged = dict(base)
-    for key, value in override.items():
-        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = deep_merge(merged[key], value) if nested else value
-    return merged
-
-
-def offload_device(ds: dict) -> str:
-    return (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
-
-
-def deepspeed_config(config: Config, *, fused_adam: bool) -> dict:
-    """The DeepSpeed config of the run: generated from the trainer section, then the JSON file's keys.
-
-    DeepSpeed builds the optimizer from the "optimizer" block (deepspeed/runtime/engine.py:2377-2409):
-    DeepSpeedCPUAdam under optimizer offload, FusedAdam on CUDA (which `offload_states` requires,
-    runtime/zero/stage3.py:3868-3869), and torch's AdamW ("torch_adam") on machines without CUDA.
-    """
-    t = config.trainer
-    ds = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,  # accumulation boundaries are set by hand per mini-batch
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": config.model.dtype == "bfloat16"},
-        "fp16": {"enabled": config.model.dtype == "float16"},
-        "steps_per_print": 1 << 30,
-    }
-    if t.offload_optimizer:
-        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if t.deepspeed_config:
-        ds = deep_merge(ds, json.loads(Path(t.deepspeed_config).read_text()))
-    params = {"lr": t.lr, "weight_decay": t.weight_decay}
-    if not fused_adam and offload_device(ds) == "none":
-        params["torch_adam"] = True
-    ds.setdefault("optimizer", {"type": "AdamW", "params": params})
-    return ds
-
-
-def fused_adam_available() -> bool:
-    """Whether DeepSpeed can give this run FusedAdam: prebuilt, or compiled on first use, which needs nvcc
-    (deepspeed/ops/op_builder/builder.py:43-55). Without it the run keeps torch's AdamW rather than
-    failing at its first step; ZeRO-3 then cannot offload its states while generating."""
-    if not torch.cuda.is_available():
-        return False
-    from deepspeed.git_version_info import installed_ops
-    from deepspeed.ops.op_builder.builder import installed_cuda_version
-
-    if installed_ops.get("fused_adam"):
-        return True
-    try:
-        installed_cuda_version()
-    except Exception:  # no CUDA_HOME or no nvcc in it: MissingCUDAException
-        return False
-    return True
-
-
-def states_to_offload(ds: dict, *, cuda: bool, wanted: bool, fused_adam: bool = True) -> list:
-    """DeepSpeed states to move to the CPU while the engines generate, decided from the merged config.
-
-    Nothing without CUDA, or with parameter offload (engine.py:6049-6050 refuses it). The bf16
-    parameters stay (the weight sync reads them); under optimizer offload, master weights and
-    optimizer state already live on the CPU (engine.py:6027-6031 drops them, and lp_grads at ZeRO-3).
-    """
-    from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum as State
-
-    zero = ds.get("zero_optimization", {})
-    if not (wanted and cuda) or (zero.get("offload_param") or {}).get("device", "none") != "none":
-        return []
-    if zero.get("stage") == 3 and not fused_adam and offload_device(ds) == "none":
-        return []  # runtime/zero/stage3.py:3868-3869: ZeRO-3 offloads states of FusedAdam only
-    states = [st for st in State if st != State.lp_params]
-    if offload_device(ds) != "none":
-        dropped = {State.hp_params, State.optim_states} | ({State.lp_grads} if zero.get("stage") == 3 else set())
-        states = [st for st in states if st not in dropped]
-    return states
+# What an update reports (train_mini_batch, ppo_epochs): sums over this rank's response tokens of the loss
+# (already divided by the world size), clipped tokens, entropy and KL; the tokens; skipped optimizer steps.
+UPDATE_STATS = ("loss", "clipped", "entropy", "kl", "tokens", "skipped")
 
 
 class TrainingDiverged(RuntimeError):
@@ -331,8 +257,6 @@ class PolicyTrainer:
 
     def weights(self):
         """HF-named full tensors of the current policy (gathered under ZeRO-3), for the rollout engine."""
-        from capo_fast.engines import model_weights
-
         return model_weights(self.model)
 
     @property
@@ -382,7 +306,7 @@ class PolicyTrainer:
         world = dist.get_world_size() if dist.is_initialized() else 1
         groups = self._micro_batches(sequences)
         options = a.policy_loss_options(self.config.rollout.sampling.temperature)
-        stats = {"loss": 0.0, "clipped": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0, "skipped": 0.0}
+        stats = dict.fromkeys(UPDATE_STATS, 0.0)
         for k, group in enumerate(groups):
             chosen = [sequences[i] for i in group]
             batch = self._pack(chosen or [_PAD])
@@ -439,6 +363,24 @@ class PolicyTrainer:
                 f"(trainer.max_skipped_steps={limit}); lower trainer.lr or check the advantages and the data"
             )
 
+    def ppo_epochs(self, sequences: list[TrainSequence], step: int) -> dict[str, float]:
+        """`algorithm.mini_epochs` passes over the step's sequences, each reshuffled (a seed per step) and cut
+        into `trainer.mini_batches` optimizer steps; the loss is averaged over a pass's mini-batches, the
+        other sums per pass, all averaged over the passes, and `skipped` counts optimizer steps."""
+        epochs, batches = self.config.algorithm.mini_epochs, self.config.trainer.mini_batches
+        totals = dict.fromkeys(UPDATE_STATS, 0.0)
+        order = torch.Generator().manual_seed(sampling_seed(self.config.trainer.seed, Stream.SHUFFLE, step, 0))
+        for _ in range(epochs):
+            shuffled = [sequences[i] for i in torch.randperm(len(sequences), generator=order).tolist()]
+            size = -(-len(shuffled) // batches)
+            for b in range(batches):
+                stats = self.train_mini_batch(shuffled[b * size : (b + 1) * size])
+                for k in totals:
+                    totals[k] += stats[k] / (batches if k == "loss" else 1)
+        averages = {k: v / epochs for k, v in totals.items()}  # per mini-epoch
+        averages["skipped"] = totals["skipped"]  # a count of optimizer steps, not an average
+        return averages
+
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -457,8 +399,6 @@ class PolicyTrainer:
     def export(self, directory: Path, tokenizer, card: str = "") -> None:
         """An HF model folder of the current policy (gathered from all ranks under ZeRO-3), with `card`
         as its README.md (model card)."""
-        from capo_fast.engines import model_weights
-
         writer = not dist.is_initialized() or dist.get_rank() == 0
         # Every rank takes part in ZeRO-3's gathers; only the writer copies the full model to host memory
         # (on every rank it would take the model's size in host RAM once per GPU of the node).

@@ -255,7 +255,7 @@ def test_judge_verdict_is_the_majority_of_judgments_with_or_without_a_block():
     from capo_fast.credit import Rollout
     from capo_fast.critique import Critique
 
-    r = Rollout(0, [1], "x", False, [])
+    r = Rollout([1], "x", False, [])
     r.critiques = [Critique(False, judgment=True), Critique(True, judgment=True), Critique(True, judgment=False)]
     assert r.judge_verdict == 1.0
     r.critiques = [Critique(False, judgment=True), Critique(True, judgment=False)]  # a tie is not a majority
@@ -302,7 +302,7 @@ def test_step_metrics_split_by_outcome(tiny_model_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     texts = ["a = 1\n\nb = 2", "a = 3\n\nb = 5"]
-    group = [Rollout(0, tok(t)["input_ids"], t, False, split_steps(t)) for t in texts]
+    group = [Rollout(tok(t)["input_ids"], t, False, split_steps(t)) for t in texts]
     group[0].correct, group[1].correct = 1.0, 0.0
     group[0].critiques = [Critique(True, frozenset(), True), Critique(True, frozenset(), True)]
     group[1].critiques = [Critique(True, frozenset({1}), False), Critique(True, frozenset({1, 5 - 5}), True, 1)]
@@ -326,7 +326,7 @@ def test_genorm_counts_a_verdict_without_a_block_as_a_usable_critique(tiny_model
 
     line = "Judgment: Is the solution correct (Yes/No)?"
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    group = [Rollout(0, tok("a = 1")["input_ids"], "a = 1", False, split_steps("a = 1")) for _ in range(2)]
+    group = [Rollout(tok("a = 1")["input_ids"], "a = 1", False, split_steps("a = 1")) for _ in range(2)]
     group[0].critiques = [parse_critique(f"{line} Yes", 1)] * 2
     group[1].critiques = [parse_critique(f"{line} No\nThe sum is off.", 1), parse_critique("I cannot tell.", 1)]
     for mode, failed in (("genorm", 1 / 4), ("capo", 2 / 4)):
@@ -352,18 +352,18 @@ def test_rollout_samples_carry_what_the_judge_wrote_and_each_steps_advantage(tin
 
     from capo_fast.credit import Rollout, VotingConfig, assign_credit
     from capo_fast.critique import parse_critique
-    from capo_fast.data import Problem
+    from capo_fast.data import Problem, PromptGroup
     from capo_fast.metrics import RolloutSamples
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     texts = ["a = 1\n\nb = 2", "a = 3\n\nb = 5"]
-    group = [Rollout(0, tok(t)["input_ids"], t, False, split_steps(t)) for t in texts]
+    group = [Rollout(tok(t)["input_ids"], t, False, split_steps(t)) for t in texts]
     group[0].correct = 1.0
     judge = "Step 1 is wrong.\nJudgment: Is the solution correct (Yes/No)? No\n<incorrect_steps>1</incorrect_steps>"
     group[1].critiques = [parse_critique(judge, 2)] * 2
     assign_credit([group], tok, VotingConfig("majority"), CreditConfig())
     samples = RolloutSamples(tmp_path / "rollouts.jsonl", enabled=True, per_step=2)
-    samples.write(3, [Problem("a and b?", "2")], [group])
+    samples.write(3, [PromptGroup(Problem("a and b?", "2"), [7, 8], group)])
     right, wrong = (json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines())
     assert wrong["critiques"][0]["text"] == judge and wrong["critiques"][0]["incorrect"] == [1]
     assert [s["vote"] for s in wrong["steps"]] == [0.0, 1.0]

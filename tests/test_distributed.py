@@ -110,8 +110,9 @@ def _two_ranks(rank: int, port: int, folders: list[str], failures):
 def _decisions_made_once(rank: int, own_folder: Path, failures):
     """What two ranks must agree on: a data error anywhere stops both; the best checkpoint is rank 0's
     decision; step metrics weight each rank by its rollouts."""
+    from capo_fast.checkpoints import Checkpoints
     from capo_fast.data import DataError
-    from capo_fast.train import Run, reduce_step_metrics
+    from capo_fast.train import reduce_step_metrics
 
     def load():
         if rank == 1:
@@ -128,13 +129,12 @@ def _decisions_made_once(rank: int, own_folder: Path, failures):
 
     # rank 1 sees a stale best.json claiming 0.9; rank 0's says 0.5: 0.7 is the best, and both ranks save
     saves = []
-    run = Run.__new__(Run)
-    run.rank, run.step, run.out = rank, 5, own_folder
-    run.trainer = SimpleNamespace(save=lambda directory, tag, state, latest=True: saves.append(tag))
-    run._state = lambda: {}
-    run.checkpoint_dir.mkdir(parents=True)
-    (run.checkpoint_dir / "best.json").write_text(json.dumps({"step": 1, "eval/accuracy": 0.5 if rank == 0 else 0.9}))
-    run.keep_if_best(0.7)
+    trainer = SimpleNamespace(save=lambda directory, tag, state, latest=True: saves.append(tag))
+    folder = own_folder / "checkpoints"
+    checkpoints = Checkpoints(folder, trainer, SimpleNamespace(state_dict=lambda: {}), rank=rank, keep=2)
+    folder.mkdir(parents=True)
+    (folder / "best.json").write_text(json.dumps({"step": 1, "eval/accuracy": 0.5 if rank == 0 else 0.9}))
+    checkpoints.keep_if_best(5, 0.7)
     if saves != ["best"]:
         failures.put(f"rank {rank}: the best-checkpoint decision was not rank 0's ({saves})")
 

@@ -131,7 +131,7 @@ def test_a_dead_judge_stops_the_run_before_any_update(tiny_model_dir):
     from capo_fast.critique import FAILED, make_splitter
     from capo_fast.data import Problem, PromptSampler
     from capo_fast.reward import OutcomeScore
-    from capo_fast.train import Run
+    from capo_fast.train import Run, RunData
 
     config = Config()
     config.trainer.prompts_per_step, config.rollout.n = 1, 2
@@ -141,7 +141,7 @@ def test_a_dead_judge_stops_the_run_before_any_update(tiny_model_dir):
     updates = []
     run = Run.__new__(Run)  # the step's logic with stand-ins for the engines, the verifier and the trainer
     run.config, run.rank, run.world, run.step, run.tokenizer = config, 0, 1, 0, tokenizer
-    run.train_set, run.train_prompts, run.sampler = [Problem("1 + 1?", "2")], [[1, 2]], PromptSampler(1, 0)
+    run.data = RunData([Problem("1 + 1?", "2")], [[1, 2]], PromptSampler(1, 0), eval_sets={}, heldout_size=0)
     run.policy = SimpleNamespace(generate=lambda prompts, sampling, n, seeds: [[answer] * n], last_sync_s=0.0)
     run.split_steps = make_splitter("")
     run.verifier = SimpleNamespace(score=lambda texts, golds: [OutcomeScore(1.0, 1.0, "ok")] * len(texts))

@@ -10,8 +10,8 @@ import pytest
 
 from capo_fast.data import DataError, Problem, as_multiple_choice
 from capo_fast.engines import Completion
-from capo_fast.evaluate import EvalOptions, choice_letter, evaluate_set, is_correct, load_set, pass_at_k
-from capo_fast.reward import OutcomeVerifier
+from capo_fast.evaluate import EvalOptions, evaluate_set, load_set, pass_at_k
+from capo_fast.reward import OutcomeVerifier, choice_letter, outcome_reward
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
@@ -30,9 +30,9 @@ def test_multiple_choice_options_are_shuffled_by_seed_and_scored_on_the_letter()
     assert choice_letter("It must be \\boxed{B}.") == "B" and choice_letter("The answer is (D).") == "D"
     assert choice_letter("no idea") is None
     # training and evaluation score an answer alike: the letter, never math-verify's reading of it
-    assert is_correct(a, f"So \\boxed{{{a.answer}. 7}}", verified=0.0) == 1.0
-    assert is_correct(a, "\\boxed{Z}", verified=1.0) == 0.0
-    assert is_correct(Problem("1+1?", "2"), "\\boxed{2}", verified=1.0) == 1.0
+    assert outcome_reward(f"So \\boxed{{{a.answer}. 7}}", 0.0, choice=a.correct_choice) == 1.0
+    assert outcome_reward("\\boxed{Z}", 1.0, choice=a.correct_choice) == 0.0
+    assert Problem("1+1?", "2").correct_choice is None and outcome_reward("\\boxed{2}", 1.0, choice=None) == 1.0
 
 
 def _correct_text(problem: Problem) -> str:
@@ -256,11 +256,11 @@ def test_cli_engine_options_reach_the_engine_and_runs_reshuffle(tmp_path, monkey
     import transformers
 
     import capo_fast.engines
-    import capo_fast.train
+    import capo_fast.evaluate
     from capo_fast.evaluate import load_runs, main
 
     monkeypatch.setattr(capo_fast.engines, "VLLMEngine", RecordingEngine)
-    monkeypatch.setattr(capo_fast.train, "resolve_model", lambda name: tmp_path)
+    monkeypatch.setattr(capo_fast.evaluate, "resolve_model", lambda name: tmp_path)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: CharTokenizer())
     mc = tmp_path / "mc.jsonl"
     mc.write_text("".join(json.dumps(r) + "\n" for r in _mc_rows(8)))
@@ -292,3 +292,27 @@ def test_cli_rejects_engine_options_out_of_range(flag, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--model", "m", "--sets", "a=b", *flag])
     assert flag[0] in capsys.readouterr().err
+
+
+def test_training_evaluation_answers_its_rank_share_and_names_every_metric():
+    """Rank 1 of 2 answers problems 1 and 3 (every second one); a single process sums nothing more, so the
+    named totals are that share's: 1 of 2 right overall, 1/1 on source a, 0/1 on source b."""
+    from capo_fast.evaluate import evaluate_on_ranks
+
+    problems = [Problem(f"{i}+0?", str(i), data_source=source) for i, source in enumerate("aabb")]
+    answers = {(ord(c),): t for c, t in (("a", "\\boxed{0}"), ("b", "\\boxed{1}"), ("c", "\\boxed{9}"), ("d", "x"))}
+    prompts = [[ord(c)] for c in "abcd"]
+    asked = []
+
+    def generate(prompts, sampling, *, n, seeds):
+        asked.extend(prompts)
+        return [[Completion([1] * 4, [0.0] * 4, answers[tuple(p)], "stop")] for p in prompts]
+
+    with OutcomeVerifier(num_workers=1) as verifier:
+        m = evaluate_on_ranks({"heldout": (problems, prompts), "empty": ([], [])}, generate, verifier.score,
+                              EvalOptions(runs=1), rank=1, world=2)  # fmt: skip
+    assert asked == [[ord("b")], [ord("d")]]
+    assert m == {
+        "eval/heldout/pass@1": 0.5, "eval/heldout/length": 4.0, "eval/heldout/truncated": 0.0,
+        "eval/heldout/a/pass@1": 1.0, "eval/heldout/b/pass@1": 0.0,
+    }  # fmt: skip

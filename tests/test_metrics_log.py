@@ -39,3 +39,16 @@ def test_the_run_summary_states_before_and_after_with_standard_errors():
     assert summary["heldout_curve"] == [[0, 0.4], [2, 0.5], [2, 0.64]]
     assert summary["steps"] == 2 and summary["seconds_by_phase"] == {"time/rollout": 5.0, "time/update": 2.5}
     assert binomial_se(1.0, 200) == 0.0
+
+
+def test_eval_lines_give_the_standard_error_and_the_change_in_standard_errors():
+    from capo_fast.run_report import eval_line
+
+    # SE = sqrt(0.25 * 0.75 / 100) = 0.0433; change 0.05 with SE hypot(sqrt(0.2 * 0.8 / 100), 0.0433) = 0.0590
+    rows = [{"step": 0, "eval/accuracy_before": 0.2}]
+    assert eval_line("before training", 0.25, 100, []) == (
+        "eval accuracy before training: 0.250 ± 0.043 (SE) on 100 held-out problems"
+    )
+    assert eval_line("after training", 0.25, 100, rows) == (
+        "eval accuracy after training: 0.250 ± 0.043 (SE) on 100 held-out problems; change +0.050 ± 0.059 (+0.8 SE)"
+    )

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from capo_fast.reward import OutcomeVerifier, format_reward, last_boxed, outcome_metrics
+from capo_fast.reward import OutcomeVerifier, format_reward, last_boxed, outcome_metrics, outcome_reward
 
 
 def test_last_boxed_and_format():
@@ -94,3 +94,24 @@ def test_a_degenerate_rollout_of_unclosed_boxes_is_scored_at_once(verifier):
     # issue 22: 3,000 unclosed \boxed{ took 12 s (9 s of them in the caller's format reward, past any timeout)
     (score,) = verifier.score(["\\boxed{" * 3000], ["1"])
     assert (score.correct, score.formatted, score.status) == (0.0, 0.0, "ok")
+
+
+# r_v by hand: (response, verifier's score, correct letter or None, truncated, truncated_reward zero) -> r_v
+R_V_CASES = [
+    ("So the answer is \\boxed{C}.", 0.0, "C", False, False, 1.0),  # the letter is right; math-verify said 0
+    ("So the answer is \\boxed{B}.", 1.0, "C", False, False, 0.0),  # the letter is wrong; math-verify said 1
+    ("The answer is (C).", 0.0, "C", False, False, 1.0),  # a stated letter without a box
+    ("I am not sure.", 1.0, "C", False, False, 0.0),  # no letter stated
+    ("\\boxed{12}", 1.0, None, False, False, 1.0),  # not multiple choice: the verifier's score
+    ("\\boxed{13}", 0.0, None, False, False, 0.0),
+    ("\\boxed{12}", 1.0, None, True, True, 0.0),  # cut at max tokens under truncated_reward: zero
+    ("\\boxed{12}", 1.0, None, True, False, 1.0),  # cut, truncated_reward: verify (scored like any other)
+    ("\\boxed{C}", 0.0, "C", True, True, 0.0),  # zero wins over a right letter too
+    ("\\boxed{12}", 1.0, None, False, True, 1.0),  # zero touches only cut responses
+]
+
+
+@pytest.mark.parametrize(("response", "verified", "choice", "truncated", "zero", "expected"), R_V_CASES)
+def test_one_rule_for_r_v_multiple_choice_and_truncation(response, verified, choice, truncated, zero, expected):
+    got = outcome_reward(response, verified, choice=choice, truncated=truncated, zero_if_truncated=zero)
+    assert got == expected

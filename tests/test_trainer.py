@@ -6,17 +6,14 @@ import pytest
 import torch
 
 from capo_fast.config import load_config
+from capo_fast.deepspeed_settings import deepspeed_config, fused_adam_available, offload_device, states_to_offload
 from capo_fast.trainer import (
     PolicyTrainer,
     TrainingDiverged,
     TrainSequence,
     attention_implementation,
-    deepspeed_config,
-    fused_adam_available,
-    offload_device,
     pack,
     split_by_tokens,
-    states_to_offload,
 )
 
 

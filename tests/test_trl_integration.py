@@ -221,7 +221,7 @@ def test_capo_token_advantages_equal_capo_fast_credit(tiny, tmp_path):
     advantages, metrics = trainer.token_advantages(inputs, completion_ids, completion_mask, rewards, group_size)
 
     rollouts = [
-        Rollout(i // group_size, completion_ids[i][completion_mask[i].bool()].tolist(), text, False, split_steps(text),
+        Rollout(completion_ids[i][completion_mask[i].bool()].tolist(), text, False, split_steps(text),
                 correct=float(rewards[i]))
         for i, text in enumerate(texts)
     ]  # fmt: skip

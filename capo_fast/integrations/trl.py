@@ -307,7 +307,7 @@ class CapoCreditGRPOTrainer(CapoGRPOTrainer):
             token_ids = [t for t, k in zip(ids, keep, strict=True) if k]
             text = tokenizer.decode(token_ids, skip_special_tokens=True)
             truncated = tokenizer.eos_token_id not in token_ids
-            rollout = Rollout(i // group_size, token_ids, text, truncated, self.split_steps(text))
+            rollout = Rollout(token_ids, text, truncated, self.split_steps(text))
             rollout.correct = float(torch.nan_to_num(rewards[i]).item())
             rollouts.append(rollout)
         requests = [
