@@ -13,9 +13,11 @@ from capo_fast.chain_arithmetic import (
     critique,
     equation_error,
     forgot_carry,
+    is_heldout,
     needs_carry,
     random_chain,
     split_rows,
+    warmup_rows,
     write_split,
     wrong_steps,
 )
@@ -123,10 +125,16 @@ def test_equations_in_free_text():
 # ---- the default run (`make train`): the task's splits, the policy keyword, what the run reports ----------
 
 
+def test_the_warm_up_draws_the_learning_experiments_demonstrations_without_held_out_questions(tmp_path):
+    drawn = [json.loads(line) for line in write_split(tmp_path / "sft.jsonl", 8000, seed=1, slip=0.6).open()]
+    kept = [row for row in drawn if not is_heldout(row["question"])]
+    assert warmup_rows() == kept and 6500 < len(kept) < 7500  # about one question in eight is held out
+
+
 def test_held_out_questions_are_never_trained_or_warmed_up_on():
     heldout = {r["question"] for r in split_rows("heldout", 200, seed=0)}
     trained = {r["question"] for r in split_rows("train", 2000, seed=0)}
-    demonstrated = {r["question"] for r in split_rows("train", 8000, seed=1, slip=0.6)}  # the warm-up's
+    demonstrated = {r["question"] for r in warmup_rows()}
     assert len(heldout) > 150 and not heldout & (trained | demonstrated)
     assert split_rows("heldout", 5, seed=0) == split_rows("heldout", 5, seed=0)  # seeded
     rows = split_rows("train", 50, seed=1, slip=0.6)
@@ -175,7 +183,7 @@ def test_the_warm_up_runs_outside_the_launch_and_lands_whole(tmp_path, monkeypat
         policy = Path(argv[-2])
         policy.mkdir()
         (policy / "warmup.json").write_text("{}")
-        assert Path(argv[-1]).read_text().count("\n") == chain_arithmetic.WARMUP_EXAMPLES
+        assert Path(argv[-1]).read_text().count("\n") == len(chain_arithmetic.warmup_rows())
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.setenv("WORLD_SIZE", "8")

@@ -137,3 +137,10 @@ def test_layering_rules():
         reached = depends_on(graph, f"capo_fast.{low}")
         broken += [f"{low} depends on {high}" for high in ("engines", "trainer") if f"capo_fast.{high}" in reached]
     assert broken == []
+
+
+def test_the_readme_layout_names_every_module():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout") : readme.index("\n## ", readme.index("## Layout") + 1)]
+    files = [p for folder in PACKAGES.values() for p in folder.glob("*.py") if p.name != "__init__.py"]
+    assert files and [p.name for p in files if p.name not in layout] == []
