@@ -3,7 +3,7 @@
 Every invalid value raises `ConfigError` naming the key (and the YAML file and line when it came
 from one). The defaults are the embedded default run (`make train`): CAPO on the chain-arithmetic task
 (capo_fast.chain_arithmetic) with a tiny warmed-up policy and the task's program critic standing in for the
-LLM judge, sized to show learning in about ten minutes on a 2-core CPU. configs/cpu-smollm2-judge.yaml
+LLM judge, sized to show learning in a few minutes on a 2-core CPU. configs/cpu-smollm2-judge.yaml
 runs the same loop with SmolLM2-135M-Instruct as policy and judge.
 """
 

@@ -247,7 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--temperature", type=float, default=0.6, help="of the sampled answers")
     parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--system-prompt", help="the policy's system prompt (default: the paper's)")
+    parser.add_argument("--system-prompt", help="the policy's system prompt (default: the paper's; '' for none)")
     parser.add_argument("--limit", type=int, default=0, help="first N problems of each set (0: all)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0, help="sampling seeds; run r shuffles options with seed + r")
@@ -277,7 +277,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _from_config(args: argparse.Namespace) -> argparse.Namespace:
     """Fills --sets and --system-prompt from `--config` where the command line left them out."""
     if args.config is None:
-        return argparse.Namespace(**vars(args) | {"system_prompt": args.system_prompt or PAPER_SYSTEM_PROMPT})
+        given = args.system_prompt  # "" is a choice (no system prompt), not a missing value
+        return argparse.Namespace(**vars(args) | {"system_prompt": PAPER_SYSTEM_PROMPT if given is None else given})
     from capo_fast.config import load_config
     from capo_fast.errors import ConfigError
 
@@ -286,7 +287,8 @@ def _from_config(args: argparse.Namespace) -> argparse.Namespace:
     if not sets:
         raise ConfigError(f"{args.config}: eval.benchmarks lists no sets (or pass --sets)")
     return argparse.Namespace(
-        **vars(args) | {"sets": sets, "system_prompt": args.system_prompt or config.data.system_prompt}
+        **vars(args) | {"sets": sets, "system_prompt": config.data.system_prompt if args.system_prompt is None
+                        else args.system_prompt}
     )
 
 

@@ -3,7 +3,7 @@
 One step: rollouts (policy engine) -> outcome verifier, overlapping with GenPRM critiques -> votes
 and token credit -> group advantages -> PPO mini-epochs with the fused loss -> weights to the engine.
 With no arguments it runs the embedded default (config.py): SmolLM2-135M-Instruct on offline
-arithmetic, about ten minutes on a 2-core CPU.
+arithmetic, a few minutes on a 2-core CPU.
 """
 
 from __future__ import annotations

@@ -167,3 +167,7 @@ def test_evaluate_takes_the_sets_and_system_prompt_from_a_config():
     assert args.system_prompt == "Please reason step by step, and put your final answer within \\boxed{}."
     mine = _from_config(parse_args(["--model", "m", "--config", str(path), "--sets", "a=b.jsonl"]))
     assert mine.sets == ["a=b.jsonl"]
+    # an empty --system-prompt means none (the chain policy saw its questions alone), with a config or without
+    assert _from_config(parse_args(["--model", "m", "--config", str(path), "--system-prompt", ""])).system_prompt == ""
+    assert _from_config(parse_args(["--model", "m", "--sets", "a=b", "--system-prompt", ""])).system_prompt == ""
+    assert _from_config(parse_args(["--model", "m", "--sets", "a=b"])).system_prompt.startswith("Please reason")
