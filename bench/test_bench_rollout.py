@@ -15,8 +15,9 @@ import torch
 pytest.importorskip("vllm")
 
 from capo_fast.config import SamplingConfig  # noqa: E402
-from capo_fast.engines import VLLMEngine, model_weights  # noqa: E402
+from capo_fast.engines import VLLMEngine  # noqa: E402
 from capo_fast.local_models import build_tiny_model, default_cache_dir, smollm2_instruct  # noqa: E402
+from capo_fast.weights import model_weights  # noqa: E402
 
 MODELS = {
     "tiny": lambda: build_tiny_model(default_cache_dir() / "tiny-qwen2"),

@@ -22,11 +22,11 @@ import torch.distributed as dist
 from capo_fast.config import Config
 from capo_fast.deepspeed_settings import deepspeed_config, fused_adam_available, states_to_offload
 from capo_fast.distributed import all_reduce
-from capo_fast.engines import model_weights
 from capo_fast.kernels import fused_linear_logprobs
 from capo_fast.kernels.aggregation import aggregation_weights
 from capo_fast.policy_losses import PolicyLossInputs, compute_policy_loss
 from capo_fast.seeds import Stream, sampling_seed
+from capo_fast.weights import model_weights
 
 
 @dataclass

@@ -12,7 +12,8 @@ import torch
 pytest.importorskip("vllm")
 
 from capo_fast.config import SamplingConfig  # noqa: E402
-from capo_fast.engines import VLLMEngine, model_weights  # noqa: E402
+from capo_fast.engines import VLLMEngine  # noqa: E402
+from capo_fast.weights import model_weights  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SAMPLING = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=12)

@@ -109,9 +109,10 @@ def test_the_package_has_no_import_circles():
 # Registries and the pieces the config names are below it; tools never import the training loop; model
 # resolution sits below the engines and the trainer.
 BELOW_CONFIG = ["errors", "plugins", "reward", "critique", "credit", "data", "chain_arithmetic", "policy_losses",
-                "critics", "engines", "distributed", "seeds", "metrics", "text_files", "local_models", "kernels"]
+                "critics", "engines", "weights", "distributed", "seeds", "metrics", "text_files", "local_models",
+                "kernels"]
 TOOLS = ["evaluate", "evaluate_judge", "memory_budget", "gpu_cost", "integrations.trl"]
-BELOW_ENGINES_AND_TRAINER = ["models", "local_models"]
+BELOW_ENGINES_AND_TRAINER = ["models", "local_models", "weights"]
 
 
 def depends_on(graph: dict[str, set[str]], start: str) -> set[str]:

@@ -61,7 +61,7 @@ def test_packed_forward_equals_separate(tiny_model_dir):
 def test_logprobs_and_one_update_match_the_reference(single_rank, tiny_model_dir, zero_stage):
     from transformers import AutoModelForCausalLM
 
-    from capo_fast.engines import model_weights
+    from capo_fast.weights import model_weights
 
     overrides = [
         f"--trainer.zero_stage={zero_stage}",
@@ -177,7 +177,7 @@ def test_update_runs_in_training_mode_with_checkpointing_and_no_cache(single_ran
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(single_rank, tiny_model_dir):
-    from capo_fast.engines import model_weights
+    from capo_fast.weights import model_weights
 
     config = load_config(None, ["--model.path=tiny", "--trainer.max_skipped_steps=2", "--trainer.lr=1e-3"])
     trainer = PolicyTrainer(config, tiny_model_dir)
