@@ -148,11 +148,8 @@ def split_rows(split: str, size: int, seed: int, slip: float = 0.0) -> list[dict
 
 def warmup_rows() -> list[dict]:
     """The warm-up's demonstrations: the learning experiment's draw (bench/learning_experiment.py writes the
-    same stream with write_split(size=8000, seed=1, slip=0.6)) without its held-out questions.
-
-    The warm-up's outcome depends on the draw: on this one the policy starts at 0.38 held-out accuracy and
-    30 steps of the default run take it to 0.68; on split_rows("train", 8000, seed=1, slip=0.6) it started at
-    0.25 and ended at 0.30 (README, Training)."""
+    same stream with write_split(size=8000, seed=1, slip=0.6)) without its held-out questions. Where a warm-up
+    lands depends on its draw, and RL's gain on where it lands (README, Learning experiment)."""
     rng = random.Random(WARMUP_SEED)
     drawn = (_row(random_chain(rng), rng, WARMUP_SLIP) for _ in range(WARMUP_DRAWS))
     return [row for row in drawn if not is_heldout(row["question"])]

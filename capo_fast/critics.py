@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar, Protocol
 
 from capo_fast.critique import (
     FAILED,
@@ -31,15 +31,35 @@ from capo_fast.critique import (
     parse_critique,
 )
 from capo_fast.data import chat_token_ids
-from capo_fast.engines import VLLMEngine
+from capo_fast.engines import Sampling, VLLMEngine
 from capo_fast.errors import ConfigError, JudgeError
 from capo_fast.plugins import load_callable
 from capo_fast.seeds import critique_request_seeds
 
 logger = logging.getLogger(__name__)
 
-# The run's `critic` section (config.CriticConfig), read by its fields; `Any` keeps this module below config.
-CriticSettings = Any
+class CriticSettings(Protocol):
+    """What the critics read of a run's `critic` section (config.CriticConfig is one; this module stays below
+    the config, which names the backends from CRITIC_BACKENDS)."""
+
+    backend: str
+    model: str
+    num_critiques: int
+    answer_format: str
+    guided_reasoning_chars: int
+    sampling: Sampling
+    include_reference: bool
+    function: str
+    prompt_template: str
+    gpu_memory_utilization: float
+    max_model_len: int
+    url: str
+    api_key_env: str
+    max_concurrency: int
+    retries: int
+    timeout_s: float
+    warn_failure_rate: float
+    max_failure_rate: float
 
 
 def guided_critique_regex(reasoning_chars: int, num_steps: int) -> str:
@@ -342,11 +362,12 @@ CRITIC_BACKENDS: dict[str, type[Critic]] = {
 }
 
 
-def build_critic(config: Any, judge: Path | None, *, sleep_mode: bool = False) -> Critic:
+def build_critic(
+    settings: CriticSettings, judge: Path | None, *, voting: str, dtype: str, seed: int, sleep_mode: bool = False
+) -> Critic:
     """The critic of a run, as training and the judge evaluation both use it: `critic.backend` with the
     sampling of the voting mode (greedy decodes at temperature 0), probed so that a judge that cannot
-    answer stops the run now. `config` is the run's config.Config, read by its fields (critic,
-    algorithm.voting, model.dtype, trainer.seed).
+    answer stops the run now. `voting` is algorithm.voting, `dtype` model.dtype, `seed` trainer.seed.
 
     A local engine loads `judge` (the resolved critic.model, else the policy's start) and holds
     critic.gpu_memory_utilization of the GPU, its KV cache being what weights and activations leave of that
@@ -354,12 +375,8 @@ def build_critic(config: Any, judge: Path | None, *, sleep_mode: bool = False) -
     vllm/v1/worker/gpu_worker.py:649-675 skips the profile, :740-744 sizes the cache from the share). A
     step's critiques that do not fit at once wait in vLLM's queue; `python -m capo_fast.memory_budget` says
     how many waves that takes."""
-    c = config.critic
-    critic_config = dataclasses.replace(c, sampling=VOTING[config.algorithm.voting].critic_sampling(c.sampling))
-    backend = CRITIC_BACKENDS[c.backend]
-    critic = backend.build(
-        critic_config, judge, dtype=config.model.dtype, seed=config.trainer.seed, sleep_mode=sleep_mode
-    )
+    voted = dataclasses.replace(settings, sampling=VOTING[voting].critic_sampling(settings.sampling))
+    critic = CRITIC_BACKENDS[settings.backend].build(voted, judge, dtype=dtype, seed=seed, sleep_mode=sleep_mode)
     critic.probe()
     return critic
 

@@ -20,6 +20,7 @@ import torch
 from capo_fast.chain_arithmetic import split_rows
 from capo_fast.credit import Rollout
 from capo_fast.errors import DataError
+from capo_fast.reward import last_boxed
 from capo_fast.text_files import read_utf8
 
 QUESTION_KEYS = ("question", "problem", "prompt", "Question")  # the last: GPQA's rows
@@ -147,8 +148,6 @@ def _chat_messages(prompt: list, where: str) -> tuple[dict, ...]:
 def _checked_answer(answer, where: str):
     """The gold answer as the data gives it (text, or a number), refused when it states nothing: a list or
     mapping, true/false, NaN, blank text or an empty \\boxed{}."""
-    from capo_fast.reward import last_boxed
-
     number = isinstance(answer, (int, float)) and not isinstance(answer, bool)
     if not (isinstance(answer, str) or (number and math.isfinite(answer))):
         raise DataError(f"{where}: the answer must be text or a finite number, got {_shown(answer)}")
@@ -162,8 +161,6 @@ def _checked_answer(answer, where: str):
 def problem_from_row(row: object, where: str, keys: DataKeys = DataKeys()) -> Problem:
     """One row of any supported shape: plain (question/answer), verl (chat `prompt`,
     `reward_model.ground_truth`, `data_source`), TRL/open-r1 (`problem`, `solution` with a \\boxed{} answer)."""
-    from capo_fast.reward import last_boxed
-
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with a question and an answer, got {type(row).__name__}")
     prompt = row_field(row, keys.question, QUESTION_KEYS)

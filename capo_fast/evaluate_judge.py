@@ -459,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"capo-fast evaluate_judge: {err}", file=sys.stderr)
         return 2
     quiet_libraries(config.logging.verbosity)
-    critic = build_critic(config, judge)
+    critic = build_critic(config.critic, judge, voting=config.algorithm.voting, dtype=config.model.dtype,
+                          seed=config.trainer.seed)  # fmt: skip
     results = {"judge": judge_description(config, critic), "sets": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     critiques_path = args.out.with_suffix(".critiques.jsonl")

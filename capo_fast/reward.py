@@ -311,12 +311,10 @@ def outcome_reward(
 COUNTED_METRICS = frozenset({"reward/verifier_timeouts", "reward/verifier_errors"})  # summed over ranks
 
 
-def outcome_metrics(scores: list[OutcomeScore]) -> dict[str, float]:
-    """Accuracy, format rate and how many items timed out or failed to parse, for one batch."""
-    n = max(len(scores), 1)
+def verifier_metrics(scores: list[OutcomeScore]) -> dict[str, float]:
+    """How many answers of a batch timed out or failed to parse in the verifier (accuracy and format rate
+    are the rollouts' r_v and r_f, which `outcome_reward` decides)."""
     return {
-        "reward/accuracy": sum(s.correct for s in scores) / n,
-        "reward/format_rate": sum(s.formatted for s in scores) / n,
         "reward/verifier_timeouts": float(sum(s.status == "timeout" for s in scores)),
         "reward/verifier_errors": float(sum(s.status == "error" for s in scores)),
     }

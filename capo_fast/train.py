@@ -55,7 +55,7 @@ from capo_fast.memory_budget import Architecture, kv_cache_bytes
 from capo_fast.metrics import MetricsLog, RolloutSamples, all_reduce_named, format_line, write_run_info
 from capo_fast.models import resolve_model_once
 from capo_fast.reward import COUNTED_METRICS as REWARD_COUNTS
-from capo_fast.reward import OutcomeScore, OutcomeVerifier, outcome_metrics, outcome_reward
+from capo_fast.reward import OutcomeScore, OutcomeVerifier, format_reward, outcome_reward, verifier_metrics
 from capo_fast.run_report import eval_line, model_card, write_summary
 from capo_fast.seeds import rank_seeds
 from capo_fast.trainer import UPDATE_STATS, PolicyTrainer, TrainingDiverged, TrainSequence
@@ -111,7 +111,8 @@ def timed(times: dict[str, float], phase: str):
 class RunData:
     """The training problems with their prompt ids and the order they come in (the sampler's position is
     checkpointed), and the evaluation sets as (problems, prompt ids), the held-out set first (an eval.sets
-    entry named `heldout` takes its place, as it always did; `heldout_size` stays the held-out set's)."""
+    entry named `heldout` replaces it, so a run can score its own held-out file; `heldout_size` stays the
+    held-out set's)."""
 
     train: list[Problem]
     train_prompts: list[list[int]]
@@ -193,8 +194,10 @@ class Run:
         # Data errors stop every rank here, before deepspeed.initialize or an engine starts.
         self.data = fail_together(lambda: load_data(c, self.tokenizer), "loading the data")
         # A judge server (or a critic function) answers now, not after the first rollouts.
-        early_judge = c.needs_judge() and not c.local_judge()
-        self.critic = fail_together(lambda: build_critic(c, None), "reaching the judge") if early_judge else None
+        critic_options = {"voting": a.voting, "dtype": c.model.dtype, "seed": c.trainer.seed}
+        self.critic = None
+        if c.needs_judge() and not c.local_judge():
+            self.critic = fail_together(lambda: build_critic(c.critic, None, **critic_options), "reaching the judge")
 
         self.trainer = PolicyTrainer(c, self.model_path)
         self.checkpoints = Checkpoints(
@@ -208,7 +211,8 @@ class Run:
             sleeps = critic_sleep_mode(
                 requested=r.sleep_mode, supported=sleep_mode_supported(), policy_sleeps=self.policy.engine.sleep_enabled
             )
-            self.critic = build_critic(c, self.critic_path or self.model_path, sleep_mode=sleeps)
+            judge = self.critic_path or self.model_path
+            self.critic = build_critic(c.critic, judge, sleep_mode=sleeps, **critic_options)
         self.verifier = OutcomeVerifier(num_workers=1, timeout_s=a.verifier_timeout_s, verifier=a.verifier)
         self.split_steps = make_splitter(c.critic.step_splitter)
         self.log = MetricsLog(
@@ -238,9 +242,9 @@ class Run:
         rollouts = [r for g in groups for r in g.rollouts]
         with timed(times, "credit"):
             assign_credit([g.rollouts for g in groups], self.tokenizer, self.voting, self.credit_config)
-            judged = rollout_metrics(rollouts, self.credit_config, c.critic.num_critiques if self.critic else 0)
+            credit_stats = rollout_metrics(rollouts, self.credit_config, c.critic.num_critiques if self.critic else 0)
             if self.critic is not None:  # before the update: a dead judge must not leave a step on outcome alone
-                check_critique_failures(failed_critique_rate(judged, len(rollouts)), c.critic, self.step + 1)
+                check_critique_failures(failed_critique_rate(credit_stats, len(rollouts)), c.critic, self.step + 1)
             sequences = [
                 TrainSequence(g.prompt_ids, r.token_ids, r.advantage, r.group_penalty, r.credit)
                 for g in groups
@@ -251,7 +255,8 @@ class Run:
         with timed(times, "update"):
             stats = self.trainer.ppo_epochs(sequences, self.step)
         self.samples.write(self.step + 1, groups)
-        return step_metrics(rollouts, scores, judged, stats, times, self.credit_config.correct_reward, self.trainer.lr)
+        reward = self.credit_config.correct_reward
+        return step_metrics(rollouts, scores, credit_stats, stats, times, reward, self.trainer.lr)
 
     def _sample_prompt_groups(self) -> tuple[list[int], list[PromptGroup]]:
         """This rank's share of the step's prompts: their positions in the step's batch (what the seeds
@@ -269,10 +274,14 @@ class Run:
             ]
 
     def _verify_and_critique(self, groups: list[PromptGroup], seeds: list[int]) -> list[OutcomeScore]:
-        """r_v and r_f of every rollout (the verifier in a thread) while the judge critiques it."""
+        """r_v and r_f of every rollout (the verifier in a thread) while the judge critiques it; the verifier's
+        scores, for its timeout and error counts. A multiple-choice answer is scored on its letter
+        (`outcome_reward`), so the verifier never reads it, as in evaluation."""
         answered = [(g.problem, r) for g in groups for r in g.rollouts]
+        verifiable = [(p, r) for p, r in answered if not p.multiple_choice]
         with ThreadPoolExecutor(1) as pool:
-            verified = pool.submit(self.verifier.score, [r.text for _, r in answered], [p.answer for p, _ in answered])
+            texts, golds = [r.text for _, r in verifiable], [p.answer for p, _ in verifiable]
+            verified = pool.submit(self.verifier.score, texts, golds)
             if self.critic is not None:
                 requests = [CritiqueRequest(p.question, r.steps, p.reference_solution, p.answer) for p, r in answered]
                 for (_, r), critiques in zip(answered, self.critic.critique(requests, seed=seeds), strict=True):
@@ -280,10 +289,14 @@ class Run:
                 self.critic.sleep()
             scores = verified.result()
         zero = self.config.algorithm.truncated_reward == "zero"
-        for (problem, r), score in zip(answered, scores, strict=True):
-            r.correct = outcome_reward(r.text, score.correct, choice=problem.correct_choice, truncated=r.truncated,
-                                       zero_if_truncated=zero)  # fmt: skip
+        for (_, r), score in zip(verifiable, scores, strict=True):
+            r.correct = outcome_reward(r.text, score.correct, truncated=r.truncated, zero_if_truncated=zero)
             r.formatted = score.formatted
+        for problem, r in answered:
+            if problem.multiple_choice:
+                r.correct = outcome_reward(r.text, 0.0, choice=problem.correct_choice, truncated=r.truncated,
+                                           zero_if_truncated=zero)  # fmt: skip
+                r.formatted = format_reward(r.text)
         return scores
 
     def evaluate(self) -> dict[str, float]:
@@ -355,10 +368,10 @@ class Run:
 # ---- step metrics, reduced over the ranks by name ----------------------------------------------------
 
 
-def failed_critique_rate(judged: dict[str, float], rollouts: int) -> float:
+def failed_critique_rate(credit_stats: dict[str, float], rollouts: int) -> float:
     """The share of the step's critiques that failed, over every rank (ranks may hold different numbers
     of rollouts), so that all ranks agree on stopping."""
-    totals = all_reduce_named({"failed": judged["credit/failed_critique_rate"] * rollouts, "rollouts": rollouts})
+    totals = all_reduce_named({"failed": credit_stats["credit/failed_critique_rate"] * rollouts, "rollouts": rollouts})
     return totals["failed"] / max(totals["rollouts"], 1)
 
 
@@ -376,7 +389,7 @@ ACTOR_SUMS = [k for k in UPDATE_STATS if k != "skipped"]  # summed over ranks; s
 def step_metrics(
     rollouts: list[Rollout],
     scores: list[OutcomeScore],
-    judged: dict[str, float],
+    credit_stats: dict[str, float],
     stats: dict[str, float],
     times: dict[str, float],
     correct_reward: float,
@@ -385,8 +398,10 @@ def step_metrics(
     """The line a step logs: outcome and credit metrics (reduce_step_metrics), the update's statistics per
     token over all ranks, the phases' times and the generation throughput."""
     local = {
-        **outcome_metrics(scores),
-        **judged,
+        **verifier_metrics(scores),
+        **credit_stats,
+        "reward/accuracy": _mean([r.correct for r in rollouts]),  # r_v, as the advantages see it
+        "reward/format_rate": _mean([r.formatted for r in rollouts]),
         "reward/mean": _mean([correct_reward * r.correct for r in rollouts]),
         "response/length": _mean([len(r.token_ids) for r in rollouts]),
         "response/truncated": _mean([float(r.truncated) for r in rollouts]),

@@ -99,7 +99,7 @@ def test_a_judge_server_that_is_down_stops_the_run_before_the_first_rollout():
     config = Config()
     config.critic = CriticConfig(backend="remote", url=url, model="judge", retries=0, timeout_s=2)
     with pytest.raises(JudgeError, match=rf"critic\.url='{url}': the judge server did not answer"):
-        build_critic(config, None)
+        build_critic(config.critic, None, voting="majority", dtype="float32", seed=0)
 
 
 def test_a_judge_server_serving_another_model_is_named():

@@ -339,4 +339,4 @@ def test_the_evaluated_judge_is_built_as_training_builds_it_but_alone(annotated,
     calls, real = [], critics.build_critic
     monkeypatch.setattr(critics, "build_critic", lambda *a, **k: calls.append(k) or real(*a, **k))
     _run(tmp_path, [f"x={annotated}"])
-    assert calls == [{}]
+    assert calls == [{"voting": "majority", "dtype": "float32", "seed": 0}]  # no sleep mode: the judge is alone

@@ -147,7 +147,7 @@ def test_a_local_judge_gets_its_share_in_training_and_in_evaluation(engine_kwarg
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     config = load_config(None, ["--critic.backend=vllm", "--critic.gpu_memory_utilization=0.8"])
-    build_critic(config, tiny_model_dir)
+    build_critic(config.critic, tiny_model_dir, voting="majority", dtype="float32", seed=0)
     assert engine_kwargs["kv_cache_memory_bytes"] is None and engine_kwargs["gpu_memory_utilization"] == 0.8
 
 
