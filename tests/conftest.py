@@ -7,7 +7,8 @@ defined, so the choice is made here, once, when pytest loads this file.
 """
 
 import os
-from collections.abc import Mapping
+import socket
+from collections.abc import Callable, Mapping
 
 import pytest
 import torch
@@ -84,3 +85,15 @@ def single_rank():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """free_port(): a local TCP port nobody listens on now (a rendezvous or a server of the test takes it next)."""
+    return _free_port

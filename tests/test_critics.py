@@ -21,15 +21,9 @@ from capo_fast.errors import JudgeError  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def served_tiny_model(tiny_model_dir):
-    port = _free_port()
+def served_tiny_model(tiny_model_dir, free_port):
+    port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     server = subprocess.Popen(
         # The OpenAI server behind `vllm serve` (whose CLI wrapper looks for a dist named "vllm",

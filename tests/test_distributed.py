@@ -3,7 +3,6 @@
 import ast
 import json
 import os
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -65,12 +64,6 @@ def test_tp_groups_follow_vllms_layout():
     assert distributed.tp_group_ranks(8, 2) == expected
     with pytest.raises(ValueError, match="does not divide"):
         distributed.tp_group_ranks(6, 4)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _two_ranks(rank: int, port: int, folders: list[str], failures):
@@ -145,10 +138,10 @@ def _decisions_made_once(rank: int, own_folder: Path, failures):
         failures.put(f"rank {rank}: step metrics {metrics}")
 
 
-def test_tp_gather_environment_and_shared_folder_checks_on_two_ranks(tmp_path):
+def test_tp_gather_environment_and_shared_folder_checks_on_two_ranks(tmp_path, free_port):
     failures = mp.get_context("spawn").SimpleQueue()
     folders = [str(tmp_path / "shared"), str(tmp_path / "local")]
-    mp.spawn(_two_ranks, args=(_free_port(), folders, failures), nprocs=2, join=True)
+    mp.spawn(_two_ranks, args=(free_port(), folders, failures), nprocs=2, join=True)
     messages = []
     while not failures.empty():
         messages.append(failures.get())

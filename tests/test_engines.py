@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -110,15 +109,9 @@ def test_weight_sync_smollm2(smollm2_engine, smollm2_dir):
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_each_rank_generates_for_its_own_prompts(tiny_engine, tiny_model_dir, tmp_path):
+def test_each_rank_generates_for_its_own_prompts(tiny_engine, tiny_model_dir, tmp_path, free_port):
     script = Path(__file__).parent / "scripts" / "generate_per_rank.py"
-    env = {**os.environ, "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
     result = subprocess.run(
         ["deepspeed", "--num_gpus", "2", "--master_port", env["MASTER_PORT"],
          str(script), str(tiny_model_dir), str(tmp_path)],
