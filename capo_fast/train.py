@@ -50,8 +50,8 @@ from capo_fast.distributed import (
 from capo_fast.engines import PolicyEngine, VLLMEngine, critic_sleep_mode, sleep_mode_supported
 from capo_fast.errors import ConfigError, DataError, JudgeError
 from capo_fast.launch_env import required_env
-from capo_fast.memory_budget import Architecture, kv_cache_bytes
 from capo_fast.metrics import MetricsLog, RolloutSamples, all_reduce_named, format_line, write_run_info
+from capo_fast.model_shapes import Architecture, kv_cache_bytes
 from capo_fast.models import resolve_model_once
 from capo_fast.reward import COUNTED_METRICS as REWARD_COUNTS
 from capo_fast.reward import OutcomeScore, OutcomeVerifier, outcome_metrics, outcome_reward
