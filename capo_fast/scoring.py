@@ -53,7 +53,7 @@ def _correct(answers: Sequence[tuple[Problem, str]], score: Score) -> list[float
     reads only the answers that are not multiple choice (a letter is scored on the letter)."""
     verifiable = [(p, text) for p, text in answers if not p.multiple_choice]
     scores = score([text for _, text in verifiable], [p.answer for p, _ in verifiable]) if verifiable else []
-    if len(scores) != len(verifiable):  # a short list would shift every later verdict onto the wrong answer
+    if len(scores) != len(verifiable):  # fewer would end in a bare StopIteration below, more go unseen
         raise ValueError(f"the verifier returned {len(scores)} scores for {len(verifiable)} answers")
     verified = iter(s.correct for s in scores)
     return [
