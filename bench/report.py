@@ -120,7 +120,8 @@ def aot_table() -> str:
 
 def memory_budget_table() -> str:
     from capo_fast.config import load_config
-    from capo_fast.memory_budget import QWEN25_7B, budget, markdown
+    from capo_fast.memory_budget import budget, markdown
+    from capo_fast.model_shapes import QWEN25_7B
 
     config = load_config(ROOT / "configs" / "gpu-qwen2.5-7b.yaml")
     return markdown(budget(config, QWEN25_7B, world=4))
@@ -129,7 +130,7 @@ def memory_budget_table() -> str:
 def gpu_cost_table() -> str:
     from capo_fast.config import load_config
     from capo_fast.gpu_cost import cost_table
-    from capo_fast.memory_budget import QWEN25_7B
+    from capo_fast.model_shapes import QWEN25_7B
 
     return cost_table(load_config(ROOT / "configs" / "gpu-qwen2.5-7b.yaml"), QWEN25_7B, world=4)
 

@@ -1,6 +1,7 @@
 """The DeepSpeed config of a run, and what it decides: the optimizer, offload, the states moved off the GPU.
 
-Read by the trainer (which builds the engine from it) and by memory_budget (which sizes a run from it).
+Read by the trainer (which builds the engine from it) and by memory_budget and gpu_cost (which size a run
+from it).
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def deepspeed_config(config: Config, *, fused_adam: bool) -> dict:
         params["torch_adam"] = True
     ds.setdefault("optimizer", {"type": "AdamW", "params": params})
     return ds
+
+
+def zero_setup(config: Config) -> tuple[int, bool]:
+    """The ZeRO stage of the run's merged DeepSpeed config, and whether it offloads the optimizer."""
+    ds = deepspeed_config(config, fused_adam=True)
+    return ds["zero_optimization"].get("stage", 0), offload_device(ds) != "none"
 
 
 def fused_adam_available() -> bool:

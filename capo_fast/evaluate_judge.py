@@ -440,8 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     from capo_fast.console import quiet_libraries
     from capo_fast.critics import build_critic
     from capo_fast.critique import make_splitter
-    from capo_fast.evaluate import parse_sets
     from capo_fast.models import resolve_model
+    from capo_fast.scoring import parse_sets
 
     args, overrides = parse_args(argv)
     try:

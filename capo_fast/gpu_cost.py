@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from capo_fast.config import Config, load_config
+from capo_fast.deepspeed_settings import zero_setup
 from capo_fast.errors import ConfigError
-from capo_fast.memory_budget import (
+from capo_fast.model_shapes import (
     GPU,
     GPUS,
     Architecture,
@@ -46,7 +47,6 @@ from capo_fast.memory_budget import (
     kv_bytes_per_token,
     rank_prompts,
     vllm_batch_limits,
-    zero_setup,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -49,14 +49,14 @@ from capo_fast.distributed import (
 )
 from capo_fast.engines import PolicyEngine, VLLMEngine, critic_sleep_mode, sleep_mode_supported
 from capo_fast.errors import ConfigError, DataError, JudgeError
-from capo_fast.evaluate import EvalOptions, evaluate_on_ranks, load_set, parse_sets
 from capo_fast.launch_env import required_env
-from capo_fast.memory_budget import Architecture, kv_cache_bytes
 from capo_fast.metrics import MetricsLog, RolloutSamples, all_reduce_named, format_line, write_run_info
+from capo_fast.model_shapes import Architecture, kv_cache_bytes
 from capo_fast.models import resolve_model_once
 from capo_fast.reward import COUNTED_METRICS as REWARD_COUNTS
 from capo_fast.reward import OutcomeScore, OutcomeVerifier, format_reward, outcome_reward, verifier_metrics
 from capo_fast.run_report import eval_line, model_card, write_summary
+from capo_fast.scoring import EvalOptions, evaluate_on_ranks, load_set, parse_sets
 from capo_fast.seeds import rank_seeds
 from capo_fast.trainer import UPDATE_STATS, PolicyTrainer, TrainingDiverged, TrainSequence
 

@@ -10,8 +10,8 @@ import pytest
 
 from capo_fast.data import DataError, Problem, as_multiple_choice
 from capo_fast.engines import Completion
-from capo_fast.evaluate import EvalOptions, evaluate_set, load_set, pass_at_k
 from capo_fast.reward import OutcomeVerifier, choice_letter, outcome_reward
+from capo_fast.scoring import EvalOptions, evaluate_set, load_set, pass_at_k
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
@@ -144,6 +144,30 @@ def test_pass_at_1_per_data_source():
     assert m["by_source"] == {"gsm8k": {"pass@1": 1.0, "problems": 1}, "math": {"pass@1": 0.5, "problems": 2}}
 
 
+
+@pytest.mark.parametrize("samples", [0, 2])
+def test_a_verifier_that_drops_a_score_fails_naming_the_counts(samples):
+    """Two math rows and one multiple-choice row the verifier never sees: a verifier that returns one score
+    fewer than the answers it was given stops the evaluation, greedy and sampled alike, rather than shift
+    the verdicts onto other answers. The greedy run is scored first; with samples it gets every score."""
+    from capo_fast.reward import OutcomeScore
+
+    problems = [Problem("1+1?", "2"), Problem("Gas? A. steam B. ice", "A", multiple_choice=True),
+                Problem("2+2?", "4")]  # fmt: skip
+    engine = ScriptedEngine(greedy=[["\\boxed{2}", "A", "\\boxed{4}"]], sampled=[["\\boxed{2}"] * 2] * 3)
+    calls = []
+
+    def score(texts, answers):
+        calls.append(len(texts))
+        drop = len(calls) == (2 if samples else 1)
+        return [OutcomeScore(1.0, 1.0, "ok") for _ in texts[drop:]]
+
+    expected = 2 * samples or 2  # verifiable answers of the call that is cut short
+    with pytest.raises(ValueError, match=f"^the verifier returned {expected - 1} scores for {expected} answers$"):
+        evaluate_set(problems, [[1], [2], [3]], engine.generate, score, EvalOptions(runs=1, samples=samples))
+    assert calls == ([2, 4] if samples else [2])
+
+
 @pytest.mark.slow
 def test_cli_scores_a_model_on_named_sets(tiny_model_dir, tmp_path):
     math_set = tmp_path / "m.jsonl"
@@ -174,7 +198,7 @@ def _mc_rows(count: int) -> list[dict]:
 
 
 def test_multiple_choice_options_are_reshuffled_per_run(tmp_path):
-    from capo_fast.evaluate import load_runs, run_seed
+    from capo_fast.scoring import load_runs, run_seed
 
     path = tmp_path / "mc.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in _mc_rows(12)))
@@ -206,7 +230,7 @@ class AlwaysA:
 
 
 def test_pass_at_1_reports_its_spread_over_reshuffled_runs():
-    from capo_fast.evaluate import RunInputs
+    from capo_fast.scoring import RunInputs
 
     def lettered(*answers):
         return [Problem(f"q{i}", a, choices=("x", "y"), multiple_choice=True) for i, a in enumerate(answers)]
@@ -257,7 +281,8 @@ def test_cli_engine_options_reach_the_engine_and_runs_reshuffle(tmp_path, monkey
 
     import capo_fast.engines
     import capo_fast.evaluate
-    from capo_fast.evaluate import load_runs, main
+    from capo_fast.evaluate import main
+    from capo_fast.scoring import load_runs
 
     monkeypatch.setattr(capo_fast.engines, "VLLMEngine", RecordingEngine)
     monkeypatch.setattr(capo_fast.evaluate, "resolve_model", lambda name: tmp_path)
@@ -297,7 +322,7 @@ def test_cli_rejects_engine_options_out_of_range(flag, capsys):
 def test_training_evaluation_answers_its_rank_share_and_names_every_metric():
     """Rank 1 of 2 answers problems 1 and 3 (every second one); a single process sums nothing more, so the
     named totals are that share's: 1 of 2 right overall, 1/1 on source a, 0/1 on source b."""
-    from capo_fast.evaluate import evaluate_on_ranks
+    from capo_fast.scoring import evaluate_on_ranks
 
     problems = [Problem(f"{i}+0?", str(i), data_source=source) for i, source in enumerate("aabb")]
     answers = {(ord(c),): t for c, t in (("a", "\\boxed{0}"), ("b", "\\boxed{1}"), ("c", "\\boxed{9}"), ("d", "x"))}

@@ -6,7 +6,7 @@ import pytest
 
 from capo_fast.config import load_config
 from capo_fast.gpu_cost import GPUS, Batch, Work, generation, launch_world, main, step_phases
-from capo_fast.memory_budget import QWEN25_7B, Architecture
+from capo_fast.model_shapes import QWEN25_7B, Architecture
 
 ROOT = Path(__file__).resolve().parents[1]
 

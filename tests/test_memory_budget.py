@@ -9,20 +9,18 @@ import pytest
 import torch
 
 from capo_fast.config import ConfigError, load_config
-from capo_fast.memory_budget import (
+from capo_fast.memory_budget import budget, markdown, stated_budget
+from capo_fast.model_shapes import (
     ARCHITECTURES,
     GIB,
     GPUS,
     QWEN25_7B,
     Architecture,
     architecture_of,
-    budget,
     judge_memory,
     kv_bytes_per_token,
     kv_cache_bytes,
-    markdown,
     rank_token_demand,
-    stated_budget,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import pytest
 
 from capo_fast.config import load_config
 from capo_fast.data import HUB_SOURCE, ROW_READERS
-from capo_fast.evaluate import load_set, parse_sets
+from capo_fast.scoring import load_set, parse_sets
 
 ROOT = Path(__file__).parent.parent
 GPU_CONFIGS = sorted((ROOT / "configs").glob("gpu-*.yaml")) + sorted((ROOT / "configs").glob("node-*.yaml"))
