@@ -149,7 +149,7 @@ def load_data(config: Config, tokenizer) -> RunData:
 
 def build_policy_engine(config: Config, model_path: Path, world: int) -> VLLMEngine:
     """The policy's vLLM engine: sleeps between rollouts (level 2, weights from the trainer), its KV cache
-    sized by memory_budget."""
+    sized by model_shapes.kv_cache_bytes."""
     c, r = config, config.rollout
     arch = Architecture.from_hf_config(json.loads((model_path / "config.json").read_text()))
     return VLLMEngine(
@@ -301,8 +301,8 @@ class Run:
 
     def evaluate(self) -> dict[str, float]:
         """Greedy pass@1, response length and truncation on the held-out problems and on every set of
-        eval.sets (capo_fast.evaluate's code), each rank answering its share; `eval/accuracy` is the
-        held-out pass@1."""
+        eval.sets (capo_fast.scoring, as `python -m capo_fast.evaluate` scores), each rank answering its
+        share; `eval/accuracy` is the held-out pass@1."""
         options = EvalOptions(runs=1, max_tokens=self.config.eval.max_tokens, seed=self.config.trainer.seed)
         metrics = evaluate_on_ranks(self.data.eval_sets, self.policy.generate, self.verifier.score, options,
                                     rank=self.rank, world=self.world)  # fmt: skip
