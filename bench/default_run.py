@@ -4,10 +4,10 @@
     python bench/default_run.py --warm              # again, with the warmed-up policy cached
     python bench/default_run.py --name smollm2-judge-run -- --config configs/cpu-smollm2-judge.yaml
 
-Writes bench/results/<name>-<machine>.json: the run's own summary.json (held-out accuracy before and after
+Writes bench/results/<name>-<machine>.json, the run's own summary.json (held-out accuracy before and after
 with standard errors, the held-out curve, seconds per phase) plus the wall-clock time of the whole command
 and whether the policy's one-time warm-up was part of it. The README's opening paragraph is rendered from
-it by bench/report.py.
+it by bench/report.py; the run's curves.png is kept beside it as <name>-<machine>.png.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.results.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
+    shutil.copy(args.out / "curves.png", path.with_suffix(".png"))  # the run's curves, shown in the README
     print(f"{path}: held-out {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} "
           f"({summary['change'] / summary['change_se']:+.1f} SE) in {seconds / 60:.1f} min")  # fmt: skip
     return 0
