@@ -94,13 +94,13 @@ def _linear_policy_loss(
     advantages: torch.Tensor,
     loss_weights: torch.Tensor,
     credit: torch.Tensor | None,
-    penalty: torch.Tensor | None,
+    group_penalty: torch.Tensor | None,
     ref_logprobs: torch.Tensor | None,
     options: list[float],
     chunk_size: int,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    tensors = (labels, old_logprobs, advantages, loss_weights, credit, penalty, ref_logprobs)
+    tensors = (labels, old_logprobs, advantages, loss_weights, credit, group_penalty, ref_logprobs)
     inputs = PolicyLossInputs.from_op_args(tensors)
     n = hidden.shape[0]
     f32 = dict(device=hidden.device, dtype=torch.float32)
@@ -227,7 +227,7 @@ def fused_linear_policy_loss(
     advantages: torch.Tensor,
     *,
     credit: torch.Tensor | None = None,
-    penalty: torch.Tensor | float | None = None,
+    group_penalty: torch.Tensor | float | None = None,
     ref_logprobs: torch.Tensor | None = None,
     loss_weights: torch.Tensor | None = None,
     options: PolicyLossOptions | None = None,
@@ -254,7 +254,7 @@ def fused_linear_policy_loss(
         advantages,
         loss_weights,
         credit=credit,
-        penalty=per_token(penalty, hidden),
+        group_penalty=per_token(group_penalty, hidden),
         ref_logprobs=ref_logprobs,
     )
     opts = resolve_options(options, option_overrides)

@@ -95,7 +95,7 @@ def _policy_loss_fwd_kernel(
     old_logprobs_ptr,
     advantages_ptr,
     credit_ptr,
-    penalty_ptr,
+    group_penalty_ptr,
     ref_logprobs_ptr,
     weights_ptr,
     stride_logits,
@@ -122,8 +122,8 @@ def _policy_loss_fwd_kernel(
     logp = tl.where(valid, (z_label - z_max) * inv_t - log_s, 0.0)
 
     adv = tl.load(advantages_ptr + row)
-    if HAS_CREDIT:  # CAPO token-credit masking: A_t = a - p * e_t
-        adv -= tl.load(penalty_ptr + row) * tl.load(credit_ptr + row)
+    if HAS_CREDIT:  # CAPO token-credit masking: A_t = a - p_g * e_t
+        adv -= tl.load(group_penalty_ptr + row) * tl.load(credit_ptr + row)
     raw_log_ratio = logp - tl.load(old_logprobs_ptr + row)
     log_ratio = tl.minimum(tl.maximum(raw_log_ratio, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
     ratio = tl.exp(log_ratio)
@@ -290,9 +290,10 @@ def policy_loss_fwd(
     Works on any device Triton runs on, CPU tensors included under TRITON_INTERPRET=1.
     """
     _check_rows(logits, **dict(zip(LOSS_TENSORS, inputs.op_args(), strict=True)))
-    labels, credit, penalty, ref_logprobs = inputs.labels, inputs.credit, inputs.penalty, inputs.ref_logprobs
-    if (credit is None) != (penalty is None):
-        raise ValueError("credit and penalty must be given together")
+    labels, credit, group_penalty = inputs.labels, inputs.credit, inputs.group_penalty
+    ref_logprobs = inputs.ref_logprobs
+    if (credit is None) != (group_penalty is None):
+        raise ValueError("credit and group_penalty must be given together")
     n, v = logits.shape
     f32 = dict(device=logits.device, dtype=torch.float32)
     token_loss, logprobs, entropy, lse, dlogp, dent = (torch.empty(n, **f32) for _ in range(6))
@@ -313,7 +314,7 @@ def policy_loss_fwd(
                 old_logprobs_ptr=_f32(inputs.old_logprobs),
                 advantages_ptr=advantages,
                 credit_ptr=_f32(credit) if credit is not None else advantages,
-                penalty_ptr=_f32(penalty) if penalty is not None else advantages,
+                group_penalty_ptr=_f32(group_penalty) if group_penalty is not None else advantages,
                 ref_logprobs_ptr=_f32(ref_logprobs) if ref_logprobs is not None else advantages,
                 weights_ptr=_f32(inputs.loss_weights),
                 stride_logits=logits.stride(0),
@@ -463,8 +464,9 @@ class PolicyLossInputs(NamedTuple):
     labels: sampled tokens (negative or >= V: masked). old_logprobs: behaviour-policy log-probs.
     advantages: per-rollout a_i broadcast to its tokens. loss_weights: aggregation weight of each token
     (`capo_fast.kernels.aggregation_weights`; 0 masks a token). seq_ids: int64 sequence index of each
-    token, read only by sequence-level losses (GSPO); the ops do not take it. credit, penalty: CAPO's e_t
-    and p, A_t = advantages - penalty * credit (both or neither). ref_logprobs: reference-policy log-probs
+    token, read only by sequence-level losses (GSPO); the ops do not take it. credit, group_penalty: CAPO's e_t
+    and p_g = P / (std_g + eps) of the token's prompt group, A_t = advantages - group_penalty * credit (both or
+    neither). ref_logprobs: reference-policy log-probs
     (the k3 KL term, weighted by `options.kl_coef`).
 
     The ops take the other fields as named tensor arguments in field order (`LOSS_TENSORS`, `op_args`).
@@ -476,15 +478,15 @@ class PolicyLossInputs(NamedTuple):
     loss_weights: torch.Tensor
     seq_ids: torch.Tensor | None = None
     credit: torch.Tensor | None = None
-    penalty: torch.Tensor | None = None
+    group_penalty: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
 
     def token_advantages(self, dtype: torch.dtype) -> torch.Tensor:
-        """A_t = a - p * e_t (CAPO's token-credit masking), in `dtype`."""
+        """A_t = a - p_g * e_t (CAPO's token-credit masking), in `dtype`."""
         adv = self.advantages.to(dtype)
         if self.credit is None:
             return adv
-        return adv - self.penalty.to(dtype) * self.credit.to(dtype)
+        return adv - self.group_penalty.to(dtype) * self.credit.to(dtype)
 
     def counted(self, vocab_size: int) -> torch.Tensor:
         """[N] bool: tokens that enter the loss, as the kernels count them: a label in [0, vocab_size) (an
@@ -586,7 +588,8 @@ def check_loss_inputs(n, device: torch.device, tensors: Sequence[torch.Tensor | 
     inputs = PolicyLossInputs.from_op_args(tensors)
     check_per_token(n, device, **inputs._asdict())
     torch._check(
-        (inputs.credit is None) == (inputs.penalty is None), lambda: "capo: credit and penalty must be given together"
+        (inputs.credit is None) == (inputs.group_penalty is None),
+        lambda: "capo: credit and group_penalty must be given together",
     )
     check_options(options)
 
@@ -737,6 +740,11 @@ def resolve_options(options: PolicyLossOptions | None, overrides: dict[str, floa
     base = options if options is not None else PolicyLossOptions()
     if not overrides:
         return base
+    if "penalty" in overrides:  # the keyword's old name: an error, never read as p_g
+        raise TypeError(
+            "the keyword penalty= is now group_penalty=: pass the per-token p_g = P / (std_g + eps) as "
+            "group_penalty (`penalty` is the config's P, algorithm.penalty)"
+        )
     unknown = set(overrides) - set(OPTION_NAMES)
     if unknown:
         raise TypeError(f"unknown policy-loss option(s) {sorted(unknown)}; see PolicyLossOptions")
@@ -750,7 +758,7 @@ def fused_policy_loss(
     advantages: torch.Tensor,
     *,
     credit: torch.Tensor | None = None,
-    penalty: torch.Tensor | float | None = None,
+    group_penalty: torch.Tensor | float | None = None,
     ref_logprobs: torch.Tensor | None = None,
     loss_weights: torch.Tensor | None = None,
     options: PolicyLossOptions | None = None,
@@ -764,9 +772,10 @@ def fused_policy_loss(
         labels: [N] int, the sampled token of each row; negative labels are masked.
         old_logprobs: [N] log-probs of the behaviour policy.
         advantages: [N] per-token advantage, or the per-rollout CAPO value a_i broadcast to its tokens.
-        credit: [N] e_t in [0, 1] (vote weight of the step holding the token); with `penalty`,
-            the kernel uses A_t = advantages - penalty * credit.
-        penalty: [N] or float, the per-group p = P / (std_g + eps).
+        credit: [N] e_t in [0, 1] (vote weight of the step holding the token); with `group_penalty`,
+            the kernel uses A_t = advantages - group_penalty * credit.
+        group_penalty: [N] or float, p_g = P / (std_g + eps) of each token's prompt group (P is the
+            config's `algorithm.penalty`). The keyword was `penalty` before; that name is now a TypeError.
         ref_logprobs: [N] reference-policy log-probs, enables the k3 KL term weighted by `kl_coef`.
         loss_weights: [N] aggregation weight of each token (see `aggregation_weights`); zero masks a
             token. Default: token mean over all rows.
@@ -789,7 +798,7 @@ def fused_policy_loss(
         advantages,
         loss_weights,
         credit=credit,
-        penalty=per_token(penalty, logits),
+        group_penalty=per_token(group_penalty, logits),
         ref_logprobs=ref_logprobs,
     )
     opts = resolve_options(options, option_overrides)
