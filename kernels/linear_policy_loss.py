@@ -21,9 +21,7 @@ from capo_fast.kernels.policy_loss import (
     check_matrix,
     check_per_token,
     check_temperature,
-    per_token,
-    resolve_options,
-    token_mean_weights,
+    functional_call,
 )
 
 # Memory for one chunk of logits. On CUDA a chunk's token count is the M dimension of three GEMMs:
@@ -246,18 +244,10 @@ def fused_linear_policy_loss(
     Returns:
         PolicyLossOutput; gradients flow to `hidden` and `weight`.
     """
-    if loss_weights is None:
-        loss_weights = token_mean_weights(labels, weight.shape[0])
-    inputs = PolicyLossInputs(
-        labels,
-        old_logprobs,
-        advantages,
-        loss_weights,
-        credit=credit,
-        group_penalty=per_token(group_penalty, hidden),
-        ref_logprobs=ref_logprobs,
-    )
-    opts = resolve_options(options, option_overrides)
+    inputs, opts = functional_call(
+        hidden, weight.shape[0], labels, old_logprobs, advantages, credit=credit, group_penalty=group_penalty,
+        ref_logprobs=ref_logprobs, loss_weights=loss_weights, options=options, overrides=option_overrides,
+    )  # fmt: skip
     return apply_linear_policy_loss(hidden, weight, inputs, opts, chunk_budget_bytes=chunk_budget_bytes)
 
 

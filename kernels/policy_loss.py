@@ -729,14 +729,15 @@ def token_mean_weights(labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return valid / valid.sum().clamp_min(1.0)
 
 
-def per_token(value: torch.Tensor | float | None, like: torch.Tensor) -> torch.Tensor | None:
+def _per_token(value: torch.Tensor | float | None, like: torch.Tensor) -> torch.Tensor | None:
     if value is None or isinstance(value, torch.Tensor):
         return value
     return torch.full((like.shape[0],), float(value), device=like.device, dtype=torch.float32)
 
 
 def resolve_options(options: PolicyLossOptions | None, overrides: dict[str, float]) -> PolicyLossOptions:
-    """`options` (default: PolicyLossOptions()) with keyword overrides; unknown names are an error."""
+    """`options` (default: PolicyLossOptions()) with keyword overrides; unknown names (and the old `penalty`) are
+    a TypeError."""
     base = options if options is not None else PolicyLossOptions()
     if not overrides:
         return base
@@ -749,6 +750,40 @@ def resolve_options(options: PolicyLossOptions | None, overrides: dict[str, floa
     if unknown:
         raise TypeError(f"unknown policy-loss option(s) {sorted(unknown)}; see PolicyLossOptions")
     return PolicyLossOptions(**{name: overrides.get(name, getattr(base, name)) for name in OPTION_NAMES})
+
+
+def functional_call(
+    rows: torch.Tensor,
+    vocab_size: int,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    credit: torch.Tensor | None,
+    group_penalty: torch.Tensor | float | None,
+    ref_logprobs: torch.Tensor | None,
+    loss_weights: torch.Tensor | None,
+    options: PolicyLossOptions | None,
+    overrides: dict[str, float],
+) -> tuple[PolicyLossInputs, PolicyLossOptions]:
+    """The record and the options of a call of `fused_policy_loss` or `fused_linear_policy_loss`.
+
+    rows: the call's [N, ...] first argument (logits or hidden states): a float `group_penalty` becomes an
+    [N] fp32 tensor on its device. vocab_size: V, for the default `loss_weights` (`token_mean_weights`).
+    `options` and `overrides` as `resolve_options` takes them. The other arguments are the record's fields.
+    """
+    if loss_weights is None:
+        loss_weights = token_mean_weights(labels, vocab_size)
+    inputs = PolicyLossInputs(
+        labels,
+        old_logprobs,
+        advantages,
+        loss_weights,
+        credit=credit,
+        group_penalty=_per_token(group_penalty, rows),
+        ref_logprobs=ref_logprobs,
+    )
+    return inputs, resolve_options(options, overrides)
 
 
 def fused_policy_loss(
@@ -790,18 +825,10 @@ def fused_policy_loss(
         with `r = exp(clamp(logp - old_logprobs, -20, 20))` and `logp = log_softmax(logits / T)[label]`;
         see `capo_fast.kernels.reference.policy_loss`.
     """
-    if loss_weights is None:
-        loss_weights = token_mean_weights(labels, logits.shape[-1])
-    inputs = PolicyLossInputs(
-        labels,
-        old_logprobs,
-        advantages,
-        loss_weights,
-        credit=credit,
-        group_penalty=per_token(group_penalty, logits),
-        ref_logprobs=ref_logprobs,
-    )
-    opts = resolve_options(options, option_overrides)
+    inputs, opts = functional_call(
+        logits, logits.shape[-1], labels, old_logprobs, advantages, credit=credit, group_penalty=group_penalty,
+        ref_logprobs=ref_logprobs, loss_weights=loss_weights, options=options, overrides=option_overrides,
+    )  # fmt: skip
     return apply_policy_loss(logits, inputs, opts, inplace_backward=inplace_backward)
 
 
