@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from capo_fast.kernels.op_checks import check_matrix, check_per_token, check_temperature
 from capo_fast.kernels.policy_loss import (
     PolicyLossInputs,
     PolicyLossOptions,
     PolicyLossOutput,
     check_loss_inputs,
-    check_matrix,
-    check_per_token,
-    check_temperature,
     functional_call,
 )
 
@@ -136,7 +134,7 @@ def _(hidden, weight, *args):
     *tensors, options, chunk_size, compute_grad = args
     _check_linear(hidden, weight)
     n = hidden.shape[0]
-    check_loss_inputs(n, hidden.device, tensors, options)
+    check_loss_inputs("hidden states", n, hidden.device, tensors, options)
     return (
         hidden.new_empty((), dtype=torch.float32),
         hidden.new_empty(n, dtype=torch.float32),
@@ -188,7 +186,7 @@ def _linear_logprobs(
 @_linear_logprobs.register_fake
 def _(hidden, weight, labels, temperature, chunk_size):
     _check_linear(hidden, weight)
-    check_per_token(hidden.shape[0], hidden.device, labels=labels)
+    check_per_token("hidden states", hidden.shape[0], hidden.device, labels=labels)
     check_temperature(temperature)
     return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(3))
 

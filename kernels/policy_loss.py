@@ -7,8 +7,8 @@ The backward sweep turns those into d(loss)/d(logits) from the logits and the sa
 two reads and one write of the logits in all, nothing else of size [N, V], no host synchronisation.
 The in-place variant writes the gradient over the logits during forward (one read, one write).
 
-Layers, top to bottom: Triton kernels, launchers, op registration (CUDA kernels, fake kernels,
-autograd), the public functional API.
+Layers, top to bottom: Triton kernels, launchers, op registration (CUDA kernels, fake kernels whose checks
+are in op_checks.py, autograd), the public functional API.
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ import triton
 import triton.language as tl
 
 import capo_fast._C  # noqa: F401  (defines the capo:: op schemas and their CPU kernels)
+from capo_fast.kernels.op_checks import (
+    check_options,
+    check_per_token,
+    check_rows,
+    check_temperature,
+    rows_contiguous,
+)
 
 # Globals read inside @triton.jit must be constexpr: the GPU compiler rejects plain Python globals
 # (the interpreter does not), see tests/test_aot_compile.py. The same clamp in C++ and the reference.
@@ -237,11 +244,6 @@ BLOCK_V = 4096
 NUM_WARPS = 8
 SCALE_BLOCK = 1024
 SCALE_NUM_WARPS = 4
-
-
-def rows_contiguous(t: torch.Tensor) -> bool:
-    """Rows the kernels can read as `row_ptr + j`: unit column stride, or nothing that the stride could reach."""
-    return t.shape[0] == 0 or t.shape[1] <= 1 or t.stride(1) == 1
 
 
 def _check_rows(logits: torch.Tensor, **per_token: torch.Tensor | None) -> None:
@@ -551,59 +553,16 @@ def _logits_grad_inplace_cuda(logits, labels, lse, entropy, grad_logprobs, grad_
 # ---- fake kernels: the checks of the C++ ops, with torch._check, so a wrong call fails while tracing ----
 
 
-def is_integer(dtype: torch.dtype) -> bool:
-    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
-
-
-def check_matrix(name: str, t: torch.Tensor) -> None:
-    """`t` is 2-D and floating point."""
-    torch._check(t.dim() == 2, lambda: f"capo: {name} must be 2-D, got shape {tuple(t.shape)}")
-    torch._check(t.dtype.is_floating_point, lambda: f"capo: {name} must be floating point, got {t.dtype}")
-
-
-def check_rows(name: str, t: torch.Tensor) -> None:
-    """`t` is [N, K], floating point, with rows the kernels can read (`rows_contiguous`)."""
-    check_matrix(name, t)
-    torch._check(rows_contiguous(t), lambda: f"capo: {name} rows must be contiguous (stride(1) == 1), got {t.stride()}")
-
-
-def check_per_token(n, device: torch.device, **per_token: torch.Tensor | None) -> None:
-    """Each given tensor is [n] on `device`; `labels` of an integer type, the others floating point."""
-    for name, t in per_token.items():
-        if t is not None:
-            _check_vector(name, t, n, device)
-
-
-def _check_vector(name: str, t: torch.Tensor, n, device: torch.device) -> None:
-    torch._check(t.dim() == 1 and t.shape[0] == n, lambda: f"capo: {name} must have shape [{n}], got {tuple(t.shape)}")
-    torch._check(t.device == device, lambda: f"capo: {name} is on {t.device}, the logits on {device}")
-    if name == "labels":
-        torch._check(is_integer(t.dtype), lambda: f"capo: labels must be integers, got {t.dtype}")
-    else:
-        torch._check(t.dtype.is_floating_point, lambda: f"capo: {name} must be floating point, got {t.dtype}")
-
-
-def check_loss_inputs(n, device: torch.device, tensors: Sequence[torch.Tensor | None], options: Sequence[float]):
-    """The checks of the loss ops on their tensor arguments (`LOSS_TENSORS` order) and `options`."""
+def check_loss_inputs(rows: str, n, device: torch.device, tensors: Sequence[torch.Tensor | None], options):
+    """The checks of the loss ops on their tensor arguments (`LOSS_TENSORS` order) and `options`; `rows` names
+    the tensor the per-token ones follow (the logits, or the hidden states of the linear op)."""
     inputs = PolicyLossInputs.from_op_args(tensors)
-    check_per_token(n, device, **inputs._asdict())
+    check_per_token(rows, n, device, **inputs._asdict())
     torch._check(
         (inputs.credit is None) == (inputs.group_penalty is None),
         lambda: "capo: credit and group_penalty must be given together",
     )
-    check_options(options)
-
-
-def check_options(options: Sequence[float]) -> None:
-    torch._check(
-        len(options) == len(OPTION_NAMES),
-        lambda: f"capo: options must hold {len(OPTION_NAMES)} values {OPTION_NAMES}, got {len(options)}",
-    )
-    check_temperature(options[OPTION_NAMES.index("temperature")])
-
-
-def check_temperature(temperature: float) -> None:
-    torch._check(temperature > 0, lambda: f"capo: temperature must be > 0, got {temperature}")
+    check_options(options, OPTION_NAMES)
 
 
 def _vectors(logits: torch.Tensor, count: int) -> list[torch.Tensor]:
@@ -614,7 +573,7 @@ def _vectors(logits: torch.Tensor, count: int) -> list[torch.Tensor]:
 def _policy_loss_fake(logits, *args):
     check_rows("logits", logits)
     *tensors, options = args
-    check_loss_inputs(logits.shape[0], logits.device, tensors, options)
+    check_loss_inputs("logits", logits.shape[0], logits.device, tensors, options)
     loss = logits.new_empty((), dtype=torch.float32)
     clip = logits.new_empty(logits.shape[0], dtype=torch.int8)
     logprobs, entropy, lse, dlogp, dent = _vectors(logits, 5)
@@ -629,7 +588,7 @@ def _policy_loss_inplace_fake(logits, *args):
 @torch.library.register_fake("capo::logprobs")
 def _logprobs_fake(logits, labels, temperature):
     check_rows("logits", logits)
-    check_per_token(logits.shape[0], logits.device, labels=labels)
+    check_per_token("logits", logits.shape[0], logits.device, labels=labels)
     check_temperature(temperature)
     return tuple(_vectors(logits, 3))
 
@@ -637,7 +596,7 @@ def _logprobs_fake(logits, labels, temperature):
 def _check_grad_args(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature):
     check_rows("logits", logits)
     check_per_token(
-        logits.shape[0], logits.device, labels=labels, lse=lse, entropy=entropy, grad_logprobs=grad_logprobs,
+        "logits", logits.shape[0], logits.device, labels=labels, lse=lse, entropy=entropy, grad_logprobs=grad_logprobs,
         grad_entropy=grad_entropy,
     )  # fmt: skip
     check_temperature(temperature)

@@ -208,7 +208,11 @@ def test_fake_kernels_of_the_other_ops_check_their_inputs():
             torch.ops.capo.linear_logprobs(hidden, torch.empty(40, 7), labels, 1.0, 4)
         _, *tensors, options = policy_loss_args(n=5, v=40, compute_grad=False)
         tensors[LOSS_TENSORS.index("old_logprobs")] = torch.empty(6)
-        with pytest.raises(RuntimeError, match=r"old_logprobs must have shape \[5\]"):
+        with pytest.raises(RuntimeError, match=r"old_logprobs must have shape \[5\] \(one value per row of the hidden"):
+            torch.ops.capo.linear_policy_loss(hidden, weight, *tensors, options, 4, False)
+        tensors[LOSS_TENSORS.index("old_logprobs")] = torch.empty(5)
+        tensors[LOSS_TENSORS.index("advantages")] = torch.empty(5, device="meta")
+        with pytest.raises(RuntimeError, match="advantages is on meta, the hidden states on cpu"):  # not "the logits"
             torch.ops.capo.linear_policy_loss(hidden, weight, *tensors, options, 4, False)
 
 
