@@ -45,7 +45,7 @@ def loss_fn(provider, mode):
 
     def capo(logits, labels, old, adv, credit, inplace=False):
         x = logits.requires_grad_(needs_grad)
-        out = fused_policy_loss(x, labels, old, adv, credit=credit, penalty=0.5, inplace_backward=inplace)
+        out = fused_policy_loss(x, labels, old, adv, credit=credit, group_penalty=0.5, inplace_backward=inplace)
         if needs_grad:
             out.loss.backward()
             x.grad = None
@@ -53,7 +53,7 @@ def loss_fn(provider, mode):
 
     def torch_eager(logits, labels, old, adv, credit, fn=reference.policy_loss):
         x = logits.detach().requires_grad_(needs_grad)
-        loss = fn(x, labels, old, adv, credit=credit, penalty=0.5)[0]
+        loss = fn(x, labels, old, adv, credit=credit, group_penalty=0.5)[0]
         if needs_grad:
             loss.backward()
         return loss

@@ -327,7 +327,7 @@ class PolicyTrainer:
                 loss_weights=weights * world,
                 seq_ids=batch.seq_ids,
                 credit=cat(lambda s: s.credit.float()),
-                penalty=cat(lambda s: torch.full((len(s.response_ids),), s.group_penalty)),
+                group_penalty=cat(lambda s: torch.full((len(s.response_ids),), s.group_penalty)),
                 ref_logprobs=cat(lambda s: s.ref_logprobs) if self.reference is not None else None,
             )  # fmt: skip
             loss_args = {"name": a.policy_loss, "inputs": inputs, "options": options}

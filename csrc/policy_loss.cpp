@@ -273,7 +273,7 @@ struct LossInputs {
   const at::Tensor& advantages;
   const at::Tensor& loss_weights;
   const std::optional<at::Tensor>& credit;
-  const std::optional<at::Tensor>& penalty;
+  const std::optional<at::Tensor>& group_penalty;
   const std::optional<at::Tensor>& ref_logprobs;
 };
 
@@ -298,7 +298,8 @@ struct LossOutputs {
 // Shared by the functional op (no gradient sweep) and the in-place one (gradient over the logits).
 LossOutputs policy_loss_impl(const at::Tensor& logits, const LossInputs& in, const LossOptions& opts, bool write_grad) {
   check_inputs(logits, in.labels);
-  TORCH_CHECK(in.credit.has_value() == in.penalty.has_value(), "capo: credit and penalty must be given together");
+  TORCH_CHECK(in.credit.has_value() == in.group_penalty.has_value(),
+              "capo: credit and group_penalty must be given together");
   const int64_t N = logits.size(0);
   const int64_t V = logits.size(1);
   const auto labels = in.labels.to(at::kLong).contiguous();
@@ -306,7 +307,7 @@ LossOutputs policy_loss_impl(const at::Tensor& logits, const LossInputs& in, con
   const auto adv = as_f32(in.advantages, logits, "advantages");
   const auto weights = as_f32(in.loss_weights, logits, "loss_weights");
   const auto credit = as_f32(in.credit, logits, "credit");
-  const auto penalty = as_f32(in.penalty, logits, "penalty");
+  const auto group_penalty = as_f32(in.group_penalty, logits, "group_penalty");
   const auto ref = as_f32(in.ref_logprobs, logits, "ref_logprobs");
   const auto f32 = logits.options().dtype(at::kFloat);
   LossOutputs out{at::Tensor(),     at::empty({N}, f32), at::empty({N}, f32), at::empty({N}, f32.dtype(at::kChar)),
@@ -315,7 +316,7 @@ LossOutputs policy_loss_impl(const at::Tensor& logits, const LossInputs& in, con
 
   const int64_t* lab = labels.const_data_ptr<int64_t>();
   const float *old_p = old_lp.const_data_ptr<float>(), *adv_p = adv.const_data_ptr<float>();
-  const float *cred_p = opt_ptr(credit), *pen_p = opt_ptr(penalty), *ref_p = opt_ptr(ref);
+  const float *cred_p = opt_ptr(credit), *gpen_p = opt_ptr(group_penalty), *ref_p = opt_ptr(ref);
   const float* w_p = weights.const_data_ptr<float>();
   float *tl_p = token_losses.data_ptr<float>(), *lp_p = out.logprobs.data_ptr<float>();
   float *ent_p = out.entropy.data_ptr<float>(), *lse_p = out.lse.data_ptr<float>();
@@ -332,7 +333,7 @@ LossOutputs policy_loss_impl(const at::Tensor& logits, const LossInputs& in, con
         const bool valid = lab[i] >= 0 && lab[i] < V;  // out-of-range labels (ignore_index) are masked
         const RowStats st = row_stats(z, V, opts.inv_t);
         const float logp = valid ? label_logprob(z[lab[i]], opts.inv_t, st) : 0.0f;
-        const float a = cred_p ? adv_p[i] - pen_p[i] * cred_p[i] : adv_p[i];
+        const float a = cred_p ? adv_p[i] - gpen_p[i] * cred_p[i] : adv_p[i];
         const TokenLoss t = token_loss(logp, st.entropy, old_p[i], a, ref_p ? ref_p + i : nullptr, opts);
         const float w = valid ? w_p[i] : 0.0f;
         const bool live = w != 0.0f;
@@ -353,18 +354,20 @@ LossOutputs policy_loss_impl(const at::Tensor& logits, const LossInputs& in, con
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
     const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logprobs, const at::Tensor& advantages,
-    const at::Tensor& loss_weights, const std::optional<at::Tensor>& credit, const std::optional<at::Tensor>& penalty,
-    const std::optional<at::Tensor>& ref_logprobs, at::ArrayRef<double> options) {
-  const LossInputs in{labels, old_logprobs, advantages, loss_weights, credit, penalty, ref_logprobs};
+    const at::Tensor& loss_weights, const std::optional<at::Tensor>& credit,
+    const std::optional<at::Tensor>& group_penalty, const std::optional<at::Tensor>& ref_logprobs,
+    at::ArrayRef<double> options) {
+  const LossInputs in{labels, old_logprobs, advantages, loss_weights, credit, group_penalty, ref_logprobs};
   auto o = policy_loss_impl(logits, in, make_options(options), /*write_grad=*/false);
   return {o.loss, o.logprobs, o.entropy, o.clip, o.lse, o.dloss_dlogp, o.dloss_dentropy};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_inplace_cpu(
     at::Tensor& logits, const at::Tensor& labels, const at::Tensor& old_logprobs, const at::Tensor& advantages,
-    const at::Tensor& loss_weights, const std::optional<at::Tensor>& credit, const std::optional<at::Tensor>& penalty,
-    const std::optional<at::Tensor>& ref_logprobs, at::ArrayRef<double> options) {
-  const LossInputs in{labels, old_logprobs, advantages, loss_weights, credit, penalty, ref_logprobs};
+    const at::Tensor& loss_weights, const std::optional<at::Tensor>& credit,
+    const std::optional<at::Tensor>& group_penalty, const std::optional<at::Tensor>& ref_logprobs,
+    at::ArrayRef<double> options) {
+  const LossInputs in{labels, old_logprobs, advantages, loss_weights, credit, group_penalty, ref_logprobs};
   auto o = policy_loss_impl(logits, in, make_options(options), /*write_grad=*/true);
   return {o.loss, o.logprobs, o.entropy, o.clip};
 }
@@ -459,8 +462,8 @@ void logits_grad_inplace_cpu(at::Tensor& logits, const at::Tensor& labels, const
 
 // The per-token inputs (LossInputs) and the options (Option) of the loss, written once for both loss schemas.
 const std::string kLossArgs =
-    "Tensor labels, Tensor old_logprobs, Tensor advantages, Tensor loss_weights, Tensor? credit, Tensor? penalty, "
-    "Tensor? ref_logprobs, float[] options";
+    "Tensor labels, Tensor old_logprobs, Tensor advantages, Tensor loss_weights, Tensor? credit, "
+    "Tensor? group_penalty, Tensor? ref_logprobs, float[] options";
 const std::string kGradArgs =
     "Tensor labels, Tensor lse, Tensor entropy, Tensor grad_logprobs, Tensor grad_entropy, float temperature";
 

@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import torch
 
+from capo_fast.kernels.op_checks import check_matrix, check_per_token, check_temperature
 from capo_fast.kernels.policy_loss import (
     PolicyLossInputs,
     PolicyLossOptions,
     PolicyLossOutput,
     check_loss_inputs,
-    check_matrix,
-    check_per_token,
-    check_temperature,
-    per_token,
-    resolve_options,
-    token_mean_weights,
+    functional_call,
 )
 
 # Memory for one chunk of logits. On CUDA a chunk's token count is the M dimension of three GEMMs:
@@ -94,13 +90,13 @@ def _linear_policy_loss(
     advantages: torch.Tensor,
     loss_weights: torch.Tensor,
     credit: torch.Tensor | None,
-    penalty: torch.Tensor | None,
+    group_penalty: torch.Tensor | None,
     ref_logprobs: torch.Tensor | None,
     options: list[float],
     chunk_size: int,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    tensors = (labels, old_logprobs, advantages, loss_weights, credit, penalty, ref_logprobs)
+    tensors = (labels, old_logprobs, advantages, loss_weights, credit, group_penalty, ref_logprobs)
     inputs = PolicyLossInputs.from_op_args(tensors)
     n = hidden.shape[0]
     f32 = dict(device=hidden.device, dtype=torch.float32)
@@ -138,7 +134,7 @@ def _(hidden, weight, *args):
     *tensors, options, chunk_size, compute_grad = args
     _check_linear(hidden, weight)
     n = hidden.shape[0]
-    check_loss_inputs(n, hidden.device, tensors, options)
+    check_loss_inputs("hidden states", n, hidden.device, tensors, options)
     return (
         hidden.new_empty((), dtype=torch.float32),
         hidden.new_empty(n, dtype=torch.float32),
@@ -190,7 +186,7 @@ def _linear_logprobs(
 @_linear_logprobs.register_fake
 def _(hidden, weight, labels, temperature, chunk_size):
     _check_linear(hidden, weight)
-    check_per_token(hidden.shape[0], hidden.device, labels=labels)
+    check_per_token("hidden states", hidden.shape[0], hidden.device, labels=labels)
     check_temperature(temperature)
     return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(3))
 
@@ -227,7 +223,7 @@ def fused_linear_policy_loss(
     advantages: torch.Tensor,
     *,
     credit: torch.Tensor | None = None,
-    penalty: torch.Tensor | float | None = None,
+    group_penalty: torch.Tensor | float | None = None,
     ref_logprobs: torch.Tensor | None = None,
     loss_weights: torch.Tensor | None = None,
     options: PolicyLossOptions | None = None,
@@ -246,18 +242,10 @@ def fused_linear_policy_loss(
     Returns:
         PolicyLossOutput; gradients flow to `hidden` and `weight`.
     """
-    if loss_weights is None:
-        loss_weights = token_mean_weights(labels, weight.shape[0])
-    inputs = PolicyLossInputs(
-        labels,
-        old_logprobs,
-        advantages,
-        loss_weights,
-        credit=credit,
-        penalty=per_token(penalty, hidden),
-        ref_logprobs=ref_logprobs,
-    )
-    opts = resolve_options(options, option_overrides)
+    inputs, opts = functional_call(
+        hidden, weight.shape[0], labels, old_logprobs, advantages, credit=credit, group_penalty=group_penalty,
+        ref_logprobs=ref_logprobs, loss_weights=loss_weights, options=options, overrides=option_overrides,
+    )  # fmt: skip
     return apply_linear_policy_loss(hidden, weight, inputs, opts, chunk_budget_bytes=chunk_budget_bytes)
 
 

@@ -7,8 +7,8 @@ The backward sweep turns those into d(loss)/d(logits) from the logits and the sa
 two reads and one write of the logits in all, nothing else of size [N, V], no host synchronisation.
 The in-place variant writes the gradient over the logits during forward (one read, one write).
 
-Layers, top to bottom: Triton kernels, launchers, op registration (CUDA kernels, fake kernels,
-autograd), the public functional API.
+Layers, top to bottom: Triton kernels, launchers, op registration (CUDA kernels, fake kernels whose checks
+are in op_checks.py, autograd), the public functional API.
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ import triton
 import triton.language as tl
 
 import capo_fast._C  # noqa: F401  (defines the capo:: op schemas and their CPU kernels)
+from capo_fast.kernels.op_checks import (
+    check_options,
+    check_per_token,
+    check_rows,
+    check_temperature,
+    rows_contiguous,
+)
 
 # Globals read inside @triton.jit must be constexpr: the GPU compiler rejects plain Python globals
 # (the interpreter does not), see tests/test_aot_compile.py. The same clamp in C++ and the reference.
@@ -95,7 +102,7 @@ def _policy_loss_fwd_kernel(
     old_logprobs_ptr,
     advantages_ptr,
     credit_ptr,
-    penalty_ptr,
+    group_penalty_ptr,
     ref_logprobs_ptr,
     weights_ptr,
     stride_logits,
@@ -122,8 +129,8 @@ def _policy_loss_fwd_kernel(
     logp = tl.where(valid, (z_label - z_max) * inv_t - log_s, 0.0)
 
     adv = tl.load(advantages_ptr + row)
-    if HAS_CREDIT:  # CAPO token-credit masking: A_t = a - p * e_t
-        adv -= tl.load(penalty_ptr + row) * tl.load(credit_ptr + row)
+    if HAS_CREDIT:  # CAPO token-credit masking: A_t = a - p_g * e_t
+        adv -= tl.load(group_penalty_ptr + row) * tl.load(credit_ptr + row)
     raw_log_ratio = logp - tl.load(old_logprobs_ptr + row)
     log_ratio = tl.minimum(tl.maximum(raw_log_ratio, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
     ratio = tl.exp(log_ratio)
@@ -239,11 +246,6 @@ SCALE_BLOCK = 1024
 SCALE_NUM_WARPS = 4
 
 
-def rows_contiguous(t: torch.Tensor) -> bool:
-    """Rows the kernels can read as `row_ptr + j`: unit column stride, or nothing that the stride could reach."""
-    return t.shape[0] == 0 or t.shape[1] <= 1 or t.stride(1) == 1
-
-
 def _check_rows(logits: torch.Tensor, **per_token: torch.Tensor | None) -> None:
     if logits.dim() != 2 or not rows_contiguous(logits):
         raise ValueError(
@@ -290,9 +292,10 @@ def policy_loss_fwd(
     Works on any device Triton runs on, CPU tensors included under TRITON_INTERPRET=1.
     """
     _check_rows(logits, **dict(zip(LOSS_TENSORS, inputs.op_args(), strict=True)))
-    labels, credit, penalty, ref_logprobs = inputs.labels, inputs.credit, inputs.penalty, inputs.ref_logprobs
-    if (credit is None) != (penalty is None):
-        raise ValueError("credit and penalty must be given together")
+    labels, credit, group_penalty = inputs.labels, inputs.credit, inputs.group_penalty
+    ref_logprobs = inputs.ref_logprobs
+    if (credit is None) != (group_penalty is None):
+        raise ValueError("credit and group_penalty must be given together")
     n, v = logits.shape
     f32 = dict(device=logits.device, dtype=torch.float32)
     token_loss, logprobs, entropy, lse, dlogp, dent = (torch.empty(n, **f32) for _ in range(6))
@@ -313,7 +316,7 @@ def policy_loss_fwd(
                 old_logprobs_ptr=_f32(inputs.old_logprobs),
                 advantages_ptr=advantages,
                 credit_ptr=_f32(credit) if credit is not None else advantages,
-                penalty_ptr=_f32(penalty) if penalty is not None else advantages,
+                group_penalty_ptr=_f32(group_penalty) if group_penalty is not None else advantages,
                 ref_logprobs_ptr=_f32(ref_logprobs) if ref_logprobs is not None else advantages,
                 weights_ptr=_f32(inputs.loss_weights),
                 stride_logits=logits.stride(0),
@@ -463,8 +466,9 @@ class PolicyLossInputs(NamedTuple):
     labels: sampled tokens (negative or >= V: masked). old_logprobs: behaviour-policy log-probs.
     advantages: per-rollout a_i broadcast to its tokens. loss_weights: aggregation weight of each token
     (`capo_fast.kernels.aggregation_weights`; 0 masks a token). seq_ids: int64 sequence index of each
-    token, read only by sequence-level losses (GSPO); the ops do not take it. credit, penalty: CAPO's e_t
-    and p, A_t = advantages - penalty * credit (both or neither). ref_logprobs: reference-policy log-probs
+    token, read only by sequence-level losses (GSPO); the ops do not take it. credit, group_penalty: CAPO's e_t
+    and p_g = P / (std_g + eps) of the token's prompt group, A_t = advantages - group_penalty * credit (both or
+    neither). ref_logprobs: reference-policy log-probs
     (the k3 KL term, weighted by `options.kl_coef`).
 
     The ops take the other fields as named tensor arguments in field order (`LOSS_TENSORS`, `op_args`).
@@ -476,15 +480,15 @@ class PolicyLossInputs(NamedTuple):
     loss_weights: torch.Tensor
     seq_ids: torch.Tensor | None = None
     credit: torch.Tensor | None = None
-    penalty: torch.Tensor | None = None
+    group_penalty: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
 
     def token_advantages(self, dtype: torch.dtype) -> torch.Tensor:
-        """A_t = a - p * e_t (CAPO's token-credit masking), in `dtype`."""
+        """A_t = a - p_g * e_t (CAPO's token-credit masking), in `dtype`."""
         adv = self.advantages.to(dtype)
         if self.credit is None:
             return adv
-        return adv - self.penalty.to(dtype) * self.credit.to(dtype)
+        return adv - self.group_penalty.to(dtype) * self.credit.to(dtype)
 
     def counted(self, vocab_size: int) -> torch.Tensor:
         """[N] bool: tokens that enter the loss, as the kernels count them: a label in [0, vocab_size) (an
@@ -549,58 +553,16 @@ def _logits_grad_inplace_cuda(logits, labels, lse, entropy, grad_logprobs, grad_
 # ---- fake kernels: the checks of the C++ ops, with torch._check, so a wrong call fails while tracing ----
 
 
-def is_integer(dtype: torch.dtype) -> bool:
-    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
-
-
-def check_matrix(name: str, t: torch.Tensor) -> None:
-    """`t` is 2-D and floating point."""
-    torch._check(t.dim() == 2, lambda: f"capo: {name} must be 2-D, got shape {tuple(t.shape)}")
-    torch._check(t.dtype.is_floating_point, lambda: f"capo: {name} must be floating point, got {t.dtype}")
-
-
-def check_rows(name: str, t: torch.Tensor) -> None:
-    """`t` is [N, K], floating point, with rows the kernels can read (`rows_contiguous`)."""
-    check_matrix(name, t)
-    torch._check(rows_contiguous(t), lambda: f"capo: {name} rows must be contiguous (stride(1) == 1), got {t.stride()}")
-
-
-def check_per_token(n, device: torch.device, **per_token: torch.Tensor | None) -> None:
-    """Each given tensor is [n] on `device`; `labels` of an integer type, the others floating point."""
-    for name, t in per_token.items():
-        if t is not None:
-            _check_vector(name, t, n, device)
-
-
-def _check_vector(name: str, t: torch.Tensor, n, device: torch.device) -> None:
-    torch._check(t.dim() == 1 and t.shape[0] == n, lambda: f"capo: {name} must have shape [{n}], got {tuple(t.shape)}")
-    torch._check(t.device == device, lambda: f"capo: {name} is on {t.device}, the logits on {device}")
-    if name == "labels":
-        torch._check(is_integer(t.dtype), lambda: f"capo: labels must be integers, got {t.dtype}")
-    else:
-        torch._check(t.dtype.is_floating_point, lambda: f"capo: {name} must be floating point, got {t.dtype}")
-
-
-def check_loss_inputs(n, device: torch.device, tensors: Sequence[torch.Tensor | None], options: Sequence[float]):
-    """The checks of the loss ops on their tensor arguments (`LOSS_TENSORS` order) and `options`."""
+def check_loss_inputs(rows: str, n, device: torch.device, tensors: Sequence[torch.Tensor | None], options):
+    """The checks of the loss ops on their tensor arguments (`LOSS_TENSORS` order) and `options`; `rows` names
+    the tensor the per-token ones follow (the logits, or the hidden states of the linear op)."""
     inputs = PolicyLossInputs.from_op_args(tensors)
-    check_per_token(n, device, **inputs._asdict())
+    check_per_token(rows, n, device, **inputs._asdict())
     torch._check(
-        (inputs.credit is None) == (inputs.penalty is None), lambda: "capo: credit and penalty must be given together"
+        (inputs.credit is None) == (inputs.group_penalty is None),
+        lambda: "capo: credit and group_penalty must be given together",
     )
-    check_options(options)
-
-
-def check_options(options: Sequence[float]) -> None:
-    torch._check(
-        len(options) == len(OPTION_NAMES),
-        lambda: f"capo: options must hold {len(OPTION_NAMES)} values {OPTION_NAMES}, got {len(options)}",
-    )
-    check_temperature(options[OPTION_NAMES.index("temperature")])
-
-
-def check_temperature(temperature: float) -> None:
-    torch._check(temperature > 0, lambda: f"capo: temperature must be > 0, got {temperature}")
+    check_options(options, OPTION_NAMES)
 
 
 def _vectors(logits: torch.Tensor, count: int) -> list[torch.Tensor]:
@@ -611,7 +573,7 @@ def _vectors(logits: torch.Tensor, count: int) -> list[torch.Tensor]:
 def _policy_loss_fake(logits, *args):
     check_rows("logits", logits)
     *tensors, options = args
-    check_loss_inputs(logits.shape[0], logits.device, tensors, options)
+    check_loss_inputs("logits", logits.shape[0], logits.device, tensors, options)
     loss = logits.new_empty((), dtype=torch.float32)
     clip = logits.new_empty(logits.shape[0], dtype=torch.int8)
     logprobs, entropy, lse, dlogp, dent = _vectors(logits, 5)
@@ -626,7 +588,7 @@ def _policy_loss_inplace_fake(logits, *args):
 @torch.library.register_fake("capo::logprobs")
 def _logprobs_fake(logits, labels, temperature):
     check_rows("logits", logits)
-    check_per_token(logits.shape[0], logits.device, labels=labels)
+    check_per_token("logits", logits.shape[0], logits.device, labels=labels)
     check_temperature(temperature)
     return tuple(_vectors(logits, 3))
 
@@ -634,7 +596,7 @@ def _logprobs_fake(logits, labels, temperature):
 def _check_grad_args(logits, labels, lse, entropy, grad_logprobs, grad_entropy, temperature):
     check_rows("logits", logits)
     check_per_token(
-        logits.shape[0], logits.device, labels=labels, lse=lse, entropy=entropy, grad_logprobs=grad_logprobs,
+        "logits", logits.shape[0], logits.device, labels=labels, lse=lse, entropy=entropy, grad_logprobs=grad_logprobs,
         grad_entropy=grad_entropy,
     )  # fmt: skip
     check_temperature(temperature)
@@ -726,21 +688,61 @@ def token_mean_weights(labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return valid / valid.sum().clamp_min(1.0)
 
 
-def per_token(value: torch.Tensor | float | None, like: torch.Tensor) -> torch.Tensor | None:
+def _per_token(value: torch.Tensor | float | None, like: torch.Tensor) -> torch.Tensor | None:
     if value is None or isinstance(value, torch.Tensor):
         return value
     return torch.full((like.shape[0],), float(value), device=like.device, dtype=torch.float32)
 
 
 def resolve_options(options: PolicyLossOptions | None, overrides: dict[str, float]) -> PolicyLossOptions:
-    """`options` (default: PolicyLossOptions()) with keyword overrides; unknown names are an error."""
+    """`options` (default: PolicyLossOptions()) with keyword overrides; unknown names (and the old `penalty`) are
+    a TypeError."""
     base = options if options is not None else PolicyLossOptions()
     if not overrides:
         return base
+    if "penalty" in overrides:  # the keyword's old name: an error, never read as p_g
+        raise TypeError(
+            "the keyword penalty= is now group_penalty=: pass the per-token p_g = P / (std_g + eps) as "
+            "group_penalty (`penalty` is the config's P, algorithm.penalty)"
+        )
     unknown = set(overrides) - set(OPTION_NAMES)
     if unknown:
         raise TypeError(f"unknown policy-loss option(s) {sorted(unknown)}; see PolicyLossOptions")
     return PolicyLossOptions(**{name: overrides.get(name, getattr(base, name)) for name in OPTION_NAMES})
+
+
+def functional_call(
+    rows: torch.Tensor,
+    vocab_size: int,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    credit: torch.Tensor | None,
+    group_penalty: torch.Tensor | float | None,
+    ref_logprobs: torch.Tensor | None,
+    loss_weights: torch.Tensor | None,
+    options: PolicyLossOptions | None,
+    overrides: dict[str, float],
+) -> tuple[PolicyLossInputs, PolicyLossOptions]:
+    """The record and the options of a call of `fused_policy_loss` or `fused_linear_policy_loss`.
+
+    rows: the call's [N, ...] first argument (logits or hidden states): a float `group_penalty` becomes an
+    [N] fp32 tensor on its device. vocab_size: V, for the default `loss_weights` (`token_mean_weights`).
+    `options` and `overrides` as `resolve_options` takes them. The other arguments are the record's fields.
+    """
+    if loss_weights is None:
+        loss_weights = token_mean_weights(labels, vocab_size)
+    inputs = PolicyLossInputs(
+        labels,
+        old_logprobs,
+        advantages,
+        loss_weights,
+        credit=credit,
+        group_penalty=_per_token(group_penalty, rows),
+        ref_logprobs=ref_logprobs,
+    )
+    return inputs, resolve_options(options, overrides)
 
 
 def fused_policy_loss(
@@ -750,7 +752,7 @@ def fused_policy_loss(
     advantages: torch.Tensor,
     *,
     credit: torch.Tensor | None = None,
-    penalty: torch.Tensor | float | None = None,
+    group_penalty: torch.Tensor | float | None = None,
     ref_logprobs: torch.Tensor | None = None,
     loss_weights: torch.Tensor | None = None,
     options: PolicyLossOptions | None = None,
@@ -764,9 +766,10 @@ def fused_policy_loss(
         labels: [N] int, the sampled token of each row; negative labels are masked.
         old_logprobs: [N] log-probs of the behaviour policy.
         advantages: [N] per-token advantage, or the per-rollout CAPO value a_i broadcast to its tokens.
-        credit: [N] e_t in [0, 1] (vote weight of the step holding the token); with `penalty`,
-            the kernel uses A_t = advantages - penalty * credit.
-        penalty: [N] or float, the per-group p = P / (std_g + eps).
+        credit: [N] e_t in [0, 1] (vote weight of the step holding the token); with `group_penalty`,
+            the kernel uses A_t = advantages - group_penalty * credit.
+        group_penalty: [N] or float, p_g = P / (std_g + eps) of each token's prompt group (P is the
+            config's `algorithm.penalty`). The keyword was `penalty` before; that name is now a TypeError.
         ref_logprobs: [N] reference-policy log-probs, enables the k3 KL term weighted by `kl_coef`.
         loss_weights: [N] aggregation weight of each token (see `aggregation_weights`); zero masks a
             token. Default: token mean over all rows.
@@ -781,18 +784,10 @@ def fused_policy_loss(
         with `r = exp(clamp(logp - old_logprobs, -20, 20))` and `logp = log_softmax(logits / T)[label]`;
         see `capo_fast.kernels.reference.policy_loss`.
     """
-    if loss_weights is None:
-        loss_weights = token_mean_weights(labels, logits.shape[-1])
-    inputs = PolicyLossInputs(
-        labels,
-        old_logprobs,
-        advantages,
-        loss_weights,
-        credit=credit,
-        penalty=per_token(penalty, logits),
-        ref_logprobs=ref_logprobs,
-    )
-    opts = resolve_options(options, option_overrides)
+    inputs, opts = functional_call(
+        logits, logits.shape[-1], labels, old_logprobs, advantages, credit=credit, group_penalty=group_penalty,
+        ref_logprobs=ref_logprobs, loss_weights=loss_weights, options=options, overrides=option_overrides,
+    )  # fmt: skip
     return apply_policy_loss(logits, inputs, opts, inplace_backward=inplace_backward)
 
 

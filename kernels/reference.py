@@ -35,7 +35,7 @@ def policy_loss(
     advantages: torch.Tensor,
     *,
     credit: torch.Tensor | None = None,
-    penalty: torch.Tensor | float | None = None,
+    group_penalty: torch.Tensor | float | None = None,
     ref_logprobs: torch.Tensor | None = None,
     loss_weights: torch.Tensor | None = None,
     temperature: float = 1.0,
@@ -52,7 +52,7 @@ def policy_loss(
     logp, entropy = token_logprobs_and_entropy(logits, labels, temperature)
     adv = advantages.to(logp.dtype)
     if credit is not None:
-        adv = adv - penalty * credit.to(logp.dtype)  # CAPO: A_t = a - p * e_t
+        adv = adv - group_penalty * credit.to(logp.dtype)  # CAPO: A_t = a - p_g * e_t
 
     ratio = torch.exp(torch.clamp(logp - old_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     pg_unclipped = -adv * ratio

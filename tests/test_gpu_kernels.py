@@ -151,7 +151,7 @@ def linear_case(dtype, device, seed=24):
         lp = reference.token_logprobs_and_entropy(hidden.double() @ weight.double().T, labels)[0]
     old = (lp + 0.3 * torch.randn(LINEAR_N, generator=g, dtype=torch.float64).to(device)).float()
     adv = torch.randn(LINEAR_N, generator=g).to(device)
-    kwargs = dict(credit=torch.rand(LINEAR_N, generator=g).to(device), penalty=0.8, kl_coef=0.05,
+    kwargs = dict(credit=torch.rand(LINEAR_N, generator=g).to(device), group_penalty=0.8, kl_coef=0.05,
                   ref_logprobs=(lp + 0.2).float(), entropy_coef=0.01, temperature=0.9, eps_high=0.28)  # fmt: skip
     return hidden, weight, labels, old, adv, kwargs
 

@@ -22,7 +22,7 @@ def make_case(n=45, h=24, v=1009, dtype=torch.float32, seed=0):
     weights = aggregation_weights((labels >= 0).float(), seq_ids, "seq-mean-token-mean")
     kwargs = dict(
         credit=torch.rand(n, generator=g),
-        penalty=0.8,
+        group_penalty=0.8,
         ref_logprobs=ref,
         loss_weights=weights,
         kl_coef=0.05,

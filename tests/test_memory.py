@@ -30,7 +30,7 @@ def inputs(seed=0):
         old_logprobs=torch.randn(N, generator=g) - 10.0,
         advantages=torch.randn(N, generator=g),
         credit=torch.rand(N, generator=g).round(),
-        penalty=0.5,
+        group_penalty=0.5,
     )
 
 

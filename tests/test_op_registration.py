@@ -25,7 +25,7 @@ def policy_loss_args(n=6, v=33, compute_grad=True, seed=0):
         advantages=torch.randn(n, generator=g),
         loss_weights=torch.full((n,), 1.0 / n),
         credit=torch.rand(n, generator=g),
-        penalty=torch.full((n,), 0.5),
+        group_penalty=torch.full((n,), 0.5),
         ref_logprobs=vec(),
     )
     return (logits, *inputs.op_args(), OPTIONS.as_list())
@@ -149,7 +149,7 @@ def _wrong_loss_calls():
         "labels dtype": (lambda a: a | {"labels": a["labels"].float()}, "labels must be integers"),
         "advantages dtype": (lambda a: a | {"advantages": a["advantages"].long()}, "advantages must be floating"),
         "weights shape": (lambda a: a | {"loss_weights": a["loss_weights"][None]}, "loss_weights must have shape"),
-        "credit alone": (lambda a: a | {"penalty": None}, "credit and penalty must be given together"),
+        "credit alone": (lambda a: a | {"group_penalty": None}, "credit and group_penalty must be given together"),
         "logits 3-D": (lambda a: a | {"logits": a["logits"][None]}, "logits must be 2-D"),
         "logits dtype": (lambda a: a | {"logits": a["logits"].long()}, "logits must be floating point"),
         "options": (lambda a: a | {"options": a["options"][:5]}, "options must hold 6 values"),
@@ -208,7 +208,11 @@ def test_fake_kernels_of_the_other_ops_check_their_inputs():
             torch.ops.capo.linear_logprobs(hidden, torch.empty(40, 7), labels, 1.0, 4)
         _, *tensors, options = policy_loss_args(n=5, v=40, compute_grad=False)
         tensors[LOSS_TENSORS.index("old_logprobs")] = torch.empty(6)
-        with pytest.raises(RuntimeError, match=r"old_logprobs must have shape \[5\]"):
+        with pytest.raises(RuntimeError, match=r"old_logprobs must have shape \[5\] \(one value per row of the hidden"):
+            torch.ops.capo.linear_policy_loss(hidden, weight, *tensors, options, 4, False)
+        tensors[LOSS_TENSORS.index("old_logprobs")] = torch.empty(5)
+        tensors[LOSS_TENSORS.index("advantages")] = torch.empty(5, device="meta")
+        with pytest.raises(RuntimeError, match="advantages is on meta, the hidden states on cpu"):  # not "the logits"
             torch.ops.capo.linear_policy_loss(hidden, weight, *tensors, options, 4, False)
 
 
@@ -233,7 +237,7 @@ def test_torch_compile_rejects_a_wrong_call_while_tracing():
 
 def test_compiles_without_graph_breaks():
     def step(logits, labels, old, adv, credit):
-        out = fused_policy_loss(logits, labels, old, adv, credit=credit, penalty=0.5, eps_high=0.28)
+        out = fused_policy_loss(logits, labels, old, adv, credit=credit, group_penalty=0.5, eps_high=0.28)
         return out.loss * 2.0, out.entropy.mean()
 
     args = policy_loss_args()

@@ -110,7 +110,7 @@ def loss_cases(draw):
         lp64 = reference.token_logprobs_and_entropy(logits.double(), labels, temperature)[0]
     kwargs = dict(temperature=temperature, inplace_backward=draw(st.booleans()))
     if draw(st.booleans()):
-        kwargs.update(credit=torch.rand(n, generator=g).round(), penalty=draw(st.sampled_from([0.3, 1.5])))
+        kwargs.update(credit=torch.rand(n, generator=g).round(), group_penalty=draw(st.sampled_from([0.3, 1.5])))
     if draw(st.booleans()):
         kwargs.update(ref_logprobs=(lp64 + 0.2 * torch.randn(n, generator=g, dtype=torch.float64)).float())
         kwargs.update(kl_coef=0.1)

@@ -31,12 +31,12 @@ OPTION_NAMES = {f.name for f in dataclasses.fields(PolicyLossOptions)}
 
 OPTION_SETS = {
     "plain": {},
-    "capo_credit": {"credit": True, "penalty": 0.7},
+    "capo_credit": {"credit": True, "group_penalty": 0.7},
     "clip_higher_dual": {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": 3.0},
     "kl_entropy_temp": {"ref": True, "kl_coef": 0.05, "entropy_coef": 0.01, "temperature": 0.7},
     "everything": {
         "credit": True,
-        "penalty": 1.3,
+        "group_penalty": 1.3,
         "ref": True,
         "kl_coef": 0.1,
         "entropy_coef": 0.02,
@@ -53,7 +53,7 @@ def make_case(
     dtype=torch.float32,
     seed=0,
     credit=False,
-    penalty=None,
+    group_penalty=None,
     ref=False,
     mask_rows=(),
     neg_inf_cols=0,
@@ -77,7 +77,7 @@ def make_case(
     kwargs = dict(loss_weights=aggregation_weights(mask, seq_ids, "seq-mean-token-mean"), **options)
     if credit:
         kwargs["credit"] = torch.rand(n, generator=g).round()
-        kwargs["penalty"] = torch.full((n,), penalty)
+        kwargs["group_penalty"] = torch.full((n,), group_penalty)
     if ref:
         kwargs["ref_logprobs"] = (ref_lp + 0.2 * torch.randn(n, generator=g, dtype=torch.float64)).float()
     return logits, labels, old, adv, kwargs
@@ -131,7 +131,7 @@ def test_cpu_op_large_vocab_masked_rows_and_neg_inf():
         mask_rows=(0, 4),
         neg_inf_cols=1000,
         credit=True,
-        penalty=0.5,
+        group_penalty=0.5,
         ref=True,
         kl_coef=0.1,
         entropy_coef=0.01,
@@ -153,7 +153,7 @@ def test_extreme_advantages_and_logits_stay_finite():
 
 
 def test_inplace_backward_writes_gradient_into_logits():
-    logits, labels, old, adv, kwargs = make_case(23, 777, seed=5, credit=True, penalty=1.0)
+    logits, labels, old, adv, kwargs = make_case(23, 777, seed=5, credit=True, group_penalty=1.0)
     _, _, _, _, grad_ref = run_reference(logits, labels, old, adv, kwargs)
     x = logits.clone().requires_grad_(True)
     out = fused_policy_loss(x, labels, old, adv, inplace_backward=True, **kwargs)
@@ -163,11 +163,11 @@ def test_inplace_backward_writes_gradient_into_logits():
 
 
 def test_capo_form_equals_direct_per_token_advantages():
-    logits, labels, old, adv, kwargs = make_case(31, 401, seed=6, credit=True, penalty=0.9)
+    logits, labels, old, adv, kwargs = make_case(31, 401, seed=6, credit=True, group_penalty=0.9)
     direct = dict(kwargs)
-    credit, penalty = direct.pop("credit"), direct.pop("penalty")
+    credit, group_penalty = direct.pop("credit"), direct.pop("group_penalty")
     a = run_fused(logits, labels, old, adv, kwargs)
-    b = run_fused(logits, labels, old, adv - penalty * credit, direct)
+    b = run_fused(logits, labels, old, adv - group_penalty * credit, direct)
     assert_close(a[0].loss, b[0].loss, 1e-6, 1e-6, "loss")
     assert_close(a[1], b[1], 1e-7, 1e-6, "grad")
 
@@ -259,7 +259,7 @@ def test_hand_computed_single_token():
         old,
         torch.tensor([2.0]),
         credit=torch.tensor([1.0]),
-        penalty=torch.tensor([0.5]),
+        group_penalty=torch.tensor([0.5]),
         ref_logprobs=torch.tensor([math.log(0.75)]),
         kl_coef=0.1,
     )
@@ -270,6 +270,20 @@ def test_hand_computed_single_token():
     assert out.entropy.item() == pytest.approx(entropy, abs=1e-6)
 
 
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["logits", "linear"])
+def test_the_old_keyword_penalty_is_refused_naming_group_penalty(linear):
+    """`penalty` is the config's P; the per-token p_g is `group_penalty`. The old keyword is never read as p_g."""
+    n, v, h = 4, 11, 3
+    labels, old, adv = torch.zeros(n, dtype=torch.long), torch.zeros(n), torch.ones(n)
+    first = (torch.randn(n, h), torch.randn(v, h)) if linear else (torch.randn(n, v),)
+    fn = fused_linear_policy_loss if linear else fused_policy_loss
+    with pytest.raises(TypeError, match=r"penalty= is now group_penalty="):
+        fn(*first, labels, old, adv, credit=torch.ones(n), penalty=0.5)
+    kept = fn(*first, labels, old, adv, credit=torch.ones(n), group_penalty=0.5)  # A_t = 1 - 0.5 = 0.5
+    plain = fn(*first, labels, old, torch.full((n,), 0.5))
+    assert kept.loss.item() == pytest.approx(plain.loss.item(), abs=1e-6)
 # ---- Triton kernels: on the GPU when there is one, else under the interpreter (tests/conftest.py) -------
 
 
@@ -291,8 +305,8 @@ def triton_forward(logits, labels, old, adv, kwargs, with_grad=True, device="cpu
     logits, labels, old, adv, kwargs = on(device, (logits, labels, old, adv)) + (on(device, kwargs),)
     options = PolicyLossOptions(**{k: v for k, v in kwargs.items() if k in OPTION_NAMES})
     inputs = PolicyLossInputs(
-        labels, old, adv, kwargs["loss_weights"], credit=kwargs.get("credit"), penalty=kwargs.get("penalty"),
-        ref_logprobs=kwargs.get("ref_logprobs"),
+        labels, old, adv, kwargs["loss_weights"], credit=kwargs.get("credit"),
+        group_penalty=kwargs.get("group_penalty"), ref_logprobs=kwargs.get("ref_logprobs"),
     )  # fmt: skip
     out = policy_loss_fwd(logits, inputs, options)
     grad = None
@@ -317,11 +331,13 @@ def test_triton_kernel_matches_reference(options, triton_device):
 
 
 def test_triton_kernel_large_vocab_bf16_inplace(triton_device):
-    logits, labels, old, adv, kwargs = make_case(3, 65_600, dtype=torch.bfloat16, seed=11, credit=True, penalty=1.0)
+    logits, labels, old, adv, kwargs = make_case(
+        3, 65_600, dtype=torch.bfloat16, seed=11, credit=True, group_penalty=1.0
+    )
     loss_ref, logp_ref, _, _, grad_ref = run_reference(logits, labels, old, adv, kwargs)
     buf, labels, old, adv, kwargs = on(triton_device, (logits, labels, old, adv)) + (on(triton_device, kwargs),)
     inputs = PolicyLossInputs(
-        labels, old, adv, kwargs["loss_weights"], credit=kwargs["credit"], penalty=kwargs["penalty"]
+        labels, old, adv, kwargs["loss_weights"], credit=kwargs["credit"], group_penalty=kwargs["group_penalty"]
     )
     out = policy_loss_fwd(buf, inputs, PolicyLossOptions(), in_place=True)
     out, buf = on("cpu", out), buf.cpu()

@@ -25,13 +25,15 @@ from capo_fast.policy_losses import (
 SEQ_IDS = torch.tensor([0, 0, 1, 1, 1])
 ADVANTAGES = torch.tensor([1.0, 1.0, -0.5, -0.5, -0.5], dtype=torch.float64)
 CREDIT = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
-PENALTY = torch.full((5,), 0.5, dtype=torch.float64)
+GROUP_PENALTY = torch.full((5,), 0.5, dtype=torch.float64)
 A_T = [1.0, 0.5, -1.0, -0.5, -0.5]
 
 
-def _inputs(old, weights, labels=None, ref=None, seq_ids=SEQ_IDS, adv=ADVANTAGES, credit=CREDIT, penalty=PENALTY):
+def _inputs(
+    old, weights, labels=None, ref=None, seq_ids=SEQ_IDS, adv=ADVANTAGES, credit=CREDIT, group_penalty=GROUP_PENALTY
+):
     labels = torch.zeros(len(old), dtype=torch.long) if labels is None else labels
-    return PolicyLossInputs(labels, old, adv, weights, seq_ids, credit, penalty, ref)
+    return PolicyLossInputs(labels, old, adv, weights, seq_ids, credit, group_penalty, ref)
 
 
 def _token_loss_and_grad(name, logp, inputs, options):
@@ -92,19 +94,19 @@ def _random_case(seed, n=9, num_seqs=3, spread=0.15):
     seq_ids = torch.arange(n) * num_seqs // n
     adv = torch.randn(num_seqs, generator=g, dtype=torch.float64)[seq_ids]
     credit = (torch.rand(n, generator=g) > 0.5).double()
-    penalty = torch.rand(num_seqs, generator=g, dtype=torch.float64)[seq_ids]
-    return logp, old, seq_ids, adv, credit, penalty
+    group_penalty = torch.rand(num_seqs, generator=g, dtype=torch.float64)[seq_ids]
+    return logp, old, seq_ids, adv, credit, group_penalty
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_gspo_gradient_matches_a_plain_float64_statement(seed):
-    logp, old, seq_ids, adv, credit, penalty = _random_case(seed)
+    logp, old, seq_ids, adv, credit, group_penalty = _random_case(seed)
     w = aggregation_weights(torch.ones(len(logp)), seq_ids, "seq-mean-token-mean").double()
     options = PolicyLossOptions(eps_low=0.1, eps_high=0.12)
-    inputs = _inputs(old, w, seq_ids=seq_ids, adv=adv, credit=credit, penalty=penalty)
+    inputs = _inputs(old, w, seq_ids=seq_ids, adv=adv, credit=credit, group_penalty=group_penalty)
     total, _, _, grad = _token_loss_and_grad("gspo", logp, inputs, options)
     x = logp.clone().requires_grad_(True)
-    plain = (w * _plain_gspo_token(x, old, adv - penalty * credit, seq_ids, 0.1, 0.12)).sum()
+    plain = (w * _plain_gspo_token(x, old, adv - group_penalty * credit, seq_ids, 0.1, 0.12)).sum()
     plain.backward()
     assert total == pytest.approx(plain.item(), abs=1e-12)
     torch.testing.assert_close(grad, x.grad, atol=1e-12, rtol=0)
@@ -117,7 +119,7 @@ def test_gspo_is_the_sequence_level_objective_with_one_advantage_per_sequence(se
     logp, old, seq_ids, adv, _, _ = _random_case(seed, spread=0.3)  # 3 sequences of 3 tokens
     w = torch.full((9,), 1 / 9, dtype=torch.float64)
     torch.testing.assert_close(aggregation_weights(torch.ones(9), seq_ids, "seq-mean-token-mean").double(), w)
-    inputs = _inputs(old, w, seq_ids=seq_ids, adv=adv, credit=None, penalty=None)
+    inputs = _inputs(old, w, seq_ids=seq_ids, adv=adv, credit=None, group_penalty=None)
     total, _, _, grad = _token_loss_and_grad("gspo", logp, inputs, PolicyLossOptions())
     x = logp.clone().requires_grad_(True)
     terms = []
@@ -193,19 +195,19 @@ def test_losses_on_hidden_states_match_float64(name, mode):
     ref = (logp64.detach() + torch.randn(n, generator=g, dtype=torch.float64) * 0.3).float()
     adv = torch.randn(num_seqs, generator=g)[seq_ids]
     credit = (torch.rand(n, generator=g) > 0.5).float()
-    penalty = torch.full((n,), 0.4)
+    group_penalty = torch.full((n,), 0.4)
     mask = (labels >= 0).float()
     w = aggregation_weights(mask, seq_ids, mode)
     options = PolicyLossOptions(temperature=temperature, eps_low=eps_low, eps_high=eps_high, kl_coef=kl_coef,
                                 entropy_coef=entropy_coef)  # fmt: skip
 
     x, wt = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    inputs = PolicyLossInputs(labels, old, adv, w, seq_ids, credit, penalty, ref)
+    inputs = PolicyLossInputs(labels, old, adv, w, seq_ids, credit, group_penalty, ref)
     out = compute_policy_loss(name, x, wt, inputs, options)
     out.loss.backward()
 
     # The float64 statement: only the tokens that count, every term written out.
-    a_t = (adv - penalty * credit).double()
+    a_t = (adv - group_penalty * credit).double()
     old64, ref64, keep = old.double(), ref.double(), mask.bool()
     if name == "gspo":
         pg = _plain_gspo_token(logp64[keep], old64[keep], a_t[keep], seq_ids[keep], eps_low, eps_high)
@@ -255,12 +257,12 @@ def test_ppo_entry_is_the_fused_loss_unchanged():
     g = torch.Generator().manual_seed(3)
     hidden, weight = torch.randn(6, 8, generator=g), torch.randn(19, 8, generator=g)
     labels, old = torch.randint(0, 19, (6,), generator=g), -torch.rand(6, generator=g) * 3
-    adv, credit, penalty = torch.randn(6, generator=g), torch.ones(6), torch.full((6,), 0.3)
+    adv, credit, group_penalty = torch.randn(6, generator=g), torch.ones(6), torch.full((6,), 0.3)
     w = torch.full((6,), 1 / 6)
     options = PolicyLossOptions(eps_high=0.28, dual_clip=3.0)
     via_registry = compute_policy_loss("ppo", hidden, weight, PolicyLossInputs(
-        labels, old, adv, w, torch.zeros(6, dtype=torch.long), credit, penalty), options)  # fmt: skip
-    direct = fused_linear_policy_loss(hidden, weight, labels, old, adv, credit=credit, penalty=penalty,
+        labels, old, adv, w, torch.zeros(6, dtype=torch.long), credit, group_penalty), options)  # fmt: skip
+    direct = fused_linear_policy_loss(hidden, weight, labels, old, adv, credit=credit, group_penalty=group_penalty,
                                       loss_weights=w, options=options)  # fmt: skip
     assert torch.equal(via_registry.loss, direct.loss) and torch.equal(via_registry.clipped, direct.clipped)
 

@@ -18,7 +18,7 @@ def test_kernel_example_runs_and_its_losses_are_the_formulas(capsys):
     exec(compile(code, "README.md", "exec"), ns)
     loss, *_ = capsys.readouterr().out.split()
     x = {k: ns[k].detach().double() for k in ("logits", "old_logprobs", "advantages", "credit", "weights")}
-    kw = dict(credit=x["credit"], penalty=0.5, loss_weights=x["weights"], eps_high=0.28)
+    kw = dict(credit=x["credit"], group_penalty=0.5, loss_weights=x["weights"], eps_high=0.28)
     expected = reference.policy_loss(x["logits"], ns["labels"], x["old_logprobs"], x["advantages"], **kw)[0]
     assert float(loss) == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     # GSPO with one advantage per sequence: -mean_i min(s_i A_i, clip(s_i) A_i), s_i = exp(mean_t log-ratio)

@@ -44,7 +44,7 @@ def loss_inputs(device, seed=0):
         old_logprobs=torch.randn(N, generator=g) - 5.0,
         advantages=torch.randn(N, generator=g),
         credit=torch.rand(N, generator=g),
-        penalty=torch.rand(N, generator=g),
+        group_penalty=torch.rand(N, generator=g),
         ref_logprobs=torch.randn(N, generator=g) - 5.0,
         loss_weights=torch.rand(N, generator=g),
     )
