@@ -15,7 +15,7 @@ test: setup
 	python -m pytest -q -m "not slow" tests
 
 test-slow: setup
-	python -m pytest -q -m slow tests
+	HYPOTHESIS_PROFILE=explore python -m pytest -q -m slow tests
 
 lint: setup
 	ruff check .

@@ -63,9 +63,15 @@ def check_yaml_plain_text(tmp_path, field, text):
 
 
 def check_yaml_dumped_text(tmp_path, field, text):
+    """The config reads a dumped text as PyYAML itself reads it back: the text, except where PyYAML's emitter
+    does not round-trip it (it writes U+0085 inside a single-quoted scalar, which its own reader folds to a
+    space: yaml/emitter.py:876-885, yaml/scanner.py:1241)."""
+    dumped = yaml.safe_dump({field[0]: {field[1]: text}}, allow_unicode=True)
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({field[0]: {field[1]: text}}, allow_unicode=True))
-    assert _get(load_config(path), field) == text
+    path.write_text(dumped)
+    assert _get(load_config(path), field) == yaml.safe_load(dumped)[field[0]][field[1]]
+    if "\x85" not in text:
+        assert _get(load_config(path), field) == text
 
 
 def check_numbers(tmp_path, value, seed):

@@ -135,6 +135,20 @@ def reference_loss(logits, labels, old, adv, kwargs, dtype):
     return loss.detach(), logp, clip, x.grad
 
 
+def loss_slope(logp, labels, old, adv, kwargs) -> torch.Tensor:
+    """A bound on |d loss / d log p| per token (float64): the weight times |A_t| times the ratio (or its clip,
+    whichever is larger) plus the k3 term's |1 - e^(ref - log p)|."""
+    n = labels.shape[0]
+    a = adv.double() - kwargs.get("group_penalty", 0.0) * kwargs.get("credit", torch.zeros(n)).double()
+    ratio = torch.exp((logp - old.double()).clamp(-20, 20))
+    slope = a.abs() * torch.maximum(ratio, torch.tensor(1 + kwargs["eps_high"])) * max(kwargs["dual_clip"], 1.0)
+    if "ref_logprobs" in kwargs:
+        slope = slope + kwargs["kl_coef"] * (1 - torch.exp(kwargs["ref_logprobs"].double() - logp)).abs()
+    valid = labels >= 0  # labels >= V carry weight 0 in the op too; counting them only widens the bound
+    weights = kwargs.get("loss_weights", valid.double() / max(int(valid.sum()), 1)).double()
+    return (weights.abs() * slope).where(valid, torch.zeros_like(slope))
+
+
 def check_policy_loss(case):
     logits, labels, old, adv, kwargs = case
     dtype = logits.dtype
@@ -146,8 +160,13 @@ def check_policy_loss(case):
     assume(torch.equal(out.clipped, clip64))
     loss_t, _, _, grad_t = reference_loss(logits, labels, old, adv, kwargs, dtype)
     assert math.isfinite(out.loss.item())
-    assert_no_worse_than_torch("loss", out.loss[None], loss_t[None], loss64[None], dtype)
-    extra = lse_rounding(logits, kwargs["temperature"]) * grad64.abs().max().item()
+    # log p = z / T - lse in fp32 is off by up to lse_rounding; it reaches the loss through d loss / d log p, and
+    # the gradient through the same factor times |onehot - p| / T, even where the exact gradient is 0 (p = 1)
+    shift = lse_rounding(logits, kwargs["temperature"])
+    d_logp = loss_slope(lp64.nan_to_num(neginf=0.0), labels, old, adv, kwargs)
+    loss_extra = shift * d_logp.sum().item()
+    assert_no_worse_than_torch("loss", out.loss[None], loss_t[None], loss64[None], dtype, extra=loss_extra)
+    extra = shift * (grad64.abs().max().item() + 2 * d_logp.max().item() / kwargs["temperature"])
     assert_no_worse_than_torch("grad", x.grad, grad_t, grad64, dtype, extra=extra)
 
 
