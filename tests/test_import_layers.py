@@ -7,6 +7,7 @@ is still a dependency, and a circle hidden in a function is still a circle.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,11 +141,29 @@ def test_layering_rules():
     assert broken == []
 
 
-def test_the_readme_layout_names_every_module():
+def layout_order() -> list[str]:
+    """The modules of the README's Layout section, top to bottom, as dotted names."""
     readme = (ROOT / "README.md").read_text()
     layout = readme[readme.index("## Layout") : readme.index("\n## ", readme.index("## Layout") + 1)]
+    order, package = [], None
+    for line in layout.splitlines():
+        if not line.startswith(" "):
+            package = {"capo_fast/": "capo_fast", "kernels/": "capo_fast.kernels"}.get(line.split(" ")[0])
+            continue
+        names = re.match(r"^  ((?:[\w/]+\.py(?:, )?)+)", line)
+        if package and names:
+            order += [f"{package}.{name.replace('/', '.')}" for name in re.findall(r"([\w/]+)\.py", names.group(1))]
+    return order
+
+
+def test_the_readme_layout_names_every_module_above_what_it_imports():
+    order, graph = layout_order(), import_graph()
     files = [p for folder in PACKAGES.values() for p in folder.glob("*.py") if p.name != "__init__.py"]
-    assert files and [p.name for p in files if p.name not in layout] == []
+    listed = {name.rpartition(".")[2] for name in order}
+    assert files and [p.name for p in files if p.stem not in listed] == []
+    position = {name: i for i, name in enumerate(order)}
+    upward = [(m, d) for m in order for d in graph.get(m, ()) if d in position and position[d] < position[m]]
+    assert upward == []
 
 
 # The loop and the command-line tools sit on top side by side: what they share lives below them (scoring,
