@@ -13,9 +13,10 @@ import math
 import multiprocessing as mp
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Literal
+from typing import Literal, NamedTuple
 
 Status = Literal["ok", "timeout", "error"]
 STARTUP_LIMIT_S = 300.0  # a worker importing math-verify on a loaded machine
@@ -306,6 +307,35 @@ def outcome_reward(
     if choice is not None:
         return float(choice_letter(response) == choice)
     return verified
+
+
+class Answer(NamedTuple):
+    """One response to score and what it is scored against."""
+
+    response: str
+    gold: str
+    choice: str | None = None  # the correct option's letter of a multiple-choice question (Problem.correct_choice)
+    truncated: bool = False  # cut at max tokens
+
+
+def outcome_rewards(
+    answers: Sequence[Answer], score: Callable[[list[str], list[str]], list[OutcomeScore]], *,
+    zero_if_truncated: bool = False,
+) -> tuple[list[float], list[OutcomeScore]]:
+    """r_v of every answer by `outcome_reward`, training's and evaluation's alike, and the verifier's scores
+    (for its timeout and error counts). `score` (OutcomeVerifier.score) reads only the answers that are not
+    multiple choice: a letter is scored on the letter."""
+    asked = [a for a in answers if a.choice is None]
+    scores = score([a.response for a in asked], [a.gold for a in asked]) if asked else []
+    if len(scores) != len(asked):  # fewer would end in a bare StopIteration below, more go unseen
+        raise ValueError(f"the verifier returned {len(scores)} scores for {len(asked)} answers")
+    verified = iter(s.correct for s in scores)
+    rewards = [
+        outcome_reward(a.response, 0.0 if a.choice is not None else next(verified), choice=a.choice,
+                       truncated=a.truncated, zero_if_truncated=zero_if_truncated)  # fmt: skip
+        for a in answers
+    ]
+    return rewards, scores
 
 
 COUNTED_METRICS = frozenset({"reward/verifier_timeouts", "reward/verifier_errors"})  # summed over ranks

@@ -24,7 +24,7 @@ from capo_fast.config import SamplingConfig
 from capo_fast.data import DataKeys, Problem, load_problems
 from capo_fast.errors import ConfigError
 from capo_fast.metrics import all_reduce_named
-from capo_fast.reward import final_answer, outcome_reward
+from capo_fast.reward import Answer, final_answer, outcome_rewards
 
 Generate = Callable[..., list]  # (prompts, sampling, *, n, seeds) -> completions per prompt, as VLLMEngine.generate
 Score = Callable[[list[str], list[str]], list]  # OutcomeVerifier.score
@@ -49,17 +49,8 @@ class EvalOptions:
 
 
 def _correct(answers: Sequence[tuple[Problem, str]], score: Score) -> list[float]:
-    """r_v of each (problem, response) by the rule of training (`reward.outcome_reward`); the verifier
-    reads only the answers that are not multiple choice (a letter is scored on the letter)."""
-    verifiable = [(p, text) for p, text in answers if not p.multiple_choice]
-    scores = score([text for _, text in verifiable], [p.answer for p, _ in verifiable]) if verifiable else []
-    if len(scores) != len(verifiable):  # fewer would end in a bare StopIteration below, more go unseen
-        raise ValueError(f"the verifier returned {len(scores)} scores for {len(verifiable)} answers")
-    verified = iter(s.correct for s in scores)
-    return [
-        outcome_reward(text, 0.0 if p.multiple_choice else next(verified), choice=p.correct_choice)
-        for p, text in answers
-    ]
+    """r_v of each (problem, response) by the rule of training (`reward.outcome_rewards`)."""
+    return outcome_rewards([Answer(text, p.answer, p.correct_choice) for p, text in answers], score)[0]
 
 
 class RunInputs(NamedTuple):

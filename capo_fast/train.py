@@ -2,8 +2,8 @@
 
 One step: rollouts (policy engine) -> outcome verifier, overlapping with GenPRM critiques -> votes
 and token credit -> group advantages -> PPO mini-epochs with the fused loss -> weights to the engine.
-With no arguments it runs the embedded default (config.py): SmolLM2-135M-Instruct on offline
-arithmetic, a few minutes on a 2-core CPU.
+With no arguments it runs the embedded default (config.py): a tiny warmed-up policy on the
+chain-arithmetic task with its program critic, a few minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from capo_fast.metrics import MetricsLog, RolloutSamples, all_reduce_named, form
 from capo_fast.model_shapes import Architecture, kv_cache_bytes
 from capo_fast.models import resolve_model_once
 from capo_fast.reward import COUNTED_METRICS as REWARD_COUNTS
-from capo_fast.reward import OutcomeScore, OutcomeVerifier, format_reward, outcome_reward, verifier_metrics
+from capo_fast.reward import Answer, OutcomeScore, OutcomeVerifier, format_reward, outcome_rewards, verifier_metrics
 from capo_fast.run_report import eval_line, model_card, write_summary
 from capo_fast.scoring import EvalOptions, evaluate_on_ranks, load_set, parse_sets
 from capo_fast.seeds import rank_seeds
@@ -275,28 +275,20 @@ class Run:
 
     def _verify_and_critique(self, groups: list[PromptGroup], seeds: list[int]) -> list[OutcomeScore]:
         """r_v and r_f of every rollout (the verifier in a thread) while the judge critiques it; the verifier's
-        scores, for its timeout and error counts. A multiple-choice answer is scored on its letter
-        (`outcome_reward`), so the verifier never reads it, as in evaluation."""
+        scores, for its timeout and error counts."""
         answered = [(g.problem, r) for g in groups for r in g.rollouts]
-        verifiable = [(p, r) for p, r in answered if not p.multiple_choice]
+        answers = [Answer(r.text, p.answer, p.correct_choice, r.truncated) for p, r in answered]
+        zero = self.config.algorithm.truncated_reward == "zero"
         with ThreadPoolExecutor(1) as pool:
-            texts, golds = [r.text for _, r in verifiable], [p.answer for p, _ in verifiable]
-            verified = pool.submit(self.verifier.score, texts, golds)
+            verified = pool.submit(outcome_rewards, answers, self.verifier.score, zero_if_truncated=zero)
             if self.critic is not None:
                 requests = [CritiqueRequest(p.question, r.steps, p.reference_solution, p.answer) for p, r in answered]
                 for (_, r), critiques in zip(answered, self.critic.critique(requests, seed=seeds), strict=True):
                     r.critiques = critiques
                 self.critic.sleep()
-            scores = verified.result()
-        zero = self.config.algorithm.truncated_reward == "zero"
-        for (_, r), score in zip(verifiable, scores, strict=True):
-            r.correct = outcome_reward(r.text, score.correct, truncated=r.truncated, zero_if_truncated=zero)
-            r.formatted = score.formatted
-        for problem, r in answered:
-            if problem.multiple_choice:
-                r.correct = outcome_reward(r.text, 0.0, choice=problem.correct_choice, truncated=r.truncated,
-                                           zero_if_truncated=zero)  # fmt: skip
-                r.formatted = format_reward(r.text)
+            rewards, scores = verified.result()
+        for (_, r), reward in zip(answered, rewards, strict=True):
+            r.correct, r.formatted = reward, format_reward(r.text)
         return scores
 
     def evaluate(self) -> dict[str, float]:

@@ -19,7 +19,7 @@ from capo_fast.kernels.policy_loss import (
     PolicyLossOptions,
     PolicyLossOutput,
     check_loss_inputs,
-    functional_call,
+    prepare_loss_call,
 )
 
 # Memory for one chunk of logits. On CUDA a chunk's token count is the M dimension of three GEMMs:
@@ -242,7 +242,7 @@ def fused_linear_policy_loss(
     Returns:
         PolicyLossOutput; gradients flow to `hidden` and `weight`.
     """
-    inputs, opts = functional_call(
+    inputs, opts = prepare_loss_call(
         hidden, weight.shape[0], labels, old_logprobs, advantages, credit=credit, group_penalty=group_penalty,
         ref_logprobs=ref_logprobs, loss_weights=loss_weights, options=options, overrides=option_overrides,
     )  # fmt: skip

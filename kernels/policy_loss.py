@@ -695,12 +695,11 @@ def _per_token(value: torch.Tensor | float | None, like: torch.Tensor) -> torch.
 
 
 def resolve_options(options: PolicyLossOptions | None, overrides: dict[str, float]) -> PolicyLossOptions:
-    """`options` (default: PolicyLossOptions()) with keyword overrides; unknown names (and the old `penalty`) are
-    a TypeError."""
+    """`options` (default: PolicyLossOptions()) with keyword overrides; an unknown name is a TypeError."""
     base = options if options is not None else PolicyLossOptions()
     if not overrides:
         return base
-    if "penalty" in overrides:  # the keyword's old name: an error, never read as p_g
+    if "penalty" in overrides:  # P is the config's; p_g must never be read from that name
         raise TypeError(
             "the keyword penalty= is now group_penalty=: pass the per-token p_g = P / (std_g + eps) as "
             "group_penalty (`penalty` is the config's P, algorithm.penalty)"
@@ -711,7 +710,7 @@ def resolve_options(options: PolicyLossOptions | None, overrides: dict[str, floa
     return PolicyLossOptions(**{name: overrides.get(name, getattr(base, name)) for name in OPTION_NAMES})
 
 
-def functional_call(
+def prepare_loss_call(
     rows: torch.Tensor,
     vocab_size: int,
     labels: torch.Tensor,
@@ -769,7 +768,7 @@ def fused_policy_loss(
         credit: [N] e_t in [0, 1] (vote weight of the step holding the token); with `group_penalty`,
             the kernel uses A_t = advantages - group_penalty * credit.
         group_penalty: [N] or float, p_g = P / (std_g + eps) of each token's prompt group (P is the
-            config's `algorithm.penalty`). The keyword was `penalty` before; that name is now a TypeError.
+            config's `algorithm.penalty`).
         ref_logprobs: [N] reference-policy log-probs, enables the k3 KL term weighted by `kl_coef`.
         loss_weights: [N] aggregation weight of each token (see `aggregation_weights`); zero masks a
             token. Default: token mean over all rows.
@@ -784,7 +783,7 @@ def fused_policy_loss(
         with `r = exp(clamp(logp - old_logprobs, -20, 20))` and `logp = log_softmax(logits / T)[label]`;
         see `capo_fast.kernels.reference.policy_loss`.
     """
-    inputs, opts = functional_call(
+    inputs, opts = prepare_loss_call(
         logits, logits.shape[-1], labels, old_logprobs, advantages, credit=credit, group_penalty=group_penalty,
         ref_logprobs=ref_logprobs, loss_weights=loss_weights, options=options, overrides=option_overrides,
     )  # fmt: skip
